@@ -1,0 +1,28 @@
+# playpen-attribution: from playpen transcripts to a LoRA adapter and influence scores.
+# Usage: snakemake --cores 2 results/demo/influences.csv      (see README.md and config/README.md)
+import os
+
+from snakemake.utils import min_version
+
+from playpen_attribution.config import validate_config
+
+min_version("9.0")
+
+
+configfile: os.path.join(workflow.basedir, "config", "config.yaml")
+
+
+# Defaults filled in, unknown keys refused with their path named (a typo never trains with a default).
+validate_config(config, source="the workflow config (config/config.yaml and any --configfile/--config)")
+
+
+include: "workflow/rules/common.smk"
+include: "workflow/rules/data.smk"
+include: "workflow/rules/model.smk"
+include: "workflow/rules/kronfluence.smk"
+
+
+rule all:
+    default_target: True
+    input:
+        f"results/{config['default_run']}/influences.csv",

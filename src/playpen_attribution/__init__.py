@@ -1,0 +1,1 @@
+"""Training-data attribution for LoRA fine-tunes on playpen transcripts."""

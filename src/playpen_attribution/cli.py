@@ -1,0 +1,139 @@
+"""The first seed's command-line tools, `fit-hessians` and `run-query`, on the package's functions.
+
+Flags and defaults are the seed README's. `--model` takes a hub id or a local folder, a LoRA adapter
+folder included (then the adapter's LoRA layers are tracked; otherwise the seed's MLP rule applies).
+Errors print one clear line and exit with status 2; no partial CSV is left behind.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+
+from playpen_attribution.data import DataError
+
+log = logging.getLogger("playpen_attribution")
+
+STRATEGY_CHOICES = ["ekfac", "kfac", "diagonal"]
+DTYPE_CHOICES = ["float32", "float16", "bfloat16"]
+# the seed's CSVs carry only the JSON's own extra fields
+SEED_EXTRA_EXCLUDED = ("content_hash",)
+
+
+def _is_adapter(model: str) -> bool:
+    return (Path(model) / "adapter_config.json").is_file()
+
+
+def _fail(message: str) -> None:
+    print(f"error: {message}", file=sys.stderr)
+    raise SystemExit(2)
+
+
+def _check_dtype(dtype: str) -> None:
+    """bf16 and fp16 run on a CPU only through slow reference kernels; fp16 matmuls may be missing."""
+    import torch
+
+    if dtype == "float16" and not torch.cuda.is_available():
+        _fail("--dtype float16 needs a GPU; on a CPU use --dtype bfloat16 or --dtype float32")
+
+
+def fit_hessians_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="fit-hessians", description="Fit Hessian approximations (Kronfluence factors) "
+                                "on a pre-tokenized dataset, once per model and dataset.")
+    p.add_argument("--model", required=True, help="HuggingFace model name or path (a LoRA adapter folder works)")
+    p.add_argument("--revision", default=None, help="Model revision (branch, tag, or commit hash)")
+    p.add_argument("--hessian-dataset", required=True, help="Path to pre-tokenized HuggingFace dataset "
+                   "(save_to_disk folder with input_ids, attention_mask, labels)")
+    p.add_argument("--output-dir", required=True, help="Output directory for factors and metadata")
+    p.add_argument("--factor-batch-size", type=int, default=8, help="Batch size for covariance computation")
+    p.add_argument("--lambda-batch-size", type=int, default=4, help="Batch size for lambda computation")
+    p.add_argument("--strategy", default="ekfac", choices=STRATEGY_CHOICES, help="Hessian approximation strategy")
+    p.add_argument("--layer-stride", type=int, default=1, help="Track every Nth layer's MLP modules")
+    p.add_argument("--dtype", default="bfloat16", choices=DTYPE_CHOICES, help="Data type the model is loaded in")
+    p.add_argument("--max-examples", type=int, default=None, help="Maximum number of examples to use")
+    return p
+
+
+def fit_hessians(argv: list[str] | None = None) -> None:
+    args = fit_hessians_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+    from playpen_attribution.influence import fit_factors
+
+    _check_dtype(args.dtype)
+    out = Path(args.output_dir)
+    if out.is_dir() and set(os.listdir(out)) - {"metadata.json", "influence"}:
+        _fail(f"--output-dir {out} holds other files; give an empty or new folder (it is replaced as a whole)")
+    try:
+        meta = fit_factors(args.model, args.hessian_dataset, out, revision=args.revision, strategy=args.strategy,
+                           modules="lora" if _is_adapter(args.model) else "mlp", layer_stride=args.layer_stride,
+                           covariance_batch_size=args.factor_batch_size, lambda_batch_size=args.lambda_batch_size,
+                           max_examples=args.max_examples, dtype=args.dtype)
+    except (ValueError, FileNotFoundError) as err:
+        _fail(str(err))
+    print(f"fitted {meta['strategy']} factors on {meta['num_examples']} examples, "
+          f"{len(meta['tracked_modules'])} modules: {out}")
+
+
+def run_query_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="run-query", description="Compute influence scores between training and "
+                                "query examples with pre-computed factors.")
+    p.add_argument("--model", required=True, help="HuggingFace model name or path (a LoRA adapter folder works)")
+    p.add_argument("--revision", default=None, help="Model revision (branch, tag, or commit hash)")
+    p.add_argument("--factors-dir", required=True, help="Directory containing pre-computed factors and metadata")
+    p.add_argument("--train-json", required=True, help="Path to JSON file with training examples")
+    p.add_argument("--query-json", required=True, help="Path to JSON file with query examples")
+    p.add_argument("--output-dir", required=True, help="Output directory for query.csv, train.csv, influences.csv")
+    p.add_argument("--per-token-scores", action="store_true", help="Include per-token influence scores in output")
+    p.add_argument("--score-batch-size", type=int, default=8, help="Batch size for score computation")
+    p.add_argument("--dtype", default="bfloat16", choices=DTYPE_CHOICES, help="Data type the model is loaded in")
+    p.add_argument("--max-length", type=int, default=512, help="Maximum sequence length for tokenization")
+    return p
+
+
+def _tokenize_json(path: str, tokenizer, max_length: int):
+    from playpen_attribution.data import load_pair_json
+    from playpen_attribution.tokenization import tokenize_rows
+
+    frame = load_pair_json(path)
+    rows = frame.to_dict("records")
+    dataset, report = tokenize_rows(rows, tokenizer, max_length, "plain")
+    if report["rows_skipped"]:
+        ids = [s["row_id"] for s in report["rows_skipped"]]
+        raise DataError(f"{path}: pair_id(s) {ids[:10]} do not fit in --max-length {max_length} even with the "
+                        f"prompt cut from the left; raise --max-length")
+    return rows, dataset
+
+
+def run_query(argv: list[str] | None = None) -> None:
+    args = run_query_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+    from transformers import AutoTokenizer
+
+    from playpen_attribution.influence import FactorsError, per_token_lists, query_losses, score_pairs
+    from playpen_attribution.tables import influences_frame, rows_frame, write_csvs
+
+    _check_dtype(args.dtype)
+    try:
+        train_rows, train_tokens = None, None
+        tokenizer = AutoTokenizer.from_pretrained(args.model, **({"revision": args.revision} if args.revision else {}))
+        query_rows, query_tokens = _tokenize_json(args.query_json, tokenizer, args.max_length)
+        train_rows, train_tokens = _tokenize_json(args.train_json, tokenizer, args.max_length)
+        result = score_pairs(args.model, args.factors_dir, query_tokens, train_tokens, revision=args.revision,
+                             train_batch_size=args.score_batch_size, per_token=args.per_token_scores,
+                             dtype=args.dtype)
+        query = rows_frame(query_rows, "query_id", drop=SEED_EXTRA_EXCLUDED)
+        query.insert(3, "loss", query_losses(args.model, query_tokens, revision=args.revision, dtype=args.dtype))
+        per_token = None
+        if args.per_token_scores:
+            per_token = per_token_lists(result["per_token"], [len(x) for x in train_tokens["input_ids"]])
+        influences = influences_frame(query_tokens["row_id"], train_tokens["row_id"], result["scores"],
+                                      per_token=per_token)
+        out = Path(args.output_dir)
+        write_csvs(query, rows_frame(train_rows, "train_id", drop=SEED_EXTRA_EXCLUDED), influences,
+                   out / "query.csv", out / "train.csv", out / "influences.csv")
+    except (DataError, FactorsError, FileNotFoundError) as err:
+        _fail(str(err))
+    print(f"wrote {len(influences)} influence scores to {out}")

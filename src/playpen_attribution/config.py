@@ -1,0 +1,86 @@
+"""Load and validate the workflow configuration against its JSON schema.
+
+Defaults from the schema are filled in, and unknown keys are refused with their path named, so a
+typo (`lora: {rank: 8}`) fails at start-up instead of silently training with the default.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import yaml
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+SCHEMA_PATH = REPO_ROOT / "workflow" / "schemas" / "config.schema.yaml"
+
+
+class ConfigError(ValueError):
+    """The configuration does not match the schema."""
+
+
+def _validator_with_defaults():
+    base = jsonschema.Draft202012Validator
+    validate_properties = base.VALIDATORS["properties"]
+
+    def set_defaults(validator, properties, instance, schema):
+        if isinstance(instance, dict):
+            for name, subschema in properties.items():
+                if "default" in subschema and name not in instance:
+                    instance[name] = copy.deepcopy(subschema["default"])
+        yield from validate_properties(validator, properties, instance, schema)
+
+    return jsonschema.validators.extend(base, {"properties": set_defaults})
+
+
+def _describe(error: jsonschema.ValidationError) -> str:
+    where = ".".join(str(p) for p in error.absolute_path) or "<top level>"
+    if error.validator == "additionalProperties":
+        allowed = sorted(error.schema.get("properties", {}))
+        unknown = sorted(set(error.instance) - set(allowed)) if isinstance(error.instance, dict) else []
+        return f"at {where}: unknown key(s) {unknown}; allowed keys are {allowed}"
+    if error.validator in ("oneOf", "anyOf") and error.context:
+        reasons = sorted({e.message for e in error.context})
+        return f"at {where}: {error.message}; alternatives failed because: " + "; ".join(reasons)
+    return f"at {where}: {error.message}"
+
+
+def validate_config(config: dict[str, Any], source: str = "config") -> dict[str, Any]:
+    """Validate `config` in place (defaults filled in) and return it; raise ConfigError naming the key."""
+    schema = yaml.safe_load(SCHEMA_PATH.read_text())
+    validator = _validator_with_defaults()(schema)
+    errors = sorted(validator.iter_errors(config), key=lambda e: (len(e.absolute_path), str(e.absolute_path)))
+    if errors:
+        lines = "\n  ".join(_describe(e) for e in errors[:10])
+        raise ConfigError(f"{source} is not a valid playpen-attribution config:\n  {lines}\n"
+                          f"See config/README.md for every key and its default.")
+    return config
+
+
+def load_config(*paths: str | Path) -> dict[str, Any]:
+    """Read one or more YAML files (later ones override earlier ones key by key) and validate."""
+    merged: dict[str, Any] = {}
+    for path in paths:
+        data = yaml.safe_load(Path(path).read_text()) or {}
+        deep_update(merged, data)
+    return validate_config(merged, source=", ".join(str(p) for p in paths))
+
+
+def deep_update(target: dict, overlay: dict) -> dict:
+    """Merge `overlay` into `target` recursively, as Snakemake merges `--configfile` overlays."""
+    for key, value in overlay.items():
+        if isinstance(value, dict) and isinstance(target.get(key), dict):
+            deep_update(target[key], value)
+        else:
+            target[key] = copy.deepcopy(value)
+    return target
+
+
+def run_config(config: dict[str, Any], run: str) -> dict[str, Any]:
+    """The validated section of one named run, with a clear error for an unknown run name."""
+    runs = config["runs"]
+    if run not in runs:
+        raise ConfigError(f"unknown run {run!r}; runs defined in the config: {sorted(runs)}")
+    return runs[run]

@@ -1,0 +1,48 @@
+"""Hashes and versions that record where an artifact came from."""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+from pathlib import Path
+
+PACKAGE_DIR = Path(__file__).resolve().parent
+
+LIBRARIES = ["torch", "transformers", "peft", "trl", "datasets", "tokenizers", "accelerate",
+             "bergson", "kronfluence", "snakemake", "pandas", "playpen-attribution"]
+
+
+def tree_hash(path: str | Path) -> str:
+    """sha256 over the relative names and bytes of every file under `path` (or of one file)."""
+    path = Path(path)
+    digest = hashlib.sha256()
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+    for file in files:
+        if "__pycache__" in file.parts:
+            continue
+        digest.update(str(file.relative_to(path) if file != path else file.name).encode())
+        digest.update(hashlib.sha256(file.read_bytes()).digest())
+    return digest.hexdigest()[:16]
+
+
+def code_hash(*modules: str) -> str:
+    """Hash of the named package modules (e.g. "data", "tokenization"), for Snakemake `params:`.
+
+    Snakemake reruns a rule when its params change, but it does not track the modules a script
+    imports; putting this hash in `params:` makes a change to the stage's code rerun the stage.
+    """
+    digest = hashlib.sha256()
+    for module in sorted(set(modules)):
+        digest.update(module.encode())
+        digest.update((PACKAGE_DIR / f"{module}.py").read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def library_versions() -> dict[str, str]:
+    versions = {}
+    for name in LIBRARIES:
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            versions[name] = "not installed"
+    return versions

@@ -1,0 +1,32 @@
+"""Running a package function as a Snakemake `script:` with the log in `snakemake.log[0]`."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import sys
+import traceback
+
+
+def run_stage(snakemake, function, **kwargs):
+    """Call `function(**kwargs)` with logging, warnings and library output sent to the rule's log file.
+
+    On failure the traceback goes to the log and the error's one-line message to the terminal, so a
+    bad input is explained where the user looks, then the job fails.
+    """
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    log_path = snakemake.log[0] if snakemake.log else os.devnull
+    terminal = sys.stderr
+    with open(log_path, "w") as log_file, contextlib.redirect_stdout(log_file), contextlib.redirect_stderr(log_file):
+        logging.basicConfig(level=logging.INFO, stream=log_file, force=True,
+                            format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        logging.captureWarnings(True)
+        try:
+            return function(**kwargs)
+        except Exception as err:
+            traceback.print_exc(file=log_file)
+            log_file.flush()
+            print(f"\nERROR in rule {snakemake.rule}: {type(err).__name__}: {err}\n(full traceback in {log_path})",
+                  file=terminal)
+            raise SystemExit(1) from None

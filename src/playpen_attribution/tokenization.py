@@ -1,0 +1,153 @@
+"""The one tokenization that SFT, Bergson and Kronfluence all consume.
+
+Each row becomes `input_ids`, `attention_mask` and `labels` (-100 everywhere but the completion and its
+end-of-turn marker). Two renderings behind one function:
+- `chat`: the model's chat template, exactly as TRL's SFTTrainer renders a conversational
+  prompt/completion pair (prompt with the generation prompt, then prompt + completion; the completion
+  starts where the two diverge). A string prompt/completion is wrapped as one user and one assistant turn.
+- `plain`: the first seed's form: prompt tokens + completion tokens + EOS, no special tokens.
+
+Over-long rows lose tokens from the left of the prompt (a leading BOS is kept). A row whose completion
+alone cannot fit is not tokenized; it is listed in the report with its lengths.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+IGNORE_INDEX = -100
+
+
+def _as_messages(value, role: str) -> list[dict]:
+    if isinstance(value, str):
+        return [{"role": role, "content": value}]
+    return [{"role": m["role"], "content": m["content"]} for m in value]
+
+
+def common_prefix_length(a: list[int], b: list[int]) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def render(tokenizer, prompt, completion, mode: str) -> tuple[list[int], int]:
+    """Token ids of prompt + completion, and how many leading ids belong to the prompt."""
+    if mode == "chat":
+        prompt_messages = _as_messages(prompt, "user")
+        completion_messages = _as_messages(completion, "assistant")
+        prompt_ids = tokenizer.apply_chat_template(
+            prompt_messages, tokenize=True, add_generation_prompt=True, return_dict=True
+        )["input_ids"]
+        full_ids = tokenizer.apply_chat_template(
+            prompt_messages + completion_messages, tokenize=True, return_dict=True
+        )["input_ids"]
+        return list(full_ids), common_prefix_length(prompt_ids, full_ids)
+    if mode == "plain":
+        if not isinstance(prompt, str) or not isinstance(completion, str):
+            raise ValueError("render mode 'plain' needs string prompts and completions; "
+                             "use tokenization.render: chat for playpen message lists")
+        prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        completion_ids = tokenizer(completion, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        return prompt_ids + completion_ids, len(prompt_ids)
+    raise ValueError(f"unknown render mode {mode!r}; expected 'chat' or 'plain'")
+
+
+def tokenize_example(tokenizer, prompt, completion, max_length: int, mode: str) -> dict:
+    """One row's ids and labels, left-truncating the prompt; `{"error": ...}` if the completion cannot fit."""
+    ids, n_prompt = render(tokenizer, prompt, completion, mode)
+    n_completion = len(ids) - n_prompt
+    if n_completion <= 0:
+        return {"error": "empty completion", "n_prompt_tokens": n_prompt, "n_completion_tokens": 0}
+    keep_bos = 1 if (ids and ids[0] == tokenizer.bos_token_id and n_prompt > 0) else 0
+    overflow = len(ids) - max_length
+    dropped = 0
+    if overflow > 0:
+        if overflow > n_prompt - keep_bos:
+            return {"error": f"completion of {n_completion} tokens does not fit in max_length {max_length}",
+                    "n_prompt_tokens": n_prompt, "n_completion_tokens": n_completion}
+        ids = ids[:keep_bos] + ids[keep_bos + overflow:]
+        n_prompt -= overflow
+        dropped = overflow
+    labels = [IGNORE_INDEX] * n_prompt + ids[n_prompt:]
+    return {
+        "input_ids": ids,
+        "attention_mask": [1] * len(ids),
+        "labels": labels,
+        "n_prompt_tokens": n_prompt,
+        "n_completion_tokens": n_completion,
+        "n_prompt_tokens_truncated": dropped,
+    }
+
+
+def tokenize_rows(rows: list[dict], tokenizer, max_length: int, mode: str):
+    """Tokenize rows ({row_id, prompt, completion}) into a `datasets.Dataset`, plus a report of skips."""
+    import datasets
+
+    columns: dict[str, list] = {k: [] for k in ("row_id", "input_ids", "attention_mask", "labels",
+                                                "n_prompt_tokens", "n_completion_tokens",
+                                                "n_prompt_tokens_truncated")}
+    skipped, truncated = [], 0
+    for row in rows:
+        out = tokenize_example(tokenizer, row["prompt"], row["completion"], max_length, mode)
+        if "error" in out:
+            skipped.append({"row_id": row["row_id"], "reason": out["error"],
+                            "n_prompt_tokens": out["n_prompt_tokens"],
+                            "n_completion_tokens": out["n_completion_tokens"]})
+            continue
+        truncated += out["n_prompt_tokens_truncated"] > 0
+        columns["row_id"].append(row["row_id"])
+        for key in columns:
+            if key != "row_id":
+                columns[key].append(out[key])
+    features = datasets.Features(
+        {
+            "row_id": datasets.Value("string"),
+            "input_ids": datasets.Sequence(datasets.Value("int32")),
+            "attention_mask": datasets.Sequence(datasets.Value("int8")),
+            "labels": datasets.Sequence(datasets.Value("int32")),
+            "n_prompt_tokens": datasets.Value("int32"),
+            "n_completion_tokens": datasets.Value("int32"),
+            "n_prompt_tokens_truncated": datasets.Value("int32"),
+        }
+    )
+    dataset = datasets.Dataset.from_dict(columns, features=features)
+    lengths = [len(x) for x in columns["input_ids"]]
+    report = {
+        "rows_in": len(rows),
+        "rows_tokenized": len(dataset),
+        "rows_skipped": skipped,
+        "rows_prompt_truncated": int(truncated),
+        "max_length": max_length,
+        "render": mode,
+        "longest_sequence": max(lengths, default=0),
+    }
+    if skipped:
+        log.warning("%d row(s) skipped because their completion does not fit in max_length=%d: %s",
+                    len(skipped), max_length, [s["row_id"] for s in skipped[:10]])
+    return dataset, report
+
+
+def tokenize_table(rows_path: str | Path, model_dir: str | Path, output_dir: str | Path,
+                   max_length: int, mode: str) -> dict:
+    """Stage entry point (rule `tokenize`): parquet rows -> a `save_to_disk` dataset + `report.json`."""
+    from transformers import AutoTokenizer
+
+    from playpen_attribution.data import DataError, read_rows
+    from playpen_attribution.io import atomic_path, write_json_atomic
+
+    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+    rows = read_rows(rows_path)
+    dataset, report = tokenize_rows(rows, tokenizer, max_length, mode)
+    if len(dataset) == 0:
+        raise DataError(f"{rows_path}: no row fits in max_length={max_length} "
+                        f"({len(report['rows_skipped'])} skipped); raise tokenization.max_length")
+    with atomic_path(output_dir, directory=True) as tmp:
+        dataset.save_to_disk(str(tmp))
+        write_json_atomic(report, Path(tmp) / "report.json")
+    return report

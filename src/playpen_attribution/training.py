@@ -1,0 +1,156 @@
+"""LoRA supervised fine-tuning with TRL's SFTTrainer on the one tokenization.
+
+TRL receives the already tokenized `input_ids`/`labels` (it uses a `labels` column as is), so the adapter
+is trained on exactly the tokens that Bergson and Kronfluence later differentiate. A test checks that
+these equal what SFTTrainer would produce itself from the same conversational rows.
+
+The adapter folder is self-contained: adapter weights, tokenizer, the base model's `config.json` (Bergson
+reads it to infer the maximum length; PEFT does not write one) and `manifest.json` (base model id and
+revision, the row ids trained on, seed, hyperparameters, library versions).
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from playpen_attribution.io import atomic_path, write_json_atomic
+from playpen_attribution.provenance import library_versions, tree_hash
+
+log = logging.getLogger(__name__)
+
+
+def bf16_supported() -> bool:
+    import torch
+
+    return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+
+
+def resolve_dtype(name: str):
+    """`auto` = bf16 where the hardware has it, else fp32 (TRL's bf16 default raises on a CPU box)."""
+    import torch
+
+    if name == "auto":
+        return torch.bfloat16 if bf16_supported() else torch.float32
+    if name == "bfloat16" and not bf16_supported() and not _cpu_bf16_ok():
+        raise RuntimeError("model.dtype is bfloat16 but this machine has no bf16 support; use auto or float32")
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16}[name]
+
+
+def _cpu_bf16_ok() -> bool:
+    import torch
+
+    return not torch.cuda.is_available()  # bf16 runs (slowly) on CPUs through PyTorch's reference kernels
+
+
+def train_adapter(
+    base_model_dir: str | Path,
+    train_tokens_dir: str | Path,
+    output_dir: str | Path,
+    *,
+    lora: dict,
+    training: dict,
+    max_length: int,
+    dtype: str = "auto",
+    base_model_source: dict | None = None,
+    query_tokens_dir: str | Path | None = None,
+    work_dir: str | Path | None = None,
+):
+    """Train a LoRA adapter and write it atomically to `output_dir`; return the trained PEFT model."""
+    import datasets
+    import torch
+    from peft import LoraConfig
+    from transformers import AutoModelForCausalLM, AutoTokenizer, set_seed
+    from trl import SFTConfig, SFTTrainer
+
+    base_model_dir = Path(base_model_dir).resolve()
+    seed = training["seed"]
+    set_seed(seed)
+    torch_dtype = resolve_dtype(dtype)
+    use_bf16 = torch_dtype == torch.bfloat16
+    tokenizer = AutoTokenizer.from_pretrained(str(base_model_dir))
+    model = AutoModelForCausalLM.from_pretrained(str(base_model_dir), dtype=torch_dtype,
+                                                 attn_implementation="eager")
+    tokens = datasets.load_from_disk(str(train_tokens_dir))
+    train_dataset = tokens.select_columns(["input_ids", "labels"])
+    eval_dataset = None
+    if query_tokens_dir is not None:
+        eval_dataset = datasets.load_from_disk(str(query_tokens_dir)).select_columns(["input_ids", "labels"])
+
+    peft_config = LoraConfig(
+        r=lora["r"],
+        lora_alpha=lora["alpha"],
+        lora_dropout=lora["dropout"],
+        target_modules=list(lora["target_modules"]),
+        task_type="CAUSAL_LM",
+    )
+    output_dir = Path(output_dir)
+    scratch = Path(work_dir) if work_dir else output_dir.parent / f".{output_dir.name}.trainer"
+    args = SFTConfig(
+        output_dir=str(scratch),
+        num_train_epochs=training["epochs"],
+        learning_rate=training["learning_rate"],
+        per_device_train_batch_size=training["batch_size"],
+        per_device_eval_batch_size=training["batch_size"],
+        gradient_accumulation_steps=training["gradient_accumulation"],
+        warmup_steps=float(training["warmup_ratio"]),  # transformers 5: a float in [0, 1) is a ratio
+        weight_decay=training["weight_decay"],
+        lr_scheduler_type=training["lr_scheduler"],
+        logging_steps=training["logging_steps"],
+        seed=seed,
+        data_seed=seed,
+        bf16=use_bf16,
+        max_length=max_length,
+        completion_only_loss=True,
+        activation_checkpointing=False,
+        save_strategy="no",
+        eval_strategy="no",
+        report_to=[],
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+    )
+    trainer = SFTTrainer(
+        model=model,
+        args=args,
+        train_dataset=train_dataset,
+        eval_dataset=eval_dataset,
+        processing_class=tokenizer,
+        peft_config=peft_config,
+    )
+    # TRL drops rows that truncation leaves without a trainable token; record what it really trained on.
+    if len(trainer.train_dataset) != len(tokens):
+        raise RuntimeError(f"SFTTrainer kept {len(trainer.train_dataset)} of {len(tokens)} tokenized rows; "
+                           "the tokenization should have made every row fit")
+    result = trainer.train()
+    metrics = dict(result.metrics)
+    if eval_dataset is not None:
+        metrics.update(trainer.evaluate())
+    model = trainer.model
+    model.eval()
+
+    manifest = {
+        "base_model": {**(base_model_source or {}), "path": str(base_model_dir)},
+        "trained_row_ids": list(tokens["row_id"]),
+        "n_trained_rows": len(tokens),
+        "train_tokens_hash": tree_hash(train_tokens_dir),
+        "seed": seed,
+        "dtype": str(torch_dtype).removeprefix("torch."),
+        "lora": lora,
+        "training": training,
+        "max_length": max_length,
+        "metrics": metrics,
+        "log_history": trainer.state.log_history,
+        "versions": library_versions(),
+    }
+    with atomic_path(output_dir, directory=True) as tmp:
+        model.save_pretrained(str(tmp))
+        tokenizer.save_pretrained(str(tmp))
+        # PEFT writes no config.json; Bergson calls AutoConfig on the adapter folder (second seed's workaround).
+        model.get_base_model().config.save_pretrained(str(tmp))
+        write_json_atomic(manifest, Path(tmp) / "manifest.json")
+    if not work_dir:
+        import shutil
+
+        shutil.rmtree(scratch, ignore_errors=True)
+    log.info("adapter written to %s; metrics %s", output_dir, metrics)
+    return model

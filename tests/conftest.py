@@ -1,0 +1,96 @@
+"""Shared fixtures: everything is built locally; nothing reaches the Hugging Face Hub."""
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+REPO = Path(__file__).resolve().parents[1]
+SAMPLE = REPO / "resources" / "playpen-sample"
+
+
+@pytest.fixture(scope="session")
+def sample_source():
+    return {"kind": "playpen", "path": str(SAMPLE), "name": "interactions"}
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, sample_source):
+    from playpen_attribution.tiny_model import build_tiny_model, corpus_from_source
+
+    out = tmp_path_factory.mktemp("tiny") / "base_model"
+    build_tiny_model(corpus_from_source(sample_source), out, seed=0)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer(tiny_model_dir):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(tiny_model_dir))
+
+
+def data_cfg(source, **overrides):
+    """A validated data section for a playpen source."""
+    from playpen_attribution.config import validate_config
+
+    data = {"source": dict(source), "game": "taboo", "role": "WordGuesser", **overrides}
+    cfg = validate_config({"runs": {"t": {"data": data, "model": {"tiny": {}}}}})
+    return cfg["runs"]["t"]["data"]
+
+
+@pytest.fixture(scope="session")
+def demo_tables(tmp_path_factory, sample_source):
+    from playpen_attribution.data import prepare_split, split_config
+
+    out = tmp_path_factory.mktemp("tables")
+    report = {role: prepare_split(split_config(data_cfg(sample_source), role), out / f"{role}.parquet",
+                                  out / f"{role}.report.json") for role in ("train", "query")}
+    return out, report
+
+
+def snakemake(workdir, *args, check=True, timeout=900):
+    """Run the repository's workflow with `workdir` as working directory, in this Python environment."""
+    cmd = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "--directory", str(workdir),
+           "--cores", "2", *args]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env={**os.environ})
+    if check and proc.returncode != 0:
+        raise AssertionError(f"snakemake {' '.join(args)} failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}")
+    return proc
+
+
+@pytest.fixture(scope="session")
+def demo_tokens(demo_tables, tiny_model_dir, tmp_path_factory):
+    """Tokenized demo train/query rows (chat template, max length 256)."""
+    from playpen_attribution.tokenization import tokenize_table
+
+    out, _ = demo_tables
+    folder = tmp_path_factory.mktemp("demo-tokens")
+    for role in ("train", "query"):
+        tokenize_table(out / f"{role}.parquet", tiny_model_dir, folder / role, max_length=256, mode="chat")
+    return folder
+
+
+def train_demo_adapter(tiny_model_dir, tokens, out, seed=0, epochs=3):
+    from playpen_attribution.config import validate_config
+    from playpen_attribution.training import train_adapter
+
+    run = validate_config({"runs": {"r": {"data": {"source": {"kind": "json", "train": "a", "query": "b"}},
+                                          "model": {"tiny": {}}, "lora": {"r": 8, "alpha": 16, "dropout": 0.0},
+                                          "training": {"epochs": epochs, "batch_size": 8, "gradient_accumulation": 1,
+                                                       "learning_rate": 0.003, "warmup_ratio": 0.0, "seed": seed}}}})
+    run = run["runs"]["r"]
+    train_adapter(tiny_model_dir, tokens / "train", out, lora=run["lora"], training=run["training"], max_length=256)
+    return out
+
+
+@pytest.fixture(scope="session")
+def demo_adapter(tiny_model_dir, demo_tokens, tmp_path_factory):
+    """A LoRA adapter trained on the demo's taboo guesser rows."""
+    return train_demo_adapter(tiny_model_dir, demo_tokens, tmp_path_factory.mktemp("adapter") / "adapter")

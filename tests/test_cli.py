@@ -1,0 +1,150 @@
+"""The first seed's command-line tools, end to end on a tiny local model and a queries/ folder."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from playpen_attribution.cli import fit_hessians, run_query
+
+from conftest import REPO
+
+TEST_QUERY = REPO / "queries" / "test_query"
+
+
+@pytest.fixture(scope="module")
+def cli_model(tmp_path_factory):
+    """A tiny base model with a tokenizer trained on the query folder, and its plain-tokenized train set."""
+    from transformers import AutoTokenizer
+
+    from playpen_attribution.data import load_pair_json
+    from playpen_attribution.tiny_model import build_tiny_model, corpus_from_source
+    from playpen_attribution.tokenization import tokenize_rows
+
+    root = tmp_path_factory.mktemp("cli")
+    source = {"kind": "json", "train": str(TEST_QUERY / "train.json"), "query": str(TEST_QUERY / "query.json")}
+    build_tiny_model(corpus_from_source(source), root / "model", vocab_size=400)
+    tokenizer = AutoTokenizer.from_pretrained(str(root / "model"))
+    dataset, _ = tokenize_rows(load_pair_json(source["train"]).to_dict("records"), tokenizer, 128, "plain")
+    dataset.save_to_disk(str(root / "hessian"))
+    return root
+
+
+@pytest.fixture(scope="module")
+def factors_dir(cli_model):
+    out = cli_model / "factors"
+    fit_hessians(["--model", str(cli_model / "model"), "--hessian-dataset", str(cli_model / "hessian"),
+                  "--output-dir", str(out), "--strategy", "ekfac", "--dtype", "float32"])
+    return out
+
+
+def query_args(cli_model, factors_dir, out, train=TEST_QUERY / "train.json", query=TEST_QUERY / "query.json"):
+    return ["--model", str(cli_model / "model"), "--factors-dir", str(factors_dir), "--train-json", str(train),
+            "--query-json", str(query), "--output-dir", str(out), "--dtype", "float32"]
+
+
+def test_fit_hessians_writes_the_seed_layout(factors_dir):
+    meta = json.loads((factors_dir / "metadata.json").read_text())
+    assert meta["strategy"] == "ekfac" and meta["num_examples"] == 12 and meta["layer_stride"] == 1
+    assert all(".mlp." in m for m in meta["tracked_modules"]) and len(meta["tracked_modules"]) == 6
+    assert (factors_dir / "influence" / "factors_ekfac_12" / "factor_arguments.json").is_file()
+
+
+def test_run_query_writes_the_seed_csvs_with_per_token_scores(cli_model, factors_dir, tmp_path):
+    run_query(query_args(cli_model, factors_dir, tmp_path / "results") + ["--per-token-scores"])
+    query = pd.read_csv(tmp_path / "results" / "query.csv")
+    train = pd.read_csv(tmp_path / "results" / "train.csv")
+    influences = pd.read_csv(tmp_path / "results" / "influences.csv")
+    assert list(query.columns) == ["query_id", "prompt", "completion", "loss", "topic"]
+    assert list(train.columns) == ["train_id", "prompt", "completion", "topic"]
+    assert list(influences.columns) == ["query_id", "train_id", "influence_score", "per_token_scores"]
+    assert len(influences) == len(query) * len(train) == 2 * 12
+    assert (query["loss"] > 0).all()
+    for _, row in influences.iterrows():
+        assert sum(json.loads(row["per_token_scores"])) == pytest.approx(row["influence_score"], rel=1e-3, abs=1e-3)
+    assert set(os.listdir(factors_dir)) == {"metadata.json", "influence"}, "scores are not written into the factors"
+
+
+def test_console_scripts_run_concurrently_on_one_factors_folder(cli_model, factors_dir, tmp_path):
+    """Two run-query processes on one factors folder; each result equals its own run alone."""
+    other_query = tmp_path / "query2.json"
+    other_query.write_text(json.dumps([{"pair_id": "q-peru", "prompt": "The capital of Peru is", "completion": " Lima."}]))
+    exe = Path(sys.executable).parent / "run-query"
+    procs = [subprocess.Popen([str(exe), *query_args(cli_model, factors_dir, tmp_path / name, query=q)],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              env={**os.environ, "HF_HUB_OFFLINE": "1"})
+             for name, q in (("a", TEST_QUERY / "query.json"), ("b", other_query))]
+    for proc in procs:
+        _, err = proc.communicate(timeout=300)
+        assert proc.returncode == 0, err[-3000:]
+    run_query(query_args(cli_model, factors_dir, tmp_path / "alone", query=other_query))
+    together = pd.read_csv(tmp_path / "b" / "influences.csv")
+    alone = pd.read_csv(tmp_path / "alone" / "influences.csv")
+    assert set(together["query_id"]) == {"q-peru"}
+    pd.testing.assert_frame_equal(together, alone)
+    assert set(pd.read_csv(tmp_path / "a" / "influences.csv")["query_id"]) == {"q-france", "q-cat"}
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        ("[{", "malformed JSON at line 1 column 3"),
+        ("[]", "the list is empty"),
+        ('[{"pair_id": "x", "prompt": "p"}]', "missing field(s) ['completion']"),
+        ('[{"pair_id": "x", "prompt": "p", "completion": "c"}, {"pair_id": "x", "prompt": "q", "completion": "d"}]',
+         "duplicate pair_id(s) ['x']"),
+    ],
+)
+def test_bad_query_json_fails_clearly_without_partial_csv(cli_model, factors_dir, tmp_path, capsys, content, message):
+    bad = tmp_path / "query.json"
+    bad.write_text(content)
+    with pytest.raises(SystemExit) as exit_info:
+        run_query(query_args(cli_model, factors_dir, tmp_path / "out", query=bad))
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert f"{bad}" in err and message in err
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+def test_bad_factors_fail_clearly(cli_model, factors_dir, tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        run_query(query_args(cli_model, tmp_path / "missing", tmp_path / "out"))
+    assert "does not exist; run fit-hessians first" in capsys.readouterr().err
+    incomplete = tmp_path / "incomplete"
+    shutil.copytree(factors_dir, incomplete)
+    (incomplete / "metadata.json").unlink()
+    with pytest.raises(SystemExit):
+        run_query(query_args(cli_model, incomplete, tmp_path / "out"))
+    assert "not a complete factors folder" in capsys.readouterr().err
+    foreign = tmp_path / "foreign"
+    shutil.copytree(factors_dir, foreign)
+    meta = json.loads((foreign / "metadata.json").read_text())
+    meta["weights_hash"] = "0123456789abcdef"
+    (foreign / "metadata.json").write_text(json.dumps(meta))
+    with pytest.raises(SystemExit):
+        run_query(query_args(cli_model, foreign, tmp_path / "out"))
+    assert "fitted on a different model" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_unknown_strategy_and_too_short_max_length(cli_model, factors_dir, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        fit_hessians(["--model", str(cli_model / "model"), "--hessian-dataset", str(cli_model / "hessian"),
+                      "--output-dir", str(tmp_path / "f"), "--strategy", "exact"])
+    assert exit_info.value.code == 2 and "invalid choice: 'exact'" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        run_query(query_args(cli_model, factors_dir, tmp_path / "out") + ["--max-length", "2"])
+    assert "do not fit in --max-length 2" in capsys.readouterr().err
+
+
+def test_bfloat16_default_runs_on_cpu(cli_model, tmp_path):
+    fit_hessians(["--model", str(cli_model / "model"), "--hessian-dataset", str(cli_model / "hessian"),
+                  "--output-dir", str(tmp_path / "f"), "--strategy", "diagonal", "--max-examples", "6"])
+    run_query(query_args(cli_model, tmp_path / "f", tmp_path / "out")[:-2])  # default --dtype bfloat16
+    scores = pd.read_csv(tmp_path / "out" / "influences.csv")["influence_score"]
+    assert len(scores) == 24 and scores.abs().max() > 0

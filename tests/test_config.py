@@ -1,0 +1,62 @@
+import copy
+
+import pytest
+import yaml
+
+from playpen_attribution.config import ConfigError, load_config, validate_config
+
+from conftest import REPO
+
+MINIMAL = {"runs": {"r": {"data": {"source": {"kind": "playpen", "path": "x"}, "game": "taboo", "role": "WordGuesser"},
+                          "model": {"tiny": {}}}}}
+
+
+def test_defaults_are_filled_in():
+    cfg = validate_config(copy.deepcopy(MINIMAL))
+    run = cfg["runs"]["r"]
+    assert run["lora"]["r"] == 16 and run["lora"]["target_modules"][0] == "q_proj"
+    assert run["data"]["drop_outcomes"] == ["aborted"] and run["data"]["null_outcome"] == "keep"
+    assert run["data"]["splits"] == {"train": "train", "query": "validation"}
+    assert run["data"]["source"]["name"] == "interactions"
+    assert run["model"]["tiny"]["hidden_size"] == 64 and run["tokenization"]["render"] == "chat"
+
+
+def test_unknown_key_is_refused_with_its_path():
+    cfg = copy.deepcopy(MINIMAL)
+    cfg["runs"]["r"]["lora"] = {"rank": 8}
+    with pytest.raises(ConfigError, match=r"runs\.r\.lora: unknown key\(s\) \['rank'\]; allowed keys are \['alpha', 'dropout', 'r'"):
+        validate_config(cfg)
+
+
+def test_json_source_takes_no_playpen_defaults():
+    cfg = copy.deepcopy(MINIMAL)
+    cfg["runs"]["r"]["data"] = {"source": {"kind": "json", "train": "a.json", "query": "b.json"}}
+    run = validate_config(cfg)["runs"]["r"]
+    assert run["data"]["source"] == {"kind": "json", "train": "a.json", "query": "b.json"}
+
+
+@pytest.mark.parametrize("model", [{"hub": "org/m"}, {"hub": "org/m", "revision": "abc", "path": "p"}, {}])
+def test_model_needs_exactly_one_source(model):
+    cfg = copy.deepcopy(MINIMAL)
+    cfg["runs"]["r"]["model"] = model
+    with pytest.raises(ConfigError, match=r"runs\.r\.model"):
+        validate_config(cfg)
+
+
+def test_wrong_type_names_the_key():
+    cfg = copy.deepcopy(MINIMAL)
+    cfg["runs"]["r"]["training"] = {"epochs": "three"}
+    with pytest.raises(ConfigError, match=r"runs\.r\.training\.epochs: 'three' is not of type 'number'"):
+        validate_config(cfg)
+
+
+def test_shipped_config_is_valid_and_roles_are_separate():
+    cfg = load_config(REPO / "config" / "config.yaml")
+    assert {"demo", "taboo", "taboo_describer"} <= set(cfg["runs"])
+    assert cfg["runs"]["taboo"]["data"]["role"] == "WordGuesser"
+    assert cfg["runs"]["taboo_describer"]["data"]["role"] == "WordDescriber"
+    assert cfg["runs"]["taboo"]["model"]["hub"] == "google/gemma-3-1b-it"
+    assert len(cfg["runs"]["taboo"]["model"]["revision"]) == 40
+    assert "tiny" in cfg["runs"]["demo"]["model"] and "path" in cfg["runs"]["demo"]["data"]["source"]
+    raw = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
+    assert raw["runs"]["demo"]["data"]["source"]["path"] == "resources/playpen-sample"

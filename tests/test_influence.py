@@ -1,0 +1,149 @@
+"""Kronfluence influence scores: exact against independent gradients, the sign, per-token sums,
+planted copies, shards, factor provenance."""
+
+import datasets
+import numpy as np
+import pytest
+import torch
+
+from playpen_attribution.influence import FactorsError, fit_factors, per_token_lists, score_pairs, score_shard_stage
+from playpen_attribution.tables import load_shards
+
+from conftest import train_demo_adapter
+
+
+@pytest.fixture(scope="module")
+def tokens(demo_tokens):
+    return datasets.load_from_disk(str(demo_tokens / "query")), datasets.load_from_disk(str(demo_tokens / "train"))
+
+
+@pytest.fixture(scope="module")
+def factors(demo_adapter, demo_tokens, tmp_path_factory):
+    root = tmp_path_factory.mktemp("factors")
+    return {s: fit_factors(str(demo_adapter), demo_tokens / "train", root / s, strategy=s, modules="lora") and root / s
+            for s in ("identity", "ekfac")}
+
+
+def independent_gradients(adapter_dir, rows):
+    """Per-example gradients of the summed completion cross-entropy w.r.t. every LoRA weight, by autograd."""
+    from peft import AutoPeftModelForCausalLM
+
+    model = AutoPeftModelForCausalLM.from_pretrained(str(adapter_dir), dtype=torch.float32)
+    model.eval()
+    params = [p.requires_grad_(True) for n, p in model.named_parameters() if "lora_" in n]
+    grads = []
+    for row in rows:
+        ids = torch.tensor([row["input_ids"]])
+        labels = torch.tensor(row["labels"])
+        logits = model(input_ids=ids).logits[0]
+        keep = labels[1:] != -100
+        loss = torch.nn.functional.cross_entropy(logits[:-1][keep], labels[1:][keep], reduction="sum")
+        grads.append(torch.cat([g.reshape(-1) for g in torch.autograd.grad(loss, params)]))
+    return torch.stack(grads), model, params
+
+
+def test_identity_scores_are_exact_gradient_dot_products(demo_adapter, factors, tokens):
+    query, train = tokens
+    query, train = query.select(range(4)), train.select(range(10))
+    scores = score_pairs(str(demo_adapter), factors["identity"], query, train)["scores"]
+    g_query, _, _ = independent_gradients(demo_adapter, query)
+    g_train, _, _ = independent_gradients(demo_adapter, train)
+    expected = (g_query.double() @ g_train.double().T).numpy()
+    assert scores.shape == (4, 10)
+    np.testing.assert_allclose(scores, expected, rtol=2e-3, atol=1e-3 * np.abs(expected).max())
+
+
+def test_sign_one_sgd_step_on_the_top_row_lowers_the_query_loss(demo_adapter, factors, tokens):
+    query, train = tokens
+    query, train = query.select([0]), train.select(range(40))
+    scores = score_pairs(str(demo_adapter), factors["identity"], query, train)["scores"][0]
+
+    def loss_after_step(train_index, lr):
+        g_train, model, params = independent_gradients(demo_adapter, train.select([train_index]))
+        with torch.no_grad():
+            offset = 0
+            for p in params:
+                p -= lr * g_train[0, offset:offset + p.numel()].view_as(p)
+                offset += p.numel()
+            ids, labels = torch.tensor([query[0]["input_ids"]]), torch.tensor(query[0]["labels"])
+            logits = model(input_ids=ids).logits[0]
+            keep = labels[1:] != -100
+            return torch.nn.functional.cross_entropy(logits[:-1][keep], labels[1:][keep], reduction="sum").item()
+
+    base = loss_after_step(0, 0.0)
+    for index, direction in ((int(scores.argmax()), -1), (int(scores.argmin()), +1)):
+        lr = 1e-3 / abs(scores[index])  # a step small enough for the first-order prediction to hold
+        predicted = -lr * scores[index]
+        actual = loss_after_step(index, lr) - base
+        assert np.sign(actual) == direction
+        assert actual == pytest.approx(predicted, rel=0.2)
+
+
+def test_per_token_scores_sum_to_the_total(demo_adapter, factors, tokens):
+    query, train = tokens
+    query, train = query.select(range(3)), train.select(range(12))
+    total = score_pairs(str(demo_adapter), factors["ekfac"], query, train)["scores"]
+    result = score_pairs(str(demo_adapter), factors["ekfac"], query, train, per_token=True)
+    lists = per_token_lists(result["per_token"], [len(x) for x in train["input_ids"]])
+    assert [len(t) for t in lists[0]] == [len(x) for x in train["input_ids"]]
+    sums = np.array([[sum(t) for t in per_query] for per_query in lists])
+    np.testing.assert_allclose(sums, total, rtol=1e-4, atol=1e-4 * np.abs(total).max())
+
+
+def test_planted_copy_of_a_query_is_in_the_top_3_for_ekfac(demo_adapter, factors, tokens):
+    query, train = tokens
+    planted = [0, 5, 11]
+    copies = query.select(planted).map(lambda row: {"row_id": "copy-of-" + row["row_id"]})
+    scored = datasets.concatenate_datasets([train, copies])  # scored, not trained on; factors not refitted
+    scores = score_pairs(str(demo_adapter), factors["ekfac"], query, scored)["scores"]
+    for q in planted:
+        top3 = [scored[int(i)]["row_id"] for i in np.argsort(-scores[q])[:3]]
+        assert "copy-of-" + query[q]["row_id"] in top3, top3
+
+
+def test_shards_merged_equal_one_unsharded_run(demo_adapter, factors, demo_tokens, tmp_path):
+    common = dict(model_dir=demo_adapter, factors_dir=factors["ekfac"], query_tokens_dir=demo_tokens / "query",
+                  train_tokens_dir=demo_tokens / "train", train_batch_size=8, per_token=False, dtype="float32",
+                  damping_factor=1e-8)
+    score_shard_stage(out_path=tmp_path / "all.npz", shard=0, shards=1, **common)
+    for i in range(3):
+        score_shard_stage(out_path=tmp_path / f"shard-{i}.npz", shard=i, shards=3, **common)
+    merged = load_shards([tmp_path / f"shard-{i}.npz" for i in range(3)])
+    whole = load_shards([tmp_path / "all.npz"])
+    assert merged["train_ids"] == whole["train_ids"] and merged["query_ids"] == whole["query_ids"]
+    np.testing.assert_allclose(merged["scores"], whole["scores"], rtol=1e-5, atol=1e-6 * np.abs(whole["scores"]).max())
+
+
+def test_same_inputs_give_the_same_factors(demo_adapter, demo_tokens, factors, tmp_path):
+    fit_factors(str(demo_adapter), demo_tokens / "train", tmp_path / "again", strategy="ekfac", modules="lora")
+    from safetensors.torch import load_file
+
+    originals = sorted((factors["ekfac"] / "influence").rglob("*.safetensors"))
+    assert len(originals) >= 5  # covariances, eigenvectors, eigenvalues, lambdas, ...
+    for original in originals:
+        a, b = load_file(original), load_file(tmp_path / "again" / original.relative_to(factors["ekfac"]))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), original.name
+
+
+def test_factors_from_another_model_are_refused(demo_adapter, factors, tokens, tiny_model_dir, demo_tokens, tmp_path):
+    query, train = tokens
+    other = train_demo_adapter(tiny_model_dir, demo_tokens, tmp_path / "other", seed=1, epochs=1)
+    with pytest.raises(FactorsError, match=r"fitted on a different model:\n  model: factors have .*\n  weights_hash"):
+        score_pairs(str(other), factors["ekfac"], query.select([0]), train.select([0]))
+
+
+def test_missing_or_incomplete_factors_are_refused(demo_adapter, factors, tokens, tmp_path):
+    import shutil
+
+    query, train = tokens
+    with pytest.raises(FactorsError, match="does not exist; run fit-hessians first"):
+        score_pairs(str(demo_adapter), tmp_path / "nowhere", query, train)
+    broken = tmp_path / "broken"
+    shutil.copytree(factors["ekfac"], broken)
+    (broken / "metadata.json").unlink()
+    with pytest.raises(FactorsError, match="not a complete factors folder"):
+        score_pairs(str(demo_adapter), broken, query, train)
+    shutil.copytree(factors["ekfac"], tmp_path / "partial")
+    shutil.rmtree(next((tmp_path / "partial" / "influence").iterdir()))
+    with pytest.raises(FactorsError, match="missing or incomplete"):
+        score_pairs(str(demo_adapter), tmp_path / "partial", query, train)

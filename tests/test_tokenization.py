@@ -1,0 +1,68 @@
+import datasets
+import pytest
+
+from playpen_attribution.data import read_rows
+from playpen_attribution.tokenization import IGNORE_INDEX, tokenize_example, tokenize_rows, tokenize_table
+
+
+def test_equals_what_sft_trainer_trains_on(demo_tables, tiny_model_dir, tiny_tokenizer, tmp_path):
+    """TRL tokenizes the conversational rows itself; our tokens must be identical, labels included."""
+    from transformers import AutoModelForCausalLM
+    from trl import SFTConfig, SFTTrainer
+
+    out, _ = demo_tables
+    rows = read_rows(out / "train.parquet")[:24]
+    ours, report = tokenize_rows(rows, tiny_tokenizer, max_length=1024, mode="chat")
+    assert report["rows_skipped"] == [] and len(ours) == 24
+    raw = datasets.Dataset.from_list([{"prompt": r["prompt"], "completion": r["completion"]} for r in rows])
+    args = SFTConfig(output_dir=str(tmp_path), completion_only_loss=True, bf16=False, report_to=[],
+                     max_length=1024, activation_checkpointing=False)
+    trainer = SFTTrainer(model=AutoModelForCausalLM.from_pretrained(str(tiny_model_dir)), args=args,
+                         train_dataset=raw, processing_class=tiny_tokenizer)
+    theirs = trainer.train_dataset
+    assert len(theirs) == len(ours)
+    for i in range(len(ours)):
+        assert theirs[i]["input_ids"] == ours[i]["input_ids"]
+        assert theirs[i]["labels"] == ours[i]["labels"]
+    # loss is on the completion and its end-of-turn marker only
+    trained = [t for t in ours[0]["labels"] if t != IGNORE_INDEX]
+    assert tiny_tokenizer.decode(trained) == rows[0]["completion"][0]["content"] + "<end_of_turn>\n"
+
+
+def test_long_prompt_is_cut_from_the_left_keeping_bos(tiny_tokenizer):
+    prompt = [{"role": "user", "content": "word " * 300 + "CLUE: sweet"}]
+    completion = [{"role": "assistant", "content": "GUESS: honey"}]
+    full = tokenize_example(tiny_tokenizer, prompt, completion, 4096, "chat")
+    cut = tokenize_example(tiny_tokenizer, prompt, completion, 64, "chat")
+    assert len(cut["input_ids"]) == 64 and cut["n_prompt_tokens_truncated"] == len(full["input_ids"]) - 64
+    assert cut["input_ids"][0] == tiny_tokenizer.bos_token_id
+    assert cut["input_ids"][1:] == full["input_ids"][-63:]
+    assert [t for t in cut["labels"] if t != IGNORE_INDEX] == [t for t in full["labels"] if t != IGNORE_INDEX]
+
+
+def test_completion_that_cannot_fit_is_reported_not_silently_dropped(tiny_tokenizer, tmp_path):
+    rows = [{"row_id": "ok", "prompt": "short", "completion": "GUESS: honey"},
+            {"row_id": "long", "prompt": "short", "completion": "GUESS: " + "honey " * 200}]
+    dataset, report = tokenize_rows(rows, tiny_tokenizer, max_length=48, mode="chat")
+    assert dataset["row_id"] == ["ok"]
+    assert [s["row_id"] for s in report["rows_skipped"]] == ["long"]
+    assert "does not fit in max_length 48" in report["rows_skipped"][0]["reason"]
+
+
+def test_plain_rendering_is_the_first_seeds(tiny_tokenizer):
+    out = tokenize_example(tiny_tokenizer, "The capital of France is", " Paris.", 512, "plain")
+    prompt_ids = tiny_tokenizer("The capital of France is", add_special_tokens=False)["input_ids"]
+    completion_ids = tiny_tokenizer(" Paris.", add_special_tokens=False)["input_ids"]
+    assert out["input_ids"] == prompt_ids + completion_ids + [tiny_tokenizer.eos_token_id]
+    assert out["labels"] == [IGNORE_INDEX] * len(prompt_ids) + completion_ids + [tiny_tokenizer.eos_token_id]
+    with pytest.raises(ValueError, match="plain"):
+        tokenize_example(tiny_tokenizer, [{"role": "user", "content": "x"}], " y", 512, "plain")
+
+
+def test_no_row_fits_is_an_error_and_leaves_nothing(demo_tables, tiny_model_dir, tmp_path):
+    from playpen_attribution.data import DataError
+
+    out, _ = demo_tables
+    with pytest.raises(DataError, match="no row fits in max_length=4"):
+        tokenize_table(out / "query.parquet", tiny_model_dir, tmp_path / "tokens", max_length=4, mode="chat")
+    assert list(tmp_path.iterdir()) == []

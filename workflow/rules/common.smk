@@ -1,0 +1,105 @@
+# Helpers shared by every stage: the run's config section, paths resolved against the workflow root,
+# and wildcard constraints that pick the rule which provides a run's base model.
+import copy
+import re
+from pathlib import Path
+
+from playpen_attribution.config import run_config
+from playpen_attribution.data import split_config
+from playpen_attribution.provenance import code_hash
+
+WORKFLOW_ROOT = Path(workflow.basedir)
+RUNS = config["runs"]
+CONDA_ENV = "../../envs/playpen-attribution.yaml"
+
+
+def resolve(path):
+    """Config paths are relative to the workflow root, so `--directory` runs find the bundled inputs."""
+    path = Path(path)
+    return str(path if path.is_absolute() else WORKFLOW_ROOT / path)
+
+
+def run_names(predicate):
+    """A regex matching exactly the runs for which `predicate(run_config)` holds (never-matching if none)."""
+    names = [name for name, cfg in RUNS.items() if predicate(cfg)]
+    return "|".join(re.escape(n) for n in names) if names else "(?!x)x"
+
+
+TINY_MODEL_RUNS = run_names(lambda c: "tiny" in c["model"])
+HUB_MODEL_RUNS = run_names(lambda c: "hub" in c["model"])
+ANY_RUN = run_names(lambda c: True)
+
+
+wildcard_constraints:
+    run=ANY_RUN,
+
+
+def run_cfg(wildcards):
+    return run_config(config, wildcards.run)
+
+
+def data_config(wildcards):
+    """The run's data section with local paths made absolute (a hub source is left as it is)."""
+    data = copy.deepcopy(run_cfg(wildcards)["data"])
+    source = data["source"]
+    for key in ("path", "train", "query"):
+        if key in source:
+            source[key] = resolve(source[key])
+    return data
+
+
+def data_source_files(wildcards):
+    """Local files a run's data (or one split of it) comes from; none for a hub source."""
+    source = data_config(wildcards)["source"]
+    if source["kind"] == "json":
+        split = getattr(wildcards, "split", None)
+        return [source[split]] if split else [source["train"], source["query"]]
+    if "path" in source:
+        return sorted(str(p) for p in Path(source["path"]).rglob("*") if p.is_file())
+    return []
+
+
+def base_model_dir(wildcards):
+    """A local model folder from the config, else the folder a rule builds or downloads."""
+    model = run_cfg(wildcards)["model"]
+    if "path" in model:
+        return resolve(model["path"])
+    return f"results/{wildcards.run}/base_model"
+
+
+def base_model_source(wildcards):
+    """What the base model is, for manifests: hub id and revision, local path, or tiny config."""
+    model = run_cfg(wildcards)["model"]
+    if "hub" in model:
+        return {"id": model["hub"], "revision": model["revision"]}
+    if "path" in model:
+        return {"id": resolve(model["path"]), "revision": None}
+    return {"id": "tiny-random-gemma3", "revision": None, "tiny": model["tiny"]}
+
+
+# Kronfluence inputs by run.
+STRATEGY_PATTERN = "identity|diagonal|kfac|ekfac"
+
+
+def kronfluence_cfg(wildcards):
+    return run_cfg(wildcards)["attribution"]["kronfluence"]
+
+
+def hessian_dataset(wildcards):
+    path = kronfluence_cfg(wildcards)["hessian_dataset"]
+    return resolve(path) if path else f"results/{wildcards.run}/data/tokens/train"
+
+
+def shard_count(wildcards):
+    return run_cfg(wildcards)["attribution"]["shards"]
+
+
+def kronfluence_shards(wildcards):
+    """Every score shard of every configured method, by method."""
+    return {
+        method: [
+            f"results/{wildcards.run}/kronfluence/scores/{method}/shard-{i}.npz"
+            for i in range(shard_count(wildcards))
+        ]
+        for method in run_cfg(wildcards)["attribution"]["methods"]
+    }

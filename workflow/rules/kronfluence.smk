@@ -1,0 +1,88 @@
+# Influence functions with Kronfluence: factors fitted once per model and data, then pairwise scores of
+# every query against contiguous shards of the training rows, merged into the seed's three CSVs.
+
+rule fit_factors:
+    input:
+        model="results/{run}/adapter",
+        data=hessian_dataset,
+    output:
+        directory("results/{run}/kronfluence/factors/{strategy}"),
+    wildcard_constraints:
+        strategy=STRATEGY_PATTERN,
+    params:
+        kronfluence=lambda wc: {
+            k: kronfluence_cfg(wc)[k]
+            for k in ("modules", "layer_stride", "max_examples", "covariance_batch_size",
+                      "lambda_batch_size", "fisher", "dtype", "seed")
+        },
+        code=code_hash("influence", "provenance", "io"),
+    log:
+        "logs/{run}/fit_factors_{strategy}.log",
+    benchmark:
+        "benchmarks/{run}/fit_factors_{strategy}.tsv"
+    resources:
+        gpu=1,
+        mem_mb=lambda wc, attempt: run_cfg(wc)["attribution"]["score_mem_mb"] * attempt,
+        runtime=lambda wc, attempt: run_cfg(wc)["attribution"]["score_runtime_min"] * attempt,
+    conda:
+        CONDA_ENV
+    script:
+        "../scripts/fit_factors.py"
+
+
+rule kronfluence_scores:
+    input:
+        model="results/{run}/adapter",
+        factors="results/{run}/kronfluence/factors/{strategy}",
+        query="results/{run}/data/tokens/query",
+        train="results/{run}/data/tokens/train",
+    output:
+        "results/{run}/kronfluence/scores/{strategy}/shard-{shard}.npz",
+    wildcard_constraints:
+        strategy=STRATEGY_PATTERN,
+        shard=r"\d+",
+    params:
+        shards=shard_count,
+        kronfluence=lambda wc: {
+            k: kronfluence_cfg(wc)[k]
+            for k in ("train_batch_size", "per_token_scores", "dtype", "damping_factor")
+        },
+        code=code_hash("influence", "tables", "io"),
+    log:
+        "logs/{run}/kronfluence_scores_{strategy}_{shard}.log",
+    benchmark:
+        "benchmarks/{run}/kronfluence_scores_{strategy}_{shard}.tsv"
+    resources:
+        gpu=1,
+        mem_mb=lambda wc, attempt: run_cfg(wc)["attribution"]["score_mem_mb"] * attempt,
+        runtime=lambda wc, attempt: run_cfg(wc)["attribution"]["score_runtime_min"] * attempt,
+    conda:
+        CONDA_ENV
+    script:
+        "../scripts/kronfluence_scores.py"
+
+
+rule merge_influences:
+    input:
+        unpack(lambda wc: {f"shards_{m}": paths for m, paths in kronfluence_shards(wc).items()}),
+        query_rows="results/{run}/data/query.parquet",
+        train_rows="results/{run}/data/train.parquet",
+        query_tokens="results/{run}/data/tokens/query",
+        train_tokens="results/{run}/data/tokens/train",
+        model="results/{run}/adapter",
+    output:
+        query="results/{run}/query.csv",
+        train="results/{run}/train.csv",
+        influences="results/{run}/influences.csv",
+    params:
+        methods=lambda wc: run_cfg(wc)["attribution"]["methods"],
+        dtype=lambda wc: kronfluence_cfg(wc)["dtype"],
+        code=code_hash("influence", "tables", "data", "io"),
+    log:
+        "logs/{run}/merge_influences.log",
+    benchmark:
+        "benchmarks/{run}/merge_influences.tsv"
+    conda:
+        CONDA_ENV
+    script:
+        "../scripts/merge_influences.py"

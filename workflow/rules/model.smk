@@ -1,0 +1,73 @@
+# Model stage: the base model (tiny random Gemma 3 for the demo, or a pinned hub download) and LoRA SFT.
+
+
+localrules:
+    fetch_base_model,
+
+
+rule build_tiny_model:
+    input:
+        data_source_files,
+    output:
+        directory("results/{run}/base_model"),
+    wildcard_constraints:
+        run=TINY_MODEL_RUNS,
+    params:
+        tiny=lambda wc: run_cfg(wc)["model"]["tiny"],
+        source=lambda wc: data_config(wc)["source"],
+        code=code_hash("tiny_model", "data", "io"),
+    log:
+        "logs/{run}/build_tiny_model.log",
+    benchmark:
+        "benchmarks/{run}/build_tiny_model.tsv"
+    conda:
+        CONDA_ENV
+    script:
+        "../scripts/build_tiny_model.py"
+
+
+rule fetch_base_model:
+    output:
+        directory("results/{run}/base_model"),
+    wildcard_constraints:
+        run=HUB_MODEL_RUNS,
+    params:
+        model=lambda wc: run_cfg(wc)["model"],
+        code=code_hash("modeling", "io"),
+    log:
+        "logs/{run}/fetch_base_model.log",
+    benchmark:
+        "benchmarks/{run}/fetch_base_model.tsv"
+    conda:
+        CONDA_ENV
+    script:
+        "../scripts/fetch_base_model.py"
+
+
+rule train_adapter:
+    input:
+        model=base_model_dir,
+        train="results/{run}/data/tokens/train",
+        query="results/{run}/data/tokens/query",
+    output:
+        directory("results/{run}/adapter"),
+    params:
+        lora=lambda wc: run_cfg(wc)["lora"],
+        training=lambda wc: run_cfg(wc)["training"],
+        max_length=lambda wc: run_cfg(wc)["tokenization"]["max_length"],
+        dtype=lambda wc: run_cfg(wc)["model"]["dtype"],
+        base_model=base_model_source,
+        code=code_hash("training", "provenance", "io"),
+    log:
+        "logs/{run}/train_adapter.log",
+    benchmark:
+        "benchmarks/{run}/train_adapter.tsv"
+    threads: 2
+    resources:
+        gpu=1,
+        mem_mb=lambda wc, attempt: run_cfg(wc)["resources"]["train_mem_mb"] * attempt,
+        runtime=lambda wc, attempt: run_cfg(wc)["resources"]["train_runtime_min"] * attempt,
+    conda:
+        CONDA_ENV
+    script:
+        "../scripts/train_adapter.py"

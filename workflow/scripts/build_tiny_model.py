@@ -1,0 +1,11 @@
+# Thin adapter: rule build_tiny_model -> playpen_attribution.tiny_model.build_tiny_model
+from playpen_attribution.stage import run_stage
+from playpen_attribution.tiny_model import build_tiny_model, corpus_from_source
+
+
+def build(source, tiny, output_dir):
+    return build_tiny_model(corpus_from_source(source), output_dir, **tiny)
+
+
+run_stage(snakemake, build, source=snakemake.params.source, tiny=snakemake.params.tiny,
+          output_dir=snakemake.output[0])
