@@ -47,8 +47,8 @@ rule fetch_base_model:
 rule train_adapter:
     input:
         model=base_model_dir,
+        # no query tokens: a new query set must never retrain (query.csv has the queries' losses)
         train="results/{run}/data/tokens/train",
-        query="results/{run}/data/tokens/query",
     output:
         directory("results/{run}/adapter"),
     params:

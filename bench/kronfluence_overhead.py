@@ -1,0 +1,178 @@
+"""Overhead of the workflow's Kronfluence stages against a bare Kronfluence call on the same inputs.
+
+Three timings, each the median of --repeats runs on the demo's adapter and tokens:
+  bare        one Python process: load the adapter, fit the factors, score every query against every
+              training row with Kronfluence directly (a minimal Task, the same batch sizes and modules)
+  package     the same work through the package functions the rules call (fit_factors + score_shard_stage
+              per shard), in one process: the wrapper's own cost (metadata, hashes, atomic writes, shards)
+  workflow    `snakemake --forcerun fit_factors kronfluence_scores` on the same targets, --cores 1:
+              adds Snakemake's start-up and one Python process per job
+Ratios are against `bare`, measured in one run (the machine is shared: compare ratios, not seconds).
+
+    uv run python bench/kronfluence_overhead.py [--workdir DIR] [--strategy ekfac] [--repeats 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+RUN = "demo"
+
+
+def snakemake(workdir: Path, *args: str) -> None:
+    cmd = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "--directory", str(workdir), *args]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        sys.exit(f"snakemake {' '.join(args)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+
+
+def demo_settings() -> dict:
+    from playpen_attribution.config import load_config, run_config
+
+    return run_config(load_config(REPO / "config" / "config.yaml"), RUN)["attribution"]
+
+
+def python_process(code: str, *argv: str) -> float:
+    """Wall time of a fresh Python process running `code` (imports and model loading included)."""
+    start = time.perf_counter()
+    subprocess.run([sys.executable, "-c", code, *argv], check=True)
+    return time.perf_counter() - start
+
+
+BARE = r"""
+import sys, tempfile, torch, datasets, torch.nn.functional as F
+from peft import AutoPeftModelForCausalLM
+from transformers import AutoTokenizer
+from kronfluence.analyzer import Analyzer, prepare_model
+from kronfluence.arguments import FactorArguments
+from kronfluence.task import Task
+from kronfluence.utils.dataset import DataLoaderKwargs
+
+adapter, train_dir, query_dir, strategy, cov_bs, lam_bs, train_bs = sys.argv[1:]
+model = AutoPeftModelForCausalLM.from_pretrained(adapter, attn_implementation="eager").eval()
+tok = AutoTokenizer.from_pretrained(adapter)
+tracked = [n for n, m in model.named_modules()
+           if isinstance(m, torch.nn.Linear) and (".lora_A." in n or ".lora_B." in n)]
+
+def loss(batch, model):
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
+    return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), batch["labels"][:, 1:].reshape(-1),
+                           ignore_index=-100, reduction="sum")
+
+class T(Task):
+    def compute_train_loss(self, batch, model, sample=False): return loss(batch, model)
+    def compute_measurement(self, batch, model): return loss(batch, model)
+    def get_influence_tracked_modules(self): return tracked
+    def get_attention_mask(self, batch): return batch["attention_mask"]
+
+def collate(rows):
+    w = max(len(r["input_ids"]) for r in rows)
+    ids = torch.full((len(rows), w), tok.pad_token_id); mask = torch.zeros((len(rows), w), dtype=torch.long)
+    labels = torch.full((len(rows), w), -100)
+    for i, r in enumerate(rows):
+        n = len(r["input_ids"]); ids[i, :n] = torch.tensor(r["input_ids"]); mask[i, :n] = 1
+        labels[i, :n] = torch.tensor(r["labels"])
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+train = datasets.load_from_disk(train_dir).select_columns(["input_ids", "labels"])
+query = datasets.load_from_disk(query_dir).select_columns(["input_ids", "labels"])
+task = T()
+model = prepare_model(model, task)
+with tempfile.TemporaryDirectory() as out:
+    analyzer = Analyzer("bare", model=model, task=task, output_dir=out, cpu=not torch.cuda.is_available(),
+                        disable_tqdm=True)
+    kw = DataLoaderKwargs(collate_fn=collate, num_workers=0)
+    args = FactorArguments(strategy=strategy)
+    analyzer.fit_covariance_matrices("f", dataset=train, per_device_batch_size=int(cov_bs), dataloader_kwargs=kw,
+                                     factor_args=args, overwrite_output_dir=True)
+    analyzer.perform_eigendecomposition("f", factor_args=args, overwrite_output_dir=True)
+    analyzer.fit_lambda_matrices("f", dataset=train, per_device_batch_size=int(lam_bs), dataloader_kwargs=kw,
+                                 factor_args=args, overwrite_output_dir=True)
+    analyzer.compute_pairwise_scores("s", factors_name="f", query_dataset=query, train_dataset=train,
+                                     per_device_query_batch_size=len(query),
+                                     per_device_train_batch_size=int(train_bs), dataloader_kwargs=kw,
+                                     overwrite_output_dir=True)
+    print(tuple(analyzer.load_pairwise_scores("s")["all_modules"].shape))
+"""
+
+PACKAGE = r"""
+import sys, tempfile, json
+from pathlib import Path
+from playpen_attribution.influence import fit_factors, score_shard_stage
+
+adapter, train_dir, query_dir, strategy, settings = sys.argv[1:]
+a = json.loads(settings); kf = a["kronfluence"]
+with tempfile.TemporaryDirectory() as out:
+    factors = Path(out) / "factors"
+    fit_factors(adapter, train_dir, factors, strategy=strategy, modules=kf["modules"],
+                layer_stride=kf["layer_stride"], covariance_batch_size=kf["covariance_batch_size"],
+                lambda_batch_size=kf["lambda_batch_size"], max_examples=kf["max_examples"], dtype=kf["dtype"],
+                fisher=kf["fisher"], seed=kf["seed"])
+    for shard in range(a["shards"]):
+        score_shard_stage(adapter, factors, query_dir, train_dir, Path(out) / f"shard-{shard}.npz", shard=shard,
+                          shards=a["shards"], train_batch_size=kf["train_batch_size"],
+                          per_token=kf["per_token_scores"], dtype=kf["dtype"], damping_factor=kf["damping_factor"])
+"""
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--workdir", type=Path, help="workflow directory holding results/demo (default: a temp dir)")
+    parser.add_argument("--strategy", default="ekfac", choices=["diagonal", "kfac", "ekfac"])
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    workdir = args.workdir or Path(tempfile.mkdtemp(prefix="bench-kronfluence-"))
+    adapter = workdir / f"results/{RUN}/adapter"
+    train_dir = workdir / f"results/{RUN}/data/tokens/train"
+    query_dir = workdir / f"results/{RUN}/data/tokens/query"
+    print(f"preparing the demo inputs in {workdir} ...", flush=True)
+    snakemake(workdir, "--cores", "2", str(adapter.relative_to(workdir)), str(train_dir.relative_to(workdir)),
+              str(query_dir.relative_to(workdir)))
+
+    settings = demo_settings()
+    kf = settings["kronfluence"]
+    if kf["modules"] != "lora" or kf["layer_stride"] != 1 or kf["max_examples"] or kf["fisher"] != "empirical":
+        sys.exit("the bare baseline tracks every LoRA module with the empirical Fisher on all rows; "
+                 "the demo config must use those settings for a like-for-like comparison")
+    shards = settings["shards"]
+    targets = [f"results/{RUN}/kronfluence/scores/{args.strategy}/shard-{i}.npz" for i in range(shards)]
+
+    timings = {"bare": [], "package": [], "workflow": []}
+    for repeat in range(args.repeats):
+        print(f"repeat {repeat + 1}/{args.repeats}", flush=True)
+        timings["bare"].append(python_process(
+            BARE, str(adapter), str(train_dir), str(query_dir), args.strategy, str(kf["covariance_batch_size"]),
+            str(kf["lambda_batch_size"]), str(kf["train_batch_size"])))
+        timings["package"].append(python_process(
+            PACKAGE, str(adapter), str(train_dir), str(query_dir), args.strategy, json.dumps(settings)))
+        start = time.perf_counter()
+        snakemake(workdir, "--cores", "1", "--forcerun", "fit_factors", "kronfluence_scores", "--", *targets)
+        timings["workflow"].append(time.perf_counter() - start)
+
+    import datasets
+
+    n_train, n_query = len(datasets.load_from_disk(str(train_dir))), len(datasets.load_from_disk(str(query_dir)))
+    bare = statistics.median(timings["bare"])
+    print(f"\nmachine: {platform.machine()}, {os.cpu_count()} CPU cores, {platform.system()} "
+          f"{platform.release()}, Python {platform.python_version()}")
+    print(f"inputs: demo run, {n_train} training rows x {n_query} queries, strategy {args.strategy}, "
+          f"{shards} score shards, median of {args.repeats}")
+    print(f"{'stage':<10} {'median s':>9} {'ratio to bare':>14}")
+    for name, values in timings.items():
+        median = statistics.median(values)
+        print(f"{name:<10} {median:>9.1f} {median / bare:>14.2f}")
+
+
+if __name__ == "__main__":
+    main()
