@@ -45,8 +45,11 @@ def demo_settings() -> dict:
 def python_process(code: str, *argv: str) -> float:
     """Wall time of a fresh Python process running `code` (imports and model loading included)."""
     start = time.perf_counter()
-    subprocess.run([sys.executable, "-c", code, *argv], check=True)
-    return time.perf_counter() - start
+    proc = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True)
+    elapsed = time.perf_counter() - start
+    if proc.returncode != 0:
+        sys.exit(f"benchmark process failed:\n{proc.stderr[-3000:]}")
+    return elapsed
 
 
 BARE = r"""
