@@ -20,9 +20,17 @@ include: "workflow/rules/common.smk"
 include: "workflow/rules/data.smk"
 include: "workflow/rules/model.smk"
 include: "workflow/rules/kronfluence.smk"
+include: "workflow/rules/bergson.smk"
+include: "workflow/rules/results.smk"
 
 
 rule all:
     default_target: True
     input:
         f"results/{config['default_run']}/influences.csv",
+        # one ranked score per training row, where the run has Bergson variants
+        [
+            f"results/{config['default_run']}/train_scores.csv"
+            for method in config["runs"][config["default_run"]]["attribution"]["methods"]
+            if method.startswith("bergson_")
+        ][:1],

@@ -94,3 +94,22 @@ def train_demo_adapter(tiny_model_dir, tokens, out, seed=0, epochs=3):
 def demo_adapter(tiny_model_dir, demo_tokens, tmp_path_factory):
     """A LoRA adapter trained on the demo's taboo guesser rows."""
     return train_demo_adapter(tiny_model_dir, demo_tokens, tmp_path_factory.mktemp("adapter") / "adapter")
+
+
+def independent_gradients(adapter_dir, rows):
+    """Per-example gradients of the summed completion cross-entropy w.r.t. every LoRA weight, by autograd."""
+    import torch
+    from peft import AutoPeftModelForCausalLM
+
+    model = AutoPeftModelForCausalLM.from_pretrained(str(adapter_dir), dtype=torch.float32)
+    model.eval()
+    params = [p.requires_grad_(True) for n, p in model.named_parameters() if "lora_" in n]
+    grads = []
+    for row in rows:
+        ids = torch.tensor([row["input_ids"]])
+        labels = torch.tensor(row["labels"])
+        logits = model(input_ids=ids).logits[0]
+        keep = labels[1:] != -100
+        loss = torch.nn.functional.cross_entropy(logits[:-1][keep], labels[1:][keep], reduction="sum")
+        grads.append(torch.cat([g.reshape(-1) for g in torch.autograd.grad(loss, params)]))
+    return torch.stack(grads), model, params

@@ -9,7 +9,7 @@ import torch
 from playpen_attribution.influence import FactorsError, fit_factors, per_token_lists, score_pairs, score_shard_stage
 from playpen_attribution.tables import load_shards
 
-from conftest import train_demo_adapter
+from conftest import independent_gradients, train_demo_adapter
 
 
 @pytest.fixture(scope="module")
@@ -22,24 +22,6 @@ def factors(demo_adapter, demo_tokens, tmp_path_factory):
     root = tmp_path_factory.mktemp("factors")
     return {s: fit_factors(str(demo_adapter), demo_tokens / "train", root / s, strategy=s, modules="lora") and root / s
             for s in ("identity", "ekfac")}
-
-
-def independent_gradients(adapter_dir, rows):
-    """Per-example gradients of the summed completion cross-entropy w.r.t. every LoRA weight, by autograd."""
-    from peft import AutoPeftModelForCausalLM
-
-    model = AutoPeftModelForCausalLM.from_pretrained(str(adapter_dir), dtype=torch.float32)
-    model.eval()
-    params = [p.requires_grad_(True) for n, p in model.named_parameters() if "lora_" in n]
-    grads = []
-    for row in rows:
-        ids = torch.tensor([row["input_ids"]])
-        labels = torch.tensor(row["labels"])
-        logits = model(input_ids=ids).logits[0]
-        keep = labels[1:] != -100
-        loss = torch.nn.functional.cross_entropy(logits[:-1][keep], labels[1:][keep], reduction="sum")
-        grads.append(torch.cat([g.reshape(-1) for g in torch.autograd.grad(loss, params)]))
-    return torch.stack(grads), model, params
 
 
 def test_identity_scores_are_exact_gradient_dot_products(demo_adapter, factors, tokens):

@@ -449,4 +449,9 @@ def merge_stage(query_rows, train_rows, query_tokens_dir, train_tokens_dir, mode
         if merged["per_token"] is not None:
             per_token = per_token_lists(merged["per_token"], [lengths[t] for t in merged["train_ids"]])
         frames.append(influences_frame(merged["query_ids"], merged["train_ids"], merged["scores"], method, per_token))
-    write_csvs(query, train, pd.concat(frames, ignore_index=True), out_query, out_train, out_influences)
+    influences = pd.concat(frames, ignore_index=True)
+    unscored = influences.influence_score.isna()  # Bergson gives no gradient to a row under two tokens
+    if unscored.any():
+        log.warning("%d (query, train) pairs have no score and are left out: training rows %s", unscored.sum(),
+                    sorted(set(influences.train_id[unscored]))[:10])
+    write_csvs(query, train, influences[~unscored], out_query, out_train, out_influences)

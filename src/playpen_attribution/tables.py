@@ -27,11 +27,15 @@ def shard_indices(n_rows: int, shards: int, shard: int) -> np.ndarray:
 
 
 def save_shard(path: str | Path, scores: np.ndarray, query_ids: list[str], train_ids: list[str],
-               per_token: np.ndarray | None = None) -> None:
+               per_token: np.ndarray | None = None, reduced: np.ndarray | None = None) -> None:
+    """`scores` [queries, rows]; optional `per_token` [queries, rows, tokens] and `reduced` [rows] (one score per
+    row against the whole query set, from Bergson's reduced query)."""
     arrays = {"scores": scores.astype(np.float32), "query_ids": np.asarray(query_ids, dtype=str),
               "train_ids": np.asarray(train_ids, dtype=str)}
     if per_token is not None:
         arrays["per_token"] = per_token.astype(np.float32)
+    if reduced is not None:
+        arrays["reduced"] = reduced.astype(np.float32)
     with atomic_path(path) as tmp, open(tmp, "wb") as handle:
         np.savez(handle, **arrays)
 
@@ -45,7 +49,9 @@ def load_shards(paths: list[str | Path]) -> dict:
             raise ValueError(f"{path} was scored against other queries than {paths[0]}; rerun its scoring")
     merged = {"scores": np.concatenate([p["scores"] for p in parts], axis=1),
               "query_ids": list(query_ids), "train_ids": [t for p in parts for t in p["train_ids"]],
-              "per_token": None}
+              "per_token": None, "reduced": None}
+    if all("reduced" in p for p in parts):
+        merged["reduced"] = np.concatenate([p["reduced"] for p in parts])
     if all("per_token" in p for p in parts):
         width = max(p["per_token"].shape[2] for p in parts)
         merged["per_token"] = np.concatenate(

@@ -4,6 +4,12 @@ import copy
 import re
 from pathlib import Path
 
+from playpen_attribution.bergson_attribution import (
+    VARIANT_PATTERN,
+    is_bergson_method,
+    parse_variant,
+    variant_of,
+)
 from playpen_attribution.config import run_config
 from playpen_attribution.data import split_config
 from playpen_attribution.provenance import code_hash
@@ -94,12 +100,29 @@ def shard_count(wildcards):
     return run_cfg(wildcards)["attribution"]["shards"]
 
 
-def kronfluence_shards(wildcards):
+def method_shards(wildcards, bergson_only=False):
     """Every score shard of every configured method, by method."""
-    return {
-        method: [
-            f"results/{wildcards.run}/kronfluence/scores/{method}/shard-{i}.npz"
+    shards = {}
+    for method in run_cfg(wildcards)["attribution"]["methods"]:
+        if is_bergson_method(method):
+            folder = f"bergson/scores/{variant_of(method)}"
+        elif bergson_only:
+            continue
+        else:
+            folder = f"kronfluence/scores/{method}"
+        shards[method] = [
+            f"results/{wildcards.run}/{folder}/shard-{i}.npz"
             for i in range(shard_count(wildcards))
         ]
-        for method in run_cfg(wildcards)["attribution"]["methods"]
-    }
+    return shards
+
+
+# Bergson inputs by run.
+def bergson_cfg(wildcards):
+    return run_cfg(wildcards)["attribution"]["bergson"]
+
+
+def bergson_hessian(wildcards):
+    """The preconditioner folder a variant uses, or none."""
+    _, side = parse_variant(wildcards.variant)
+    return [f"results/{wildcards.run}/bergson/hessian/{side}"] if side else []

@@ -60,29 +60,3 @@ rule kronfluence_scores:
         CONDA_ENV
     script:
         "../scripts/kronfluence_scores.py"
-
-
-rule merge_influences:
-    input:
-        unpack(lambda wc: {f"shards_{m}": paths for m, paths in kronfluence_shards(wc).items()}),
-        query_rows="results/{run}/data/query.parquet",
-        train_rows="results/{run}/data/train.parquet",
-        query_tokens="results/{run}/data/tokens/query",
-        train_tokens="results/{run}/data/tokens/train",
-        model="results/{run}/adapter",
-    output:
-        query="results/{run}/query.csv",
-        train="results/{run}/train.csv",
-        influences="results/{run}/influences.csv",
-    params:
-        methods=lambda wc: run_cfg(wc)["attribution"]["methods"],
-        dtype=lambda wc: kronfluence_cfg(wc)["dtype"],
-        code=code_hash("influence", "tables", "data", "io"),
-    log:
-        "logs/{run}/merge_influences.log",
-    benchmark:
-        "benchmarks/{run}/merge_influences.tsv"
-    conda:
-        CONDA_ENV
-    script:
-        "../scripts/merge_influences.py"

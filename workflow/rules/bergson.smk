@@ -1,0 +1,126 @@
+# Bergson: the query set reduced to one gradient per variant, optional dense preconditioners, and every
+# training row scored in contiguous shards against the reduced query and against each query on its own.
+
+
+rule bergson_query_gradients:
+    input:
+        model="results/{run}/adapter",
+        query="results/{run}/data/tokens/query",
+    output:
+        directory("results/{run}/bergson/query/per_query"),
+    params:
+        bergson=lambda wc: bergson_cfg(wc),
+        code=code_hash("bergson_attribution", "io"),
+    log:
+        "logs/{run}/bergson_query_gradients.log",
+    benchmark:
+        "benchmarks/{run}/bergson_query_gradients.tsv"
+    resources:
+        gpu=1,
+        mem_mb=lambda wc, attempt: run_cfg(wc)["attribution"]["score_mem_mb"] * attempt,
+        runtime=lambda wc, attempt: run_cfg(wc)["attribution"]["score_runtime_min"] * attempt,
+    conda:
+        CONDA_ENV
+    script:
+        "../scripts/bergson_query_gradients.py"
+
+
+rule bergson_hessian:
+    input:
+        model="results/{run}/adapter",
+        tokens="results/{run}/data/tokens/{side}",
+    output:
+        directory("results/{run}/bergson/hessian/{side}"),
+    wildcard_constraints:
+        side="train|query",
+    params:
+        bergson=lambda wc: bergson_cfg(wc),
+        code=code_hash("bergson_attribution", "io"),
+    log:
+        "logs/{run}/bergson_hessian_{side}.log",
+    benchmark:
+        "benchmarks/{run}/bergson_hessian_{side}.tsv"
+    resources:
+        gpu=1,
+        mem_mb=lambda wc, attempt: run_cfg(wc)["attribution"]["score_mem_mb"] * attempt,
+        runtime=lambda wc, attempt: run_cfg(wc)["attribution"]["score_runtime_min"] * attempt,
+    conda:
+        CONDA_ENV
+    script:
+        "../scripts/bergson_hessian.py"
+
+
+rule bergson_mix:
+    input:
+        query="results/{run}/bergson/hessian/query",
+        train="results/{run}/bergson/hessian/train",
+    output:
+        directory("results/{run}/bergson/hessian/mixed"),
+    params:
+        bergson=lambda wc: bergson_cfg(wc),
+        code=code_hash("bergson_attribution", "io"),
+    log:
+        "logs/{run}/bergson_mix.log",
+    benchmark:
+        "benchmarks/{run}/bergson_mix.tsv"
+    conda:
+        CONDA_ENV
+    script:
+        "../scripts/bergson_mix.py"
+
+
+rule bergson_reduce:
+    input:
+        model="results/{run}/adapter",
+        query="results/{run}/data/tokens/query",
+        hessian=bergson_hessian,
+    output:
+        directory("results/{run}/bergson/query/{variant}"),
+    wildcard_constraints:
+        variant=VARIANT_PATTERN,
+    params:
+        bergson=lambda wc: bergson_cfg(wc),
+        code=code_hash("bergson_attribution", "io"),
+    log:
+        "logs/{run}/bergson_reduce_{variant}.log",
+    benchmark:
+        "benchmarks/{run}/bergson_reduce_{variant}.tsv"
+    resources:
+        gpu=1,
+        mem_mb=lambda wc, attempt: run_cfg(wc)["attribution"]["score_mem_mb"] * attempt,
+        runtime=lambda wc, attempt: run_cfg(wc)["attribution"]["score_runtime_min"] * attempt,
+    conda:
+        CONDA_ENV
+    script:
+        "../scripts/bergson_reduce.py"
+
+
+rule bergson_scores:
+    input:
+        model="results/{run}/adapter",
+        train="results/{run}/data/tokens/train",
+        query="results/{run}/data/tokens/query",
+        reduced="results/{run}/bergson/query/{variant}",
+        per_query="results/{run}/bergson/query/per_query",
+        hessian=bergson_hessian,
+    output:
+        "results/{run}/bergson/scores/{variant}/shard-{shard}.npz",
+    wildcard_constraints:
+        variant=VARIANT_PATTERN,
+        shard=r"\d+",
+    params:
+        shards=shard_count,
+        bergson=lambda wc: bergson_cfg(wc),
+        code=code_hash("bergson_attribution", "tables", "io"),
+    log:
+        "logs/{run}/bergson_scores_{variant}_{shard}.log",
+    benchmark:
+        "benchmarks/{run}/bergson_scores_{variant}_{shard}.tsv"
+    resources:
+        gpu=1,
+        mem_mb=lambda wc, attempt: run_cfg(wc)["attribution"]["score_mem_mb"] * attempt,
+        runtime=lambda wc, attempt: run_cfg(wc)["attribution"]["score_runtime_min"] * attempt,
+    conda:
+        CONDA_ENV
+    script:
+        "../scripts/bergson_scores.py"

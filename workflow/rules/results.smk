@@ -1,0 +1,49 @@
+# The user-facing tables: every method's shards merged into the first seed's three CSVs, and Bergson's
+# reduced-query scores into one ranked score per training row and variant.
+
+
+rule merge_influences:
+    input:
+        unpack(lambda wc: {f"shards_{m}": paths for m, paths in method_shards(wc).items()}),
+        query_rows="results/{run}/data/query.parquet",
+        train_rows="results/{run}/data/train.parquet",
+        query_tokens="results/{run}/data/tokens/query",
+        train_tokens="results/{run}/data/tokens/train",
+        model="results/{run}/adapter",
+    output:
+        query="results/{run}/query.csv",
+        train="results/{run}/train.csv",
+        influences="results/{run}/influences.csv",
+    params:
+        methods=lambda wc: run_cfg(wc)["attribution"]["methods"],
+        dtype=lambda wc: kronfluence_cfg(wc)["dtype"],
+        code=code_hash("influence", "tables", "data", "io"),
+    log:
+        "logs/{run}/merge_influences.log",
+    benchmark:
+        "benchmarks/{run}/merge_influences.tsv"
+    conda:
+        CONDA_ENV
+    script:
+        "../scripts/merge_influences.py"
+
+
+rule merge_train_scores:
+    input:
+        unpack(lambda wc: {f"shards_{m}": paths for m, paths in method_shards(wc, bergson_only=True).items()}),
+        train_rows="results/{run}/data/train.parquet",
+        train_tokens="results/{run}/data/tokens/train",
+    output:
+        scores="results/{run}/train_scores.csv",
+        report="results/{run}/train_scores.report.json",
+    params:
+        methods=lambda wc: list(method_shards(wc, bergson_only=True)),
+        code=code_hash("bergson_attribution", "tables", "data", "io"),
+    log:
+        "logs/{run}/merge_train_scores.log",
+    benchmark:
+        "benchmarks/{run}/merge_train_scores.tsv"
+    conda:
+        CONDA_ENV
+    script:
+        "../scripts/merge_train_scores.py"
