@@ -9,6 +9,7 @@ import yaml
 from conftest import snakemake
 
 pytestmark = pytest.mark.slow
+DEMO_TARGETS = ("results/demo/influences.csv", "results/demo/train_scores.csv")
 
 
 def planned_jobs(proc) -> dict[str, int]:
@@ -30,7 +31,7 @@ def overlay(workdir, name, runs):
 @pytest.fixture(scope="module")
 def demo_workdir(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("demo-run")
-    snakemake(workdir, "results/demo/influences.csv")
+    snakemake(workdir)  # rule all: influences.csv and train_scores.csv of the demo
     return workdir
 
 
@@ -56,8 +57,9 @@ def test_demo_influences_in_the_seed_format_with_methods(demo_workdir):
     assert list(query.columns[:4]) == ["query_id", "prompt", "completion", "loss"]
     assert {"game", "game_role", "outcome", "task_id"} <= set(query.columns) & set(train.columns)
     assert list(influences.columns) == ["query_id", "train_id", "method", "influence_score"]
-    assert set(influences["method"]) == {"ekfac", "identity"}
-    assert len(influences) == 2 * len(query) * len(train)
+    methods = ["ekfac", "bergson_cosine", "bergson_cosine_mixed"]
+    assert set(influences["method"]) == set(methods)
+    assert len(influences) == len(methods) * len(query) * len(train)
     # the demo's right answer: the most influential rows of a query guess the same word
     same = []
     for (method, query_id), group in influences.groupby(["method", "query_id"]):
@@ -67,33 +69,74 @@ def test_demo_influences_in_the_seed_format_with_methods(demo_workdir):
     assert sum(same) / len(same) > 0.8
 
 
+def test_demo_train_scores_rank_every_row_per_bergson_variant(demo_workdir):
+    import pandas as pd
+
+    results = demo_workdir / "results" / "demo"
+    train = pd.read_csv(results / "train.csv")
+    table = pd.read_csv(results / "train_scores.csv")
+    influences = pd.read_csv(results / "influences.csv")
+    assert list(table.columns[:4]) == ["train_id", "method", "score", "rank"]
+    assert {"game", "game_role", "outcome", "experiment", "task_id"} <= set(table.columns)
+    assert json.loads((results / "train_scores.report.json").read_text())["skipped_rows"] == {
+        "bergson_cosine": [], "bergson_cosine_mixed": []}
+    for method, group in table.groupby("method"):
+        assert sorted(group.train_id) == sorted(train.train_id)
+        assert sorted(group["rank"]) == list(range(1, len(train) + 1))
+        assert group.set_index("rank").score.sort_index().is_monotonic_decreasing
+        # the reduced query (mean of unit query gradients) scores a row by the mean of its per-query cosines
+        mean = influences[influences.method == method].groupby("train_id").influence_score.mean()
+        pd.testing.assert_series_equal(group.set_index("train_id").score.sort_index(), mean.sort_index(),
+                                       check_names=False, atol=1e-5)
+    plain, mixed = (influences[influences.method == m].influence_score.to_numpy()
+                    for m in ("bergson_cosine", "bergson_cosine_mixed"))
+    assert abs(plain - mixed).max() > 0.05  # the mixed preconditioner changes the scores
+
+
 def test_second_run_builds_nothing(demo_workdir):
-    assert planned_jobs(snakemake(demo_workdir, "-n", "results/demo/influences.csv")) == {}
+    assert planned_jobs(snakemake(demo_workdir, "-n")) == {}
+
+
+def test_preconditioner_choice_rescores_only_what_depends_on_it(demo_workdir):
+    methods = ["ekfac", "bergson_cosine", "bergson_cosine_mixed", "bergson_cosine_train"]
+    path = overlay(demo_workdir, "precondition", {"demo": {"attribution": {"methods": methods}}})
+    jobs = planned_jobs(snakemake(demo_workdir, *DEMO_TARGETS, "-n", "--configfile", path))
+    # the training-side preconditioner, the query gradients and every other method are reused
+    assert jobs == {"bergson_reduce": 1, "bergson_scores": 2, "merge_influences": 1, "merge_train_scores": 1}
 
 
 def test_new_query_set_rescores_without_refitting_or_retraining(demo_workdir):
     path = overlay(demo_workdir, "queries", {"demo": {"data": {"max_rows": {"query": 10}}}})
-    jobs = planned_jobs(snakemake(demo_workdir, "results/demo/influences.csv", "-n", "--configfile", path))
-    assert jobs == {"prepare_data": 1, "tokenize": 1, "kronfluence_scores": 4, "merge_influences": 1}
+    jobs = planned_jobs(snakemake(demo_workdir, *DEMO_TARGETS, "-n", "--configfile", path))
+    # no retraining, no Kronfluence factors, no training-side preconditioner
+    assert jobs == {"prepare_data": 1, "tokenize": 1, "kronfluence_scores": 2, "bergson_query_gradients": 1,
+                    "bergson_hessian": 1, "bergson_mix": 1, "bergson_reduce": 2, "bergson_scores": 4,
+                    "merge_influences": 1, "merge_train_scores": 1}
 
 
 def test_lora_rank_change_retrains_without_refiltering(demo_workdir):
     path = overlay(demo_workdir, "rank", {"demo": {"lora": {"r": 4}}})
-    jobs = planned_jobs(snakemake(demo_workdir, "results/demo/influences.csv", "-n", "--configfile", path))
-    assert jobs == {"train_adapter": 1, "fit_factors": 2, "kronfluence_scores": 4, "merge_influences": 1}
+    jobs = planned_jobs(snakemake(demo_workdir, *DEMO_TARGETS, "-n", "--configfile", path))
+    assert jobs == {"train_adapter": 1, "fit_factors": 1, "kronfluence_scores": 2, "bergson_query_gradients": 1,
+                    "bergson_hessian": 2, "bergson_mix": 1, "bergson_reduce": 2, "bergson_scores": 4,
+                    "merge_influences": 1, "merge_train_scores": 1}
 
 
 def test_filter_change_redoes_data_but_not_the_base_model(demo_workdir):
     path = overlay(demo_workdir, "filter", {"demo": {"data": {"null_outcome": "drop"}}})
-    jobs = planned_jobs(snakemake(demo_workdir, "results/demo/influences.csv", "-n", "--configfile", path))
-    assert jobs == {"prepare_data": 2, "tokenize": 2, "train_adapter": 1, "fit_factors": 2,
-                    "kronfluence_scores": 4, "merge_influences": 1}
+    jobs = planned_jobs(snakemake(demo_workdir, "results/demo/adapter", "-n", "--configfile", path))
+    assert jobs == {"prepare_data": 1, "tokenize": 1, "train_adapter": 1}
 
 
 def test_real_runs_dry_run_builds_the_dag(tmp_path):
-    proc = snakemake(tmp_path, "-n", "results/taboo/influences.csv", "results/taboo_describer/influences.csv")
+    runs = ("taboo", "taboo_describer")
+    proc = snakemake(tmp_path, "-n", *(f"results/{run}/{table}" for run in runs
+                                       for table in ("influences.csv", "train_scores.csv")))
+    # per run: EK-FAC and three Bergson variants (plain, train-side and mixed preconditioner), 4 shards each
     assert planned_jobs(proc) == {"fetch_base_model": 2, "prepare_data": 4, "tokenize": 4, "train_adapter": 2,
-                                  "fit_factors": 2, "kronfluence_scores": 8, "merge_influences": 2}
+                                  "fit_factors": 2, "kronfluence_scores": 8, "bergson_query_gradients": 2,
+                                  "bergson_hessian": 4, "bergson_mix": 2, "bergson_reduce": 6,
+                                  "bergson_scores": 24, "merge_influences": 2, "merge_train_scores": 2}
     assert "gpu=1" in proc.stdout
 
 
