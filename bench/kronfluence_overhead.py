@@ -17,39 +17,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
-import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-RUN = "demo"
-
-
-def snakemake(workdir: Path, *args: str) -> None:
-    cmd = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "--directory", str(workdir), *args]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    if proc.returncode != 0:
-        sys.exit(f"snakemake {' '.join(args)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
-
-
-def demo_settings() -> dict:
-    from playpen_attribution.config import load_config, run_config
-
-    return run_config(load_config(REPO / "config" / "config.yaml"), RUN)["attribution"]
-
-
-def python_process(code: str, *argv: str) -> float:
-    """Wall time of a fresh Python process running `code` (imports and model loading included)."""
-    start = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True)
-    elapsed = time.perf_counter() - start
-    if proc.returncode != 0:
-        sys.exit(f"benchmark process failed:\n{proc.stderr[-3000:]}")
-    return elapsed
+sys.path.insert(0, str(Path(__file__).parent))
+from common import RUN, demo_paths, demo_settings, print_table, snakemake, timed  # noqa: E402
 
 
 BARE = r"""
@@ -136,9 +110,8 @@ def main() -> None:
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="bench-kronfluence-"))
-    adapter = workdir / f"results/{RUN}/adapter"
-    train_dir = workdir / f"results/{RUN}/data/tokens/train"
-    query_dir = workdir / f"results/{RUN}/data/tokens/query"
+    paths = demo_paths(workdir)
+    adapter, train_dir, query_dir = paths["adapter"], paths["train"], paths["query"]
     print(f"preparing the demo inputs in {workdir} ...", flush=True)
     snakemake(workdir, "--cores", "2", str(adapter.relative_to(workdir)), str(train_dir.relative_to(workdir)),
               str(query_dir.relative_to(workdir)))
@@ -154,11 +127,12 @@ def main() -> None:
     timings = {"bare": [], "package": [], "workflow": []}
     for repeat in range(args.repeats):
         print(f"repeat {repeat + 1}/{args.repeats}", flush=True)
-        timings["bare"].append(python_process(
-            BARE, str(adapter), str(train_dir), str(query_dir), args.strategy, str(kf["covariance_batch_size"]),
-            str(kf["lambda_batch_size"]), str(kf["train_batch_size"])))
-        timings["package"].append(python_process(
-            PACKAGE, str(adapter), str(train_dir), str(query_dir), args.strategy, json.dumps(settings)))
+        timings["bare"].append(timed(
+            [sys.executable, "-c", BARE, str(adapter), str(train_dir), str(query_dir), args.strategy, str(kf["covariance_batch_size"]),
+            str(kf["lambda_batch_size"]), str(kf["train_batch_size"])]))
+        timings["package"].append(timed(
+            [sys.executable, "-c", PACKAGE, str(adapter), str(train_dir), str(query_dir), args.strategy,
+             json.dumps(settings)]))
         start = time.perf_counter()
         snakemake(workdir, "--cores", "1", "--forcerun", "fit_factors", "kronfluence_scores", "--", *targets)
         timings["workflow"].append(time.perf_counter() - start)
@@ -166,16 +140,8 @@ def main() -> None:
     import datasets
 
     n_train, n_query = len(datasets.load_from_disk(str(train_dir))), len(datasets.load_from_disk(str(query_dir)))
-    bare = statistics.median(timings["bare"])
-    print(f"\nmachine: {platform.machine()}, {os.cpu_count()} CPU cores, {platform.system()} "
-          f"{platform.release()}, Python {platform.python_version()}")
-    print(f"inputs: demo run, {n_train} training rows x {n_query} queries, strategy {args.strategy}, "
-          f"{shards} score shards, median of {args.repeats}")
-    print(f"{'stage':<10} {'median s':>9} {'ratio to bare':>14}")
-    for name, values in timings.items():
-        median = statistics.median(values)
-        print(f"{name:<10} {median:>9.1f} {median / bare:>14.2f}")
-
+    print_table(timings, f"demo run, {n_train} training rows x {n_query} queries, strategy {args.strategy}, "
+                         f"{shards} score shards")
 
 if __name__ == "__main__":
     main()

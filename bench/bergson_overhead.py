@@ -1,0 +1,71 @@
+"""Overhead of the workflow's Bergson reduce + score stages against the bare `bergson` command line.
+
+On the demo's adapter and tokens, the median of --repeats runs of:
+  bare        `bergson reduce` (mean of unit-normalized query gradients) then `bergson score` of every training
+              row against it: two processes, as a user of the command line would run them
+  workflow    `snakemake --forcerun bergson_reduce bergson_scores` for the same variant (cosine), --cores 1:
+              one reduce job and one job per score shard; each score job also scores every query on its own
+              (for influences.csv), which the bare run does not
+Ratios are against `bare`, measured in one run (the machine is shared: compare ratios, not seconds).
+
+    uv run python bench/bergson_overhead.py [--workdir DIR] [--repeats 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+from common import RUN, demo_paths, demo_settings, print_table, snakemake, timed  # noqa: E402
+
+VARIANT = "cosine"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--workdir", type=Path, help="workflow directory holding results/demo (default: a temp dir)")
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    workdir = args.workdir or Path(tempfile.mkdtemp(prefix="bench-bergson-"))
+    paths = demo_paths(workdir)
+    settings = demo_settings()
+    shards, bergson = settings["shards"], settings["bergson"]
+    targets = [f"results/{RUN}/bergson/scores/{VARIANT}/shard-{i}.npz" for i in range(shards)]
+    print(f"preparing the demo inputs in {workdir} ...", flush=True)
+    snakemake(workdir, "--cores", "2", *targets)
+
+    bergson_cli = [str(Path(sys.executable).parent / "bergson")]
+    common = ["--model", str(paths["adapter"].resolve()), "--token_batch_size", str(bergson["token_batch_size"]),
+              "--projection_dim", str(bergson["projection_dim"]),
+              "--nodrop_columns", "--unit_normalize", "True", "--overwrite", "True"]
+    scratch = Path(tempfile.mkdtemp(prefix="bench-bergson-cli-"))
+    timings = {"bare": [], "workflow": []}
+    for repeat in range(args.repeats):
+        print(f"repeat {repeat + 1}/{args.repeats}", flush=True)
+        reduce = bergson_cli + ["reduce", str(scratch / "query"), "--dataset", str(paths["query"].resolve()),
+                                "--aggregation", bergson["aggregation"], "--precision", bergson["precision"], *common]
+        # (`score` has two --precision flags, model and scores, which its parser rejects; both default to fp32)
+        score = bergson_cli + ["score", str(scratch / "scores"), "--dataset", str(paths["train"].resolve()),
+                               "--query_path", str(scratch / "query"), *common]
+        timings["bare"].append(timed(reduce) + timed(score))
+        workflow = [sys.executable, "-m", "snakemake", "-s", str(Path(__file__).parents[1] / "Snakefile"),
+                    "--directory", str(workdir), "--cores", "1", "--forcerun", "bergson_reduce", "bergson_scores",
+                    "--", *targets]
+        timings["workflow"].append(timed(workflow))
+    shutil.rmtree(scratch, ignore_errors=True)
+
+    import datasets
+
+    n_train, n_query = (len(datasets.load_from_disk(str(paths[s]))) for s in ("train", "query"))
+    print_table(timings, f"demo run, {n_train} training rows x {n_query} queries, variant {VARIANT}, "
+                         f"{shards} score shards")
+
+
+if __name__ == "__main__":
+    main()

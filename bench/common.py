@@ -1,0 +1,56 @@
+"""Shared pieces of the benchmarks: the demo inputs, timed processes, the machine, the ratio table."""
+
+from __future__ import annotations
+
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+RUN = "demo"
+
+
+def snakemake(workdir: Path, *args: str) -> None:
+    cmd = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "--directory", str(workdir), *args]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        sys.exit(f"snakemake {' '.join(args)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+
+
+def timed(cmd: list[str]) -> float:
+    """Wall time of one command (a fresh process: imports and model loading included)."""
+    start = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    elapsed = time.perf_counter() - start
+    if proc.returncode != 0:
+        sys.exit(f"benchmark command failed: {' '.join(cmd[:4])} ...\n{proc.stderr[-3000:]}")
+    return elapsed
+
+
+def demo_settings() -> dict:
+    from playpen_attribution.config import load_config, run_config
+
+    return run_config(load_config(REPO / "config" / "config.yaml"), RUN)["attribution"]
+
+
+def demo_paths(workdir: Path) -> dict[str, Path]:
+    results = workdir / "results" / RUN
+    return {"adapter": results / "adapter", "train": results / "data/tokens/train",
+            "query": results / "data/tokens/query"}
+
+
+def print_table(timings: dict[str, list[float]], inputs: str) -> None:
+    """Medians and their ratio to the first entry (the bare library call)."""
+    baseline = statistics.median(next(iter(timings.values())))
+    repeats = len(next(iter(timings.values())))
+    print(f"\nmachine: {platform.machine()}, {os.cpu_count()} CPU cores, {platform.system()} {platform.release()}, "
+          f"Python {platform.python_version()}")
+    print(f"inputs: {inputs}, median of {repeats}")
+    print(f"{'stage':<10} {'median s':>9} {'ratio':>7}")
+    for name, values in timings.items():
+        median = statistics.median(values)
+        print(f"{name:<10} {median:>9.1f} {median / baseline:>7.2f}")
