@@ -29,8 +29,8 @@ rule all:
     input:
         f"results/{config['default_run']}/influences.csv",
         # one ranked score per training row, where the run has Bergson variants
-        [
-            f"results/{config['default_run']}/train_scores.csv"
-            for method in config["runs"][config["default_run"]]["attribution"]["methods"]
-            if method.startswith("bergson_")
-        ][:1],
+        (
+            [f"results/{config['default_run']}/train_scores.csv"]
+            if any(map(is_bergson_method, RUNS[config["default_run"]]["attribution"]["methods"]))
+            else []
+        ),

@@ -19,11 +19,10 @@ import json
 import os
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import RUN, demo_paths, demo_settings, print_table, snakemake, timed  # noqa: E402
+from common import RUN, demo_paths, demo_settings, print_table, snakemake, snakemake_command, timed  # noqa: E402
 
 
 BARE = r"""
@@ -128,20 +127,20 @@ def main() -> None:
     for repeat in range(args.repeats):
         print(f"repeat {repeat + 1}/{args.repeats}", flush=True)
         timings["bare"].append(timed(
-            [sys.executable, "-c", BARE, str(adapter), str(train_dir), str(query_dir), args.strategy, str(kf["covariance_batch_size"]),
-            str(kf["lambda_batch_size"]), str(kf["train_batch_size"])]))
+            [sys.executable, "-c", BARE, str(adapter), str(train_dir), str(query_dir), args.strategy,
+             str(kf["covariance_batch_size"]), str(kf["lambda_batch_size"]), str(kf["train_batch_size"])]))
         timings["package"].append(timed(
             [sys.executable, "-c", PACKAGE, str(adapter), str(train_dir), str(query_dir), args.strategy,
              json.dumps(settings)]))
-        start = time.perf_counter()
-        snakemake(workdir, "--cores", "1", "--forcerun", "fit_factors", "kronfluence_scores", "--", *targets)
-        timings["workflow"].append(time.perf_counter() - start)
+        timings["workflow"].append(timed(snakemake_command(
+            workdir, "--cores", "1", "--forcerun", "fit_factors", "kronfluence_scores", "--", *targets)))
 
     import datasets
 
     n_train, n_query = len(datasets.load_from_disk(str(train_dir))), len(datasets.load_from_disk(str(query_dir)))
     print_table(timings, f"demo run, {n_train} training rows x {n_query} queries, strategy {args.strategy}, "
                          f"{shards} score shards")
+
 
 if __name__ == "__main__":
     main()

@@ -196,10 +196,9 @@ def score_shard_stage(model_dir, train_tokens_dir, query_tokens_dir, reduced_dir
     split = f"train[{int(rows[0])}:{int(rows[-1]) + 1}]" if len(rows) else "train[0:0]"
     # the reduced query already carries its preprocessing; the score step applies the same Hessian to the
     # training side for cosine (H^-1/2 on both sides), as Bergson requires
-    reduced = _score(model_dir, train_tokens_dir, reduced_dir, split,
-                     _preprocess(settings, unit_normalize, hessian_dir), settings)[:, 0]
-    per_query = _score(model_dir, train_tokens_dir, query_gradients_dir, split,
-                       _preprocess(settings, unit_normalize, hessian_dir), settings)
+    preprocess = _preprocess(settings, unit_normalize, hessian_dir)
+    reduced = _score(model_dir, train_tokens_dir, reduced_dir, split, preprocess, settings)[:, 0]
+    per_query = _score(model_dir, train_tokens_dir, query_gradients_dir, split, preprocess, settings)
     if per_query.shape != (len(rows), len(query_ids)):
         raise RuntimeError(f"Bergson returned scores of shape {per_query.shape} for {len(rows)} training rows and "
                            f"{len(query_ids)} queries")

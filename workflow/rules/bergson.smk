@@ -17,8 +17,8 @@ rule bergson_query_gradients:
         "benchmarks/{run}/bergson_query_gradients.tsv"
     resources:
         gpu=1,
-        mem_mb=lambda wc, attempt: run_cfg(wc)["attribution"]["score_mem_mb"] * attempt,
-        runtime=lambda wc, attempt: run_cfg(wc)["attribution"]["score_runtime_min"] * attempt,
+        mem_mb=attribution_mem_mb,
+        runtime=attribution_runtime,
     conda:
         CONDA_ENV
     script:
@@ -42,8 +42,8 @@ rule bergson_hessian:
         "benchmarks/{run}/bergson_hessian_{side}.tsv"
     resources:
         gpu=1,
-        mem_mb=lambda wc, attempt: run_cfg(wc)["attribution"]["score_mem_mb"] * attempt,
-        runtime=lambda wc, attempt: run_cfg(wc)["attribution"]["score_runtime_min"] * attempt,
+        mem_mb=attribution_mem_mb,
+        runtime=attribution_runtime,
     conda:
         CONDA_ENV
     script:
@@ -87,8 +87,8 @@ rule bergson_reduce:
         "benchmarks/{run}/bergson_reduce_{variant}.tsv"
     resources:
         gpu=1,
-        mem_mb=lambda wc, attempt: run_cfg(wc)["attribution"]["score_mem_mb"] * attempt,
-        runtime=lambda wc, attempt: run_cfg(wc)["attribution"]["score_runtime_min"] * attempt,
+        mem_mb=attribution_mem_mb,
+        runtime=attribution_runtime,
     conda:
         CONDA_ENV
     script:
@@ -118,8 +118,8 @@ rule bergson_scores:
         "benchmarks/{run}/bergson_scores_{variant}_{shard}.tsv"
     resources:
         gpu=1,
-        mem_mb=lambda wc, attempt: run_cfg(wc)["attribution"]["score_mem_mb"] * attempt,
-        runtime=lambda wc, attempt: run_cfg(wc)["attribution"]["score_runtime_min"] * attempt,
+        mem_mb=attribution_mem_mb,
+        runtime=attribution_runtime,
     conda:
         CONDA_ENV
     script:

@@ -96,6 +96,16 @@ def hessian_dataset(wildcards):
     return resolve(path) if path else f"results/{wildcards.run}/data/tokens/train"
 
 
+def attribution_mem_mb(wildcards, attempt):
+    """Memory of a factor, gradient or score job; grows with each retry."""
+    return run_cfg(wildcards)["attribution"]["score_mem_mb"] * attempt
+
+
+def attribution_runtime(wildcards, attempt):
+    """Time limit (minutes) of a factor, gradient or score job; grows with each retry."""
+    return run_cfg(wildcards)["attribution"]["score_runtime_min"] * attempt
+
+
 def shard_count(wildcards):
     return run_cfg(wildcards)["attribution"]["shards"]
 

@@ -22,8 +22,8 @@ rule fit_factors:
         "benchmarks/{run}/fit_factors_{strategy}.tsv"
     resources:
         gpu=1,
-        mem_mb=lambda wc, attempt: run_cfg(wc)["attribution"]["score_mem_mb"] * attempt,
-        runtime=lambda wc, attempt: run_cfg(wc)["attribution"]["score_runtime_min"] * attempt,
+        mem_mb=attribution_mem_mb,
+        runtime=attribution_runtime,
     conda:
         CONDA_ENV
     script:
@@ -54,8 +54,8 @@ rule kronfluence_scores:
         "benchmarks/{run}/kronfluence_scores_{strategy}_{shard}.tsv"
     resources:
         gpu=1,
-        mem_mb=lambda wc, attempt: run_cfg(wc)["attribution"]["score_mem_mb"] * attempt,
-        runtime=lambda wc, attempt: run_cfg(wc)["attribution"]["score_runtime_min"] * attempt,
+        mem_mb=attribution_mem_mb,
+        runtime=attribution_runtime,
     conda:
         CONDA_ENV
     script:
