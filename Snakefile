@@ -22,12 +22,14 @@ include: "workflow/rules/model.smk"
 include: "workflow/rules/kronfluence.smk"
 include: "workflow/rules/bergson.smk"
 include: "workflow/rules/results.smk"
+include: "workflow/rules/report.smk"
 
 
 rule all:
     default_target: True
     input:
         f"results/{config['default_run']}/influences.csv",
+        f"results/{config['default_run']}/report/index.html",
         # one ranked score per training row, where the run has Bergson variants
         (
             [f"results/{config['default_run']}/train_scores.csv"]

@@ -1,15 +1,21 @@
 """The Snakemake DAG itself: end to end on the demo, caching, dry-runs of the real runs, bad input."""
 
 import json
+import os
 import re
+import shutil
+import subprocess
 
 import pytest
 import yaml
 
-from conftest import snakemake
+from conftest import REPO, snakemake
 
 pytestmark = pytest.mark.slow
-DEMO_TARGETS = ("results/demo/influences.csv", "results/demo/train_scores.csv")
+DEMO_TARGETS = ("results/demo/influences.csv", "results/demo/train_scores.csv", "results/demo/report/index.html")
+EVERY_STAGE = {"fetch_base_model", "prepare_data", "tokenize", "train_adapter", "fit_factors", "kronfluence_scores",
+               "bergson_query_gradients", "bergson_hessian", "bergson_mix", "bergson_reduce", "bergson_scores",
+               "merge_influences", "merge_train_scores", "report"}
 
 
 def planned_jobs(proc) -> dict[str, int]:
@@ -93,6 +99,42 @@ def test_demo_train_scores_rank_every_row_per_bergson_variant(demo_workdir):
     assert abs(plain - mixed).max() > 0.05  # the mixed preconditioner changes the scores
 
 
+def test_demo_report_puts_the_planted_copy_first(demo_workdir):
+    import pandas as pd
+
+    results = demo_workdir / "results" / "demo"
+    train, query = pd.read_csv(results / "train.csv"), pd.read_csv(results / "query.csv")
+    # the sample's last training row is a verbatim copy of one validation episode
+    copy = train[train.experiment == "planted_copy"].iloc[0]
+    query_id = query[(query.prompt == copy.prompt) & (query.completion == copy.completion)].query_id.item()
+    episodes = pd.read_csv(results / "report" / "top_episodes.csv")
+    top = episodes[(episodes.query_id == query_id) & (episodes.direction == "top")]
+    ranks = top[top.train_id == copy.train_id].set_index("method")["rank"].to_dict()
+    assert ranks["bergson_cosine"] == ranks["bergson_cosine_mixed"] == 1 and ranks["ekfac"] <= 3, ranks
+    assert (top.query_target_word == top[top["rank"] == 1].target_word.iloc[0]).all()  # metadata carried along
+    agreement = pd.read_csv(results / "report" / "agreement.csv")
+    itself = agreement[agreement.method_a == agreement.method_b]
+    assert len(itself) == 3 and (itself.mean_query_spearman.round(9) == 1).all()
+    assert (itself.mean_query_top10_overlap == 1).all() and (itself.overall_spearman.round(9) == 1).all()
+    stability = pd.read_csv(results / "report" / "preconditioner_stability.csv")
+    assert stability[["with_preconditioner", "without"]].values.tolist() == [["bergson_cosine_mixed", "bergson_cosine"]]
+    assert 0 < stability.mean_query_spearman.item() < 1
+    page = (results / "report" / "index.html").read_text()
+    section = page.split(f"<h3>{query_id} ")[1].split("<h3>")[0]
+    assert section.index(copy.train_id) < section.index("</tr>", section.index("<td"))  # first row of the table
+    assert "Per-token scores of " + copy.train_id in section  # EK-FAC per-token scores on its text
+    assert page.count("data:image/png;base64,") == 2 and "http" not in page.split("</style>")[0]
+
+
+def test_snakemake_report_collects_the_report_files(demo_workdir, tmp_path):
+    out = tmp_path / "snakemake-report.html"
+    snakemake(demo_workdir, *DEMO_TARGETS, "--report", str(out))
+    text = out.read_text()
+    for name in ("index.html", "top_episodes.csv", "agreement.csv", "preconditioner_stability.csv",
+                 "agreement.png", "score_distributions.png"):
+        assert name in text, name
+
+
 def test_second_run_builds_nothing(demo_workdir):
     assert planned_jobs(snakemake(demo_workdir, "-n")) == {}
 
@@ -102,7 +144,7 @@ def test_preconditioner_choice_rescores_only_what_depends_on_it(demo_workdir):
     path = overlay(demo_workdir, "precondition", {"demo": {"attribution": {"methods": methods}}})
     jobs = planned_jobs(snakemake(demo_workdir, *DEMO_TARGETS, "-n", "--configfile", path))
     # the training-side preconditioner, the query gradients and every other method are reused
-    assert jobs == {"bergson_reduce": 1, "bergson_scores": 2, "merge_influences": 1, "merge_train_scores": 1}
+    assert jobs == {"bergson_reduce": 1, "bergson_scores": 2, "merge_influences": 1, "merge_train_scores": 1, "report": 1}
 
 
 def test_new_query_set_rescores_without_refitting_or_retraining(demo_workdir):
@@ -111,7 +153,7 @@ def test_new_query_set_rescores_without_refitting_or_retraining(demo_workdir):
     # no retraining, no Kronfluence factors, no training-side preconditioner
     assert jobs == {"prepare_data": 1, "tokenize": 1, "kronfluence_scores": 2, "bergson_query_gradients": 1,
                     "bergson_hessian": 1, "bergson_mix": 1, "bergson_reduce": 2, "bergson_scores": 4,
-                    "merge_influences": 1, "merge_train_scores": 1}
+                    "merge_influences": 1, "merge_train_scores": 1, "report": 1}
 
 
 def test_lora_rank_change_retrains_without_refiltering(demo_workdir):
@@ -119,7 +161,7 @@ def test_lora_rank_change_retrains_without_refiltering(demo_workdir):
     jobs = planned_jobs(snakemake(demo_workdir, *DEMO_TARGETS, "-n", "--configfile", path))
     assert jobs == {"train_adapter": 1, "fit_factors": 1, "kronfluence_scores": 2, "bergson_query_gradients": 1,
                     "bergson_hessian": 2, "bergson_mix": 1, "bergson_reduce": 2, "bergson_scores": 4,
-                    "merge_influences": 1, "merge_train_scores": 1}
+                    "merge_influences": 1, "merge_train_scores": 1, "report": 1}
 
 
 def test_filter_change_redoes_data_but_not_the_base_model(demo_workdir):
@@ -130,14 +172,57 @@ def test_filter_change_redoes_data_but_not_the_base_model(demo_workdir):
 
 def test_real_runs_dry_run_builds_the_dag(tmp_path):
     runs = ("taboo", "taboo_describer")
-    proc = snakemake(tmp_path, "-n", *(f"results/{run}/{table}" for run in runs
-                                       for table in ("influences.csv", "train_scores.csv")))
+    proc = snakemake(tmp_path, "-n", *(f"results/{run}/report/index.html" for run in runs))
     # per run: EK-FAC and three Bergson variants (plain, train-side and mixed preconditioner), 4 shards each
     assert planned_jobs(proc) == {"fetch_base_model": 2, "prepare_data": 4, "tokenize": 4, "train_adapter": 2,
                                   "fit_factors": 2, "kronfluence_scores": 8, "bergson_query_gradients": 2,
                                   "bergson_hessian": 4, "bergson_mix": 2, "bergson_reduce": 6,
-                                  "bergson_scores": 24, "merge_influences": 2, "merge_train_scores": 2}
+                                  "bergson_scores": 24, "merge_influences": 2, "merge_train_scores": 2, "report": 2}
+    assert set(planned_jobs(proc)) == EVERY_STAGE
     assert "gpu=1" in proc.stdout
+
+
+def graphviz():
+    """Graphviz's `dot`: .ci/run installs Debian's graphviz (CI=1 makes its absence a failure, not a skip)."""
+    dot = shutil.which("dot")
+    if dot is None and not os.environ.get("CI"):
+        pytest.skip("graphviz is not installed (apt-get install graphviz)")
+    assert dot, "graphviz `dot` is missing: .ci/run installs it with apt-get"
+    return dot
+
+
+def render_svg(dot_text: str) -> str:
+    proc = subprocess.run([graphviz(), "-Tsvg"], input=dot_text, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout
+
+
+def rulegraph(dot_text: str) -> tuple[set[str], set[tuple[str, str]]]:
+    """Rule names and edges (by name) of a `--rulegraph` dot text."""
+    labels = dict(re.findall(r'^\s*(\d+)\[label = "(\w+)"', dot_text, flags=re.M))
+    edges = {(labels[a], labels[b]) for a, b in re.findall(r"^\s*(\d+) -> (\d+)", dot_text, flags=re.M)}
+    return set(labels.values()), edges
+
+
+def test_taboo_dag_renders_with_every_stage(tmp_path):
+    dag = snakemake(tmp_path, "results/taboo/report/index.html", "--dag").stdout
+    svg = render_svg(dag)
+    assert svg.lstrip().startswith("<?xml") and "</svg>" in svg
+    shown = set(re.findall(r"<text[^>]*>(\w+)</text>", svg))
+    assert EVERY_STAGE <= shown
+    # one node per score shard: the DAG shows the fan-out a cluster runs in parallel
+    assert dag.count('label = "bergson_scores') == 12 and dag.count('label = "kronfluence_scores') == 4
+
+
+def test_committed_rule_graph_is_current(tmp_path):
+    fresh = snakemake(tmp_path, "results/taboo/report/index.html", "--rulegraph").stdout
+    committed = (REPO / "docs" / "rulegraph.dot").read_text()
+    assert rulegraph(committed) == rulegraph(fresh), (
+        "docs/rulegraph.dot is stale: regenerate it and docs/rulegraph.svg (README, 'DAG pictures')")
+    assert rulegraph(fresh)[0] == EVERY_STAGE
+    svg = (REPO / "docs" / "rulegraph.svg").read_text()
+    assert set(re.findall(r"<text[^>]*>(\w+)</text>", svg)) == EVERY_STAGE
+    render_svg(committed)
 
 
 def test_unknown_config_key_is_refused_by_name(tmp_path):

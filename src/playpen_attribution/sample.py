@@ -7,7 +7,9 @@ splits `train` and `validation`, columns `messages` and `meta`.
 It holds taboo in both roles (successes, failures, aborted episodes, a few null outcomes) and
 two other games. Validation guesser episodes ask for target words that training episodes also
 ask for, with clues phrased differently, so attribution has a right answer to find: the
-training episodes about the same word.
+training episodes about the same word. The last training row is a verbatim copy of one validation
+guesser episode (experiment `planted_copy`): every method should rank it first for that query, and the
+report shows whether it does.
 
 Regenerate with `python -m playpen_attribution.sample resources/playpen-sample`.
 """
@@ -20,6 +22,8 @@ from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+
+PLANTED_EXPERIMENT = "planted_copy"
 
 # Each target word with four short descriptions; clues combine two of them.
 LEXICON: dict[str, list[str]] = {
@@ -179,7 +183,18 @@ def generate_split(split: str, seed: int = 0) -> list[dict]:
         rows.append(_other_game_episode(rng, task_id))
         task_id += 1
     rng.shuffle(rows)
+    if split == "train":
+        # appended after the shuffle, so the ids of every other row stay what they were
+        rows.append(planted_copy(seed, task_id))
     return rows
+
+
+def planted_copy(seed: int, task_id: int) -> dict:
+    """A verbatim copy of the first successful validation guesser episode, marked in its metadata."""
+    original = next(r for r in generate_split("validation", seed)
+                    if r["meta"]["game_role"] == "WordGuesser" and r["meta"]["outcome"] == "success")
+    return {"messages": original["messages"],
+            "meta": {**original["meta"], "experiment": PLANTED_EXPERIMENT, "task_id": task_id}}
 
 
 def write_playpen_folder(folder: str | Path, splits: dict[str, list[dict]], schema: pa.Schema | None = None) -> Path:

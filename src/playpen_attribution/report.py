@@ -1,0 +1,503 @@
+"""The run's report: which training episodes mattered, per query and against the whole query set, per method;
+how far the methods agree; score plots; one self-contained HTML page.
+
+It reads only the merged tables (`query.csv`, `train.csv`, `influences.csv`, `train_scores.csv`) and, for
+per-token scores, the tokenized training rows and the adapter's tokenizer file, so it never imports torch.
+Scores are "positive = helpful": rank 1 is the most helpful training row.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+import logging
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from playpen_attribution.io import atomic_path
+
+log = logging.getLogger(__name__)
+
+OVERALL = "all queries"
+# Methods without a preconditioner, and the plain counterpart of each preconditioned method.
+KRONFLUENCE_PRECONDITIONED = ("diagonal", "kfac", "ekfac")
+METADATA_COLUMNS = ["game", "game_role", "outcome", "experiment", "task_id", "target_word"]
+
+_DESCRIBER_TARGET = re.compile(r"target word that you need to describe and that the other player needs to guess:"
+                               r"\s*\n\s*(\S[^\n]*?)\s*\n")
+_GUESS = re.compile(r"^\s*GUESS:\s*(.+?)\s*$")
+
+
+def messages_of(value) -> list[dict] | None:
+    """The message list of a prompt/completion cell (the tables store chat turns as JSON), or None for text."""
+    if isinstance(value, str) and value.startswith("[{"):
+        try:
+            messages = json.loads(value)
+        except json.JSONDecodeError:
+            return None
+        if isinstance(messages, list) and all(isinstance(m, dict) and "content" in m for m in messages):
+            return messages
+    return None
+
+
+def readable(value) -> str:
+    """A cell as a person reads it: chat turns as "[role] content" paragraphs, plain text as it is."""
+    messages = messages_of(value)
+    if messages is None:
+        return value if isinstance(value, str) else ""
+    return "\n\n".join(f"[{m.get('role', '?')}] {m['content']}" for m in messages)
+
+
+def _last_content(value) -> str:
+    messages = messages_of(value)
+    if messages is None:
+        return value if isinstance(value, str) else ""
+    return messages[-1]["content"] if messages else ""
+
+
+def target_word(prompt, completion, role: str | None, outcome: str | None) -> str | None:
+    """The taboo target word where the episode reveals it: in the describer's prompt, or as the guesser's
+    last guess in a successful episode. None where it cannot be recovered (a failed guesser episode)."""
+    found = _DESCRIBER_TARGET.search(readable(prompt))
+    if found:
+        return found.group(1).strip().lower()
+    if role == "WordGuesser" and outcome == "success":
+        guess = _GUESS.match(_last_content(completion))
+        if guess:
+            return guess.group(1).strip().lower()
+    return None
+
+
+def with_target_words(rows: pd.DataFrame) -> pd.DataFrame:
+    rows = rows.copy()
+    rows["target_word"] = [
+        target_word(p, c, r.get("game_role"), r.get("outcome"))
+        for p, c, r in zip(rows["prompt"], rows["completion"], rows.to_dict("records"))
+    ]
+    return rows
+
+
+@dataclass
+class MethodScores:
+    """One method's scores: `per_query` [queries, train rows] (NaN where a pair was not scored) and `overall`
+    [train rows], the score against the whole query set."""
+
+    method: str
+    per_query: np.ndarray
+    overall: np.ndarray
+    overall_source: str
+
+
+def load_method_scores(influences_csv, query_ids: list[str], train_ids: list[str],
+                       train_scores_csv=None) -> dict[str, MethodScores]:
+    """Every method's score matrix, in the order of `query.csv` and `train.csv`.
+
+    Against the whole query set: a Bergson variant's score against the reduced query gradient
+    (`train_scores.csv`); for the influence functions, the mean of the per-query scores.
+    The seed's single-method `influences.csv` (no `method` column) reads as method "influence".
+    """
+    header = pd.read_csv(influences_csv, nrows=0).columns
+    columns = ["query_id", "train_id", "influence_score"] + (["method"] if "method" in header else [])
+    frame = pd.read_csv(influences_csv, usecols=columns, dtype={"query_id": str, "train_id": str})
+    if "method" not in frame:
+        frame["method"] = "influence"
+    reduced = {}
+    if train_scores_csv is not None and Path(train_scores_csv).exists():
+        bergson = pd.read_csv(train_scores_csv, usecols=["train_id", "method", "score"], dtype={"train_id": str})
+        reduced = {m: g.set_index("train_id")["score"].reindex(train_ids).to_numpy(float)
+                   for m, g in bergson.groupby("method", sort=False)}
+    methods = {}
+    for method, group in frame.groupby("method", sort=False):
+        unknown = set(group.train_id) - set(train_ids)
+        if unknown:
+            raise ValueError(f"{influences_csv}: method {method} scores train ids missing from train.csv, e.g. "
+                             f"{sorted(unknown)[:3]}; the tables come from different runs: rebuild them together")
+        matrix = (group.pivot(index="query_id", columns="train_id", values="influence_score")
+                  .reindex(index=query_ids, columns=train_ids).to_numpy(float))
+        if method in reduced:
+            overall, source = reduced[method], "score against the reduced (mean) query gradient (train_scores.csv)"
+        else:
+            with np.errstate(invalid="ignore"):
+                overall = np.nanmean(np.where(np.isnan(matrix).all(0, keepdims=True), 0.0, matrix), axis=0)
+            overall[np.isnan(matrix).all(0)] = np.nan
+            source = "mean of the per-query scores"
+        methods[method] = MethodScores(method, matrix, overall, source)
+    return methods
+
+
+def descending_ranks(scores: np.ndarray) -> np.ndarray:
+    """Rank 1 = highest score; ties broken by row order; NaN (unscored) rows get no rank (NaN)."""
+    ranks = pd.Series(scores).rank(ascending=False, method="first").to_numpy()
+    return ranks
+
+
+def top_and_bottom(methods: dict[str, MethodScores], query_ids: list[str], train: pd.DataFrame,
+                   queries: pd.DataFrame, k: int) -> pd.DataFrame:
+    """The k most and k least helpful training rows per method, against every query and the whole set."""
+    train_ids = train["train_id"].tolist()
+    query_targets = dict(zip(queries["query_id"], queries["target_word"]))
+    records = []
+    for method, ms in methods.items():
+        scopes = [(OVERALL, ms.overall)] + list(zip(query_ids, ms.per_query))
+        for scope, scores in scopes:
+            ranks = descending_ranks(scores)
+            scored = np.flatnonzero(~np.isnan(scores))
+            order = scored[np.argsort(ranks[scored])]
+            picks = [("top", i) for i in order[:k]] + [("bottom", i) for i in order[::-1][:k]]
+            for direction, i in picks:
+                records.append({"method": method, "query_id": scope, "query_target_word": query_targets.get(scope),
+                                "direction": direction, "rank": int(ranks[i]), "of": len(scored),
+                                "train_id": train_ids[i], "score": scores[i]})
+    table = pd.DataFrame.from_records(records)
+    keep = ["train_id", *[c for c in METADATA_COLUMNS if c in train], "prompt", "completion"]
+    return table.merge(train[keep], on="train_id", how="left")
+
+
+def spearman(a: np.ndarray, b: np.ndarray) -> float:
+    """Spearman correlation over the rows both methods scored (NaN if fewer than 3 or constant)."""
+    both = ~(np.isnan(a) | np.isnan(b))
+    if both.sum() < 3:
+        return float("nan")
+    ra, rb = pd.Series(a[both]).rank().to_numpy(), pd.Series(b[both]).rank().to_numpy()
+    if ra.std() == 0 or rb.std() == 0:
+        return float("nan")
+    return float(np.corrcoef(ra, rb)[0, 1])
+
+
+def topk_overlap(a: np.ndarray, b: np.ndarray, k: int) -> float:
+    """Fraction of A's k most helpful rows that are also among B's k most helpful."""
+    def top(x):
+        scored = np.flatnonzero(~np.isnan(x))
+        return set(scored[np.argsort(-x[scored], kind="stable")][:k])
+    ta, tb = top(a), top(b)
+    return len(ta & tb) / max(1, min(k, len(ta), len(tb)))
+
+
+def _mean_and_halfwidth(values: list[float]) -> tuple[float, float]:
+    """Mean and the 95% interval half-width (normal approximation) of the finite values."""
+    x = np.asarray([v for v in values if np.isfinite(v)])
+    if len(x) == 0:
+        return float("nan"), float("nan")
+    half = 1.96 * x.std(ddof=1) / np.sqrt(len(x)) if len(x) > 1 else float("nan")
+    return float(x.mean()), float(half)
+
+
+def agreement(methods: dict[str, MethodScores], k: int) -> pd.DataFrame:
+    """Every ordered pair of methods (itself included): mean per-query Spearman with its 95% interval, mean
+    per-query top-k overlap, and the same two against the whole query set."""
+    records = []
+    for a, ma in methods.items():
+        for b, mb in methods.items():
+            rhos = [spearman(x, y) for x, y in zip(ma.per_query, mb.per_query)]
+            overlaps = [topk_overlap(x, y, k) for x, y in zip(ma.per_query, mb.per_query)]
+            rho, half = _mean_and_halfwidth(rhos)
+            records.append({"method_a": a, "method_b": b, "queries": int(np.isfinite(rhos).sum()),
+                            "mean_query_spearman": rho, "query_spearman_ci95": half,
+                            f"mean_query_top{k}_overlap": float(np.mean(overlaps)) if overlaps else float("nan"),
+                            "overall_spearman": spearman(ma.overall, mb.overall),
+                            f"overall_top{k}_overlap": topk_overlap(ma.overall, mb.overall, k)})
+    return pd.DataFrame.from_records(records)
+
+
+def plain_counterpart(method: str, methods) -> str | None:
+    """The same method without a preconditioner, where the run has it: bergson_<n>_<side> -> bergson_<n>;
+    a Kronfluence strategy -> identity (raw gradient dot products)."""
+    found = re.fullmatch(r"(bergson_(?:dot|cosine))_(?:train|query|mixed)", method)
+    if found:
+        plain = found.group(1)
+    elif method in KRONFLUENCE_PRECONDITIONED:
+        plain = "identity"
+    else:
+        return None
+    return plain if plain in methods else None
+
+
+def preconditioner_stability(agree: pd.DataFrame, methods, k: int) -> pd.DataFrame:
+    """The second seed's question in one table: how stable are rankings with and without the preconditioner."""
+    pairs = [(m, plain_counterpart(m, methods)) for m in methods]
+    rows = []
+    for with_, without in pairs:
+        if without is None:
+            continue
+        row = agree[(agree.method_a == with_) & (agree.method_b == without)].iloc[0]
+        rows.append({"with_preconditioner": with_, "without": without,
+                     **{c: row[c] for c in agree.columns if c not in ("method_a", "method_b")}})
+    columns = ["with_preconditioner", "without"] + [c for c in agree.columns if c not in ("method_a", "method_b")]
+    return pd.DataFrame(rows, columns=columns)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# per-token scores
+# ---------------------------------------------------------------------------------------------------------
+def per_token_for(influences_csv, wanted: set[tuple[str, str, str]], chunksize: int = 200_000) -> dict:
+    """Per-token score lists of the wanted (method, query_id, train_id) pairs; {} if none were computed."""
+    header = pd.read_csv(influences_csv, nrows=0).columns
+    if "per_token_scores" not in header or not wanted:
+        return {}
+    columns = ["query_id", "train_id", "per_token_scores"] + (["method"] if "method" in header else [])
+    found = {}
+    for chunk in pd.read_csv(influences_csv, usecols=columns, chunksize=chunksize,
+                             dtype={"query_id": str, "train_id": str, "per_token_scores": str}):
+        if "method" not in chunk:
+            chunk["method"] = "influence"
+        chunk = chunk.dropna(subset=["per_token_scores"])
+        keys = list(zip(chunk["method"], chunk["query_id"], chunk["train_id"]))
+        for key, value in zip(keys, chunk["per_token_scores"]):
+            if key in wanted:
+                found[key] = json.loads(value)
+    return found
+
+
+def token_strings(train_tokens_dir, tokenizer_file, train_ids: set[str]) -> dict[str, list[str]]:
+    """Decoded tokens of the given training rows, from the tokenized dataset the scores were computed on."""
+    import datasets
+    from tokenizers import Tokenizer
+
+    tokenizer = Tokenizer.from_file(str(tokenizer_file))
+    rows = datasets.load_from_disk(str(train_tokens_dir))
+    ids = rows["row_id"]
+    out = {}
+    for index, row_id in enumerate(ids):
+        if row_id in train_ids:
+            out[row_id] = [tokenizer.decode([t], skip_special_tokens=False) for t in rows[index]["input_ids"]]
+    return out
+
+
+def _token_html(tokens: list[str], scores: list[float]) -> str:
+    """Tokens tinted by score: green helpful, red harmful, scaled to the row's largest magnitude."""
+    scale = max((abs(s) for s in scores), default=0.0) or 1.0
+    spans = []
+    for token, score in zip(tokens, scores):
+        alpha = min(1.0, abs(score) / scale)
+        colour = f"rgba(0,150,60,{alpha:.2f})" if score >= 0 else f"rgba(200,30,30,{alpha:.2f})"
+        spans.append(f'<span class="tok" style="background:{colour}" title="{score:.3g}">'
+                     f"{html.escape(token)}</span>")
+    return "".join(spans)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# plots
+# ---------------------------------------------------------------------------------------------------------
+def plot_score_distributions(methods: dict[str, MethodScores], path) -> None:
+    """One histogram per method of the scores against the whole query set (scales differ between methods)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    n = len(methods)
+    fig, axes = plt.subplots(1, n, figsize=(3.6 * n, 2.8), squeeze=False)
+    for ax, (method, ms) in zip(axes[0], methods.items()):
+        values = ms.overall[np.isfinite(ms.overall)]
+        ax.hist(values, bins=min(40, max(5, len(values) // 4)), color="#4477aa")
+        ax.axvline(0, color="grey", lw=0.8)
+        ax.set_title(method, fontsize=10)
+        ax.set_xlabel("score against all queries")
+    axes[0][0].set_ylabel("training rows")
+    fig.tight_layout()
+    _save_figure(fig, path)
+
+
+def plot_agreement(agree: pd.DataFrame, methods: list[str], path) -> None:
+    """Heat map of the mean per-query Spearman between every pair of methods."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    matrix = (agree.pivot(index="method_a", columns="method_b", values="mean_query_spearman")
+              .reindex(index=methods, columns=methods).to_numpy(float))
+    size = 1.2 + 0.9 * len(methods)
+    fig, ax = plt.subplots(figsize=(size + 1.2, size))
+    image = ax.imshow(matrix, vmin=-1, vmax=1, cmap="RdBu")
+    ax.set_xticks(range(len(methods)), methods, rotation=35, ha="right", fontsize=9)
+    ax.set_yticks(range(len(methods)), methods, fontsize=9)
+    for i in range(len(methods)):
+        for j in range(len(methods)):
+            ax.text(j, i, f"{matrix[i, j]:.2f}", ha="center", va="center", fontsize=9,
+                    color="white" if abs(matrix[i, j]) > 0.6 else "black")
+    fig.colorbar(image, ax=ax, label="mean per-query Spearman")
+    fig.tight_layout()
+    _save_figure(fig, path)
+
+
+def _save_figure(fig, path) -> None:
+    import matplotlib.pyplot as plt
+
+    with atomic_path(path) as tmp:
+        # metadata pinned so the same scores give the same bytes
+        fig.savefig(tmp, format="png", dpi=110, metadata={"Software": None})
+    plt.close(fig)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the page
+# ---------------------------------------------------------------------------------------------------------
+_CSS = """
+body{font-family:system-ui,sans-serif;margin:2em auto;max-width:1200px;color:#222;padding:0 1em}
+h1{font-size:1.6em}h2{margin-top:2em;border-bottom:1px solid #ccc}h3{margin-bottom:.3em}
+table{border-collapse:collapse;font-size:.85em;margin:.5em 0}
+td,th{border:1px solid #ddd;padding:.25em .5em;vertical-align:top;text-align:left}
+th{background:#f3f3f3}td.num{text-align:right;font-variant-numeric:tabular-nums}
+.text{max-width:32em;white-space:pre-wrap;font-family:ui-monospace,monospace;font-size:.9em}
+details{margin:.4em 0}summary{cursor:pointer;font-weight:600}
+.note{color:#555;font-size:.9em}.tok{border-radius:2px}
+.same{background:#e6f4ea}
+"""
+
+
+def _img(path) -> str:
+    data = base64.b64encode(Path(path).read_bytes()).decode()
+    return f'<img alt="{html.escape(Path(path).stem)}" src="data:image/png;base64,{data}">'
+
+
+def _fmt(value) -> str:
+    if isinstance(value, float):
+        return "" if np.isnan(value) else f"{value:.4g}"
+    return "" if value is None or (isinstance(value, float) and np.isnan(value)) else str(value)
+
+
+def _table(frame: pd.DataFrame, text_columns=("prompt", "completion"), highlight=None) -> str:
+    """An HTML table; long text cells keep their line breaks; rows where `highlight` is true are tinted."""
+    head = "".join(f"<th>{html.escape(str(c))}</th>" for c in frame.columns)
+    body = []
+    for index, row in enumerate(frame.itertuples(index=False)):
+        cells = []
+        for column, value in zip(frame.columns, row):
+            if column in text_columns:
+                text = readable(value)
+                if column == "prompt" and len(text) > 250:
+                    text = "…" + text[-250:]  # the end of the prompt is the part the completion answers
+                cells.append(f'<td class="text">{html.escape(text)}</td>')
+            elif isinstance(value, (int, float, np.number)) and not isinstance(value, bool):
+                cells.append(f'<td class="num">{html.escape(_fmt(float(value) if isinstance(value, float) else value))}</td>')
+            else:
+                cells.append(f"<td>{html.escape(_fmt(value))}</td>")
+        cls = ' class="same"' if highlight is not None and highlight[index] else ""
+        body.append(f"<tr{cls}>{''.join(cells)}</tr>")
+    return f"<table><tr>{head}</tr>{''.join(body)}</table>"
+
+
+def render_page(*, title: str, summary: dict, methods: dict[str, MethodScores], agree: pd.DataFrame,
+                stability: pd.DataFrame, episodes: pd.DataFrame, queries: pd.DataFrame, query_ids: list[str],
+                plots: dict[str, Path], per_token_html: dict, k: int, queries_shown: int) -> str:
+    shown_columns = ["rank", "of", "score", "train_id", *[c for c in METADATA_COLUMNS if c in episodes],
+                     "prompt", "completion"]
+    parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+             f"<style>{_CSS}</style></head><body><h1>{html.escape(title)}</h1>"]
+    parts.append(_table(pd.DataFrame([summary]).T.reset_index().set_axis(["", "value"], axis=1), text_columns=()))
+    parts.append("<p class='note'>Positive scores mean helpful: training on the row lowers the query's loss. "
+                 "Rank 1 is the most helpful row. Against the whole query set: "
+                 + "; ".join(f"<b>{html.escape(m)}</b>: {html.escape(ms.overall_source)}"
+                             for m, ms in methods.items()) + ".</p>")
+
+    parts.append("<p><a href='#agreement'>Agreement</a> · <a href='#distributions'>Score distributions</a> · "
+                 "<a href='#overall'>Episodes against all queries</a> · <a href='#per-query'>Per query</a></p>")
+    parts.append("<h2 id='agreement'>How far the methods agree</h2>")
+    parts.append(_img(plots["agreement"]))
+    order = {m: i for i, m in enumerate(methods)}
+    pairs = agree[[order[a] < order[b] for a, b in zip(agree.method_a, agree.method_b)]]  # each pair once
+    parts.append(_table(pairs.round(4), text_columns=()))
+    parts.append("<p class='note'>agreement.csv has every ordered pair, each method with itself included (1).</p>")
+    parts.append("<h3>Rankings with and without the preconditioner</h3>")
+    if len(stability):
+        parts.append(_table(stability.round(4), text_columns=()))
+    else:
+        parts.append("<p class='note'>No method here has its plain counterpart in the run. Add "
+                     "<code>bergson_cosine</code> beside <code>bergson_cosine_train</code>, or "
+                     "<code>identity</code> beside <code>ekfac</code>, to <code>attribution.methods</code>.</p>")
+
+    parts.append("<h2 id='distributions'>Score distributions</h2>")
+    parts.append(_img(plots["distributions"]))
+
+    parts.append(f"<h2 id='overall'>Most and least influential episodes against all queries (k = {k})</h2>")
+    for method in methods:
+        block = episodes[(episodes.method == method) & (episodes.query_id == OVERALL)]
+        for direction in ("top", "bottom"):
+            rows = block[block.direction == direction]
+            parts.append(f"<details{' open' if direction == 'top' else ''}><summary>{html.escape(method)}: "
+                         f"{'most' if direction == 'top' else 'least'} helpful</summary>"
+                         f"{_table(rows[shown_columns])}</details>")
+
+    parts.append(f"<h2 id='per-query'>Per query (first {min(queries_shown, len(query_ids))} of {len(query_ids)}; "
+                 f"every query is in top_episodes.csv)</h2>")
+    parts.append("<p class='note'>Rows about the query's own target word are tinted green.</p>")
+    by_id = queries.set_index("query_id")
+    for query_id in query_ids[:queries_shown]:
+        query = by_id.loc[query_id]
+        target = query.get("target_word")
+        parts.append(f"<h3>{html.escape(query_id)}"
+                     + (f" (target word: {html.escape(str(target))})" if isinstance(target, str) else "") + "</h3>")
+        parts.append(f"<div class='text'>…{html.escape(readable(query['prompt'])[-400:])}\n\n"
+                     f"<b>{html.escape(readable(query['completion']))}</b></div>")
+        for method in methods:
+            rows = episodes[(episodes.method == method) & (episodes.query_id == query_id)
+                            & (episodes.direction == "top")]
+            same = (rows["target_word"] == target).to_numpy() if "target_word" in rows and isinstance(target, str) \
+                else None
+            parts.append(f"<details open><summary>{html.escape(method)}: most helpful</summary>"
+                         f"{_table(rows[shown_columns], highlight=same)}")
+            for train_id in rows["train_id"].head(3):
+                token_html = per_token_html.get((method, query_id, train_id))
+                if token_html:
+                    parts.append(f"<p class='note'>Per-token scores of {html.escape(train_id)} "
+                                 f"(green helpful, red harmful; hover for the value):</p>"
+                                 f"<div class='text'>{token_html}</div>")
+            parts.append("</details>")
+    parts.append("</body></html>")
+    return "".join(parts)
+
+
+def build_report(*, query_csv, train_csv, influences_csv, out_dir, train_scores_csv=None, train_tokens_dir=None,
+                 tokenizer_file=None, top_k: int = 10, queries_shown: int = 10, title: str = "Attribution report"):
+    """Rule `report`: every file of `report/` from the merged tables; returns their paths."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    queries = with_target_words(pd.read_csv(query_csv, dtype={"query_id": str}))
+    train = with_target_words(pd.read_csv(train_csv, dtype={"train_id": str}))
+    if train["train_id"].duplicated().any():
+        dup = train.loc[train["train_id"].duplicated(), "train_id"].iloc[0]
+        raise ValueError(f"{train_csv}: train_id {dup} appears twice; ids must be unique (rebuild train.csv)")
+    query_ids, train_ids = queries["query_id"].tolist(), train["train_id"].tolist()
+    methods = load_method_scores(influences_csv, query_ids, train_ids, train_scores_csv)
+    if not methods:
+        raise ValueError(f"{influences_csv} holds no scores; rerun the merge")
+    log.info("report: %d methods, %d queries, %d training rows", len(methods), len(query_ids), len(train_ids))
+
+    paths = {name: out_dir / name for name in ("top_episodes.csv", "agreement.csv", "preconditioner_stability.csv",
+                                               "score_distributions.png", "agreement.png", "index.html")}
+    episodes = top_and_bottom(methods, query_ids, train, queries, top_k)
+    agree = agreement(methods, top_k)
+    stability = preconditioner_stability(agree, methods, top_k)
+    for frame, name in ((episodes, "top_episodes.csv"), (agree, "agreement.csv"),
+                        (stability, "preconditioner_stability.csv")):
+        with atomic_path(paths[name]) as tmp:
+            frame.to_csv(tmp, index=False)
+    plot_score_distributions(methods, paths["score_distributions.png"])
+    plot_agreement(agree, list(methods), paths["agreement.png"])
+
+    # per-token scores of the three most helpful rows of each query shown on the page
+    shown = episodes[(episodes.query_id.isin(query_ids[:queries_shown])) & (episodes.direction == "top")
+                     & (episodes["rank"] <= 3)]
+    wanted = set(zip(shown.method, shown.query_id, shown.train_id))
+    per_token = per_token_for(influences_csv, wanted)
+    per_token_html = {}
+    if per_token and train_tokens_dir is not None and tokenizer_file is not None:
+        tokens = token_strings(train_tokens_dir, tokenizer_file, {key[2] for key in per_token})
+        per_token_html = {key: _token_html(tokens[key[2]], scores) for key, scores in per_token.items()
+                          if key[2] in tokens}
+    summary = {"methods": ", ".join(methods), "queries": len(query_ids), "training rows": len(train_ids),
+               "k": top_k, "per-token scores": ", ".join(sorted({k[0] for k in per_token})) or "not computed"}
+    page = render_page(title=title, summary=summary, methods=methods, agree=agree, stability=stability,
+                       episodes=episodes, queries=queries, query_ids=query_ids,
+                       plots={"agreement": paths["agreement.png"], "distributions": paths["score_distributions.png"]},
+                       per_token_html=per_token_html, k=top_k, queries_shown=queries_shown)
+    with atomic_path(paths["index.html"]) as tmp:
+        Path(tmp).write_text(page, encoding="utf-8")
+    return paths

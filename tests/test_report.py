@@ -1,0 +1,157 @@
+"""The report's numbers on small tables with known answers (no model, no torch): ranks, agreement, target words,
+the page."""
+
+import json
+import re
+
+import numpy as np
+import pandas as pd
+import pytest
+from scipy.stats import spearmanr
+
+from playpen_attribution.report import (
+    OVERALL,
+    agreement,
+    build_report,
+    load_method_scores,
+    plain_counterpart,
+    spearman,
+    target_word,
+    topk_overlap,
+)
+
+DESCRIBER_PROMPT = ("Rules ...\n\nThis is the target word that you need to describe and that the other player needs "
+                    "to guess:\n\nHoney\n\nRelated words are:\n\n- bee")
+
+
+def test_target_word_where_the_episode_reveals_it():
+    assert target_word(DESCRIBER_PROMPT, "CLUE: made by bees", "WordDescriber", "failure") == "honey"
+    assert target_word("CLUE: pressed into cider", "GUESS: Apple", "WordGuesser", "success") == "apple"
+    # a failed guesser's last guess is wrong: the target cannot be recovered
+    assert target_word("CLUE: pressed into cider", "GUESS: pear", "WordGuesser", "failure") is None
+    assert target_word("Let us play wordle", "ANSWER: x", "Player 1", "success") is None
+    # the workflow's tables hold chat turns as JSON message lists
+    turns = json.dumps([{"role": "user", "content": "CLUE: cider"}, {"role": "assistant", "content": "GUESS: pear"},
+                        {"role": "user", "content": "CLUE: red"}])
+    assert target_word(turns, json.dumps([{"role": "assistant", "content": "GUESS: Apple"}]), "WordGuesser",
+                       "success") == "apple"
+    describer = json.dumps([{"role": "user", "content": DESCRIBER_PROMPT}])
+    assert target_word(describer, json.dumps([{"role": "assistant", "content": "CLUE: bees"}]), "WordDescriber",
+                       "aborted") == "honey"
+
+
+def test_spearman_and_overlap_equal_direct_computations():
+    rng = np.random.default_rng(0)
+    a, b = rng.normal(size=50), rng.normal(size=50)
+    b[:25] += 2 * a[:25]
+    assert spearman(a, b) == pytest.approx(spearmanr(a, b).statistic)
+    a_nan = a.copy()
+    a_nan[[3, 7]] = np.nan
+    keep = ~np.isnan(a_nan)
+    assert spearman(a_nan, b) == pytest.approx(spearmanr(a[keep], b[keep]).statistic)
+    assert spearman(a, -a) == pytest.approx(-1.0)
+    top_a = set(np.argsort(-a)[:5])
+    top_b = set(np.argsort(-b)[:5])
+    assert topk_overlap(a, b, 5) == len(top_a & top_b) / 5
+    assert topk_overlap(a, a, 5) == 1.0
+
+
+def tables(tmp_path, rng):
+    """Three queries, eight training rows, two methods (one Kronfluence, one Bergson with a reduced score)."""
+    queries = pd.DataFrame({"query_id": ["q0", "q1", "q2"], "prompt": ["CLUE: sweet"] * 3,
+                            "completion": ["GUESS: honey", "GUESS: apple", "GUESS: river"], "loss": [1.0, 2.0, 3.0],
+                            "game_role": "WordGuesser", "outcome": "success"})
+    words = ["honey", "apple", "river", "honey", "apple", "river", "honey", "pear"]
+    train = pd.DataFrame({"train_id": [f"t{i}" for i in range(8)], "prompt": ["CLUE: x"] * 8,
+                          "completion": [f"GUESS: {w}" for w in words], "game": "taboo", "game_role": "WordGuesser",
+                          "outcome": ["success"] * 7 + ["failure"], "experiment": "e", "task_id": range(8)})
+    ekfac = rng.normal(size=(3, 8))
+    ekfac[0, 3] = 10.0  # a planted favourite of q0
+    cosine = 0.5 * ekfac + rng.normal(scale=0.1, size=(3, 8))
+    rows = [{"query_id": q, "train_id": t, "method": m, "influence_score": s[i, j]}
+            for m, s in (("ekfac", ekfac), ("bergson_cosine", cosine))
+            for i, q in enumerate(queries.query_id) for j, t in enumerate(train.train_id)]
+    influences = pd.DataFrame(rows).sample(frac=1.0, random_state=0)  # the report must not rely on row order
+    reduced = pd.DataFrame({"train_id": train.train_id, "method": "bergson_cosine", "score": cosine.mean(0) + 1.0})
+    paths = {name: tmp_path / f"{name}.csv" for name in ("query", "train", "influences", "train_scores")}
+    for frame, name in ((queries, "query"), (train, "train"), (influences, "influences"), (reduced, "train_scores")):
+        frame.to_csv(paths[name], index=False)
+    return paths, ekfac, cosine
+
+
+def test_scores_by_method_in_table_order(tmp_path):
+    paths, ekfac, cosine = tables(tmp_path, np.random.default_rng(1))
+    methods = load_method_scores(paths["influences"], ["q0", "q1", "q2"], [f"t{i}" for i in range(8)],
+                                 paths["train_scores"])
+    np.testing.assert_allclose(methods["ekfac"].per_query, ekfac)
+    np.testing.assert_allclose(methods["ekfac"].overall, ekfac.mean(0))
+    # a Bergson variant's overall score is its reduced-query score from train_scores.csv
+    np.testing.assert_allclose(methods["bergson_cosine"].overall, cosine.mean(0) + 1.0)
+
+
+def test_agreement_with_itself_is_one_and_matches_per_query_spearman(tmp_path):
+    paths, ekfac, cosine = tables(tmp_path, np.random.default_rng(2))
+    methods = load_method_scores(paths["influences"], ["q0", "q1", "q2"], [f"t{i}" for i in range(8)],
+                                 paths["train_scores"])
+    table = agreement(methods, k=3).set_index(["method_a", "method_b"])
+    for m in methods:
+        assert table.loc[(m, m), "mean_query_spearman"] == pytest.approx(1.0)
+        assert table.loc[(m, m), "mean_query_top3_overlap"] == 1.0
+    expected = np.mean([spearmanr(ekfac[q], cosine[q]).statistic for q in range(3)])
+    assert table.loc[("ekfac", "bergson_cosine"), "mean_query_spearman"] == pytest.approx(expected)
+    assert table.loc[("ekfac", "bergson_cosine"), "queries"] == 3
+
+
+def test_plain_counterparts():
+    methods = ["ekfac", "identity", "bergson_cosine", "bergson_cosine_train", "bergson_dot_mixed"]
+    assert plain_counterpart("bergson_cosine_train", methods) == "bergson_cosine"
+    assert plain_counterpart("ekfac", methods) == "identity"
+    assert plain_counterpart("bergson_dot_mixed", methods) is None  # bergson_dot is not in the run
+    assert plain_counterpart("bergson_cosine", methods) is None
+
+
+def test_report_files_ranks_and_a_self_contained_page(tmp_path):
+    paths, ekfac, _ = tables(tmp_path, np.random.default_rng(3))
+    out = build_report(query_csv=paths["query"], train_csv=paths["train"], influences_csv=paths["influences"],
+                       train_scores_csv=paths["train_scores"], out_dir=tmp_path / "report", top_k=3)
+    episodes = pd.read_csv(out["top_episodes.csv"])
+    top = episodes[(episodes.method == "ekfac") & (episodes.query_id == "q0") & (episodes.direction == "top")]
+    assert top.train_id.tolist()[0] == "t3" and top["rank"].tolist() == [1, 2, 3]
+    assert top.train_id.tolist() == [f"t{i}" for i in np.argsort(-ekfac[0])[:3]]
+    bottom = episodes[(episodes.method == "ekfac") & (episodes.query_id == OVERALL) & (episodes.direction == "bottom")]
+    assert bottom.train_id.tolist() == [f"t{i}" for i in np.argsort(ekfac.mean(0))[:3]]
+    assert bottom["rank"].tolist() == [8, 7, 6] and (bottom["of"] == 8).all()
+    assert top.target_word.tolist()[0] == "honey" and top.query_target_word.tolist()[0] == "honey"
+    assert pd.isna(episodes.loc[episodes.train_id == "t7", "target_word"]).all()  # failed guess: unknown target
+    page = out["index.html"].read_text()
+    assert "t3" in page and "GUESS: honey" in page
+    # self-contained: images inline, nothing fetched from anywhere
+    assert page.count("data:image/png;base64,") == 2
+    assert not re.search(r"""(src|href)=["'](https?:|//|/)""", page)
+    stability = pd.read_csv(out["preconditioner_stability.csv"])
+    assert stability.empty  # no preconditioned method has its plain counterpart here
+
+
+def test_per_token_scores_are_drawn_on_the_tokens(tmp_path):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    import datasets
+
+    paths, _, _ = tables(tmp_path, np.random.default_rng(4))
+    vocab = {"[UNK]": 0, "GUESS": 1, ":": 2, "honey": 3, "apple": 4}
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer.save(str(tmp_path / "tokenizer.json"))
+    datasets.Dataset.from_dict({"row_id": [f"t{i}" for i in range(8)],
+                                "input_ids": [[1, 2, 3]] * 8}).save_to_disk(str(tmp_path / "tokens"))
+    influences = pd.read_csv(paths["influences"])
+    influences["per_token_scores"] = [json.dumps([0.0, -s, 2 * s]) if m == "ekfac" else None
+                                      for m, s in zip(influences.method, influences.influence_score)]
+    influences.to_csv(paths["influences"], index=False)
+    out = build_report(query_csv=paths["query"], train_csv=paths["train"], influences_csv=paths["influences"],
+                       train_scores_csv=paths["train_scores"], out_dir=tmp_path / "report", top_k=3,
+                       train_tokens_dir=tmp_path / "tokens", tokenizer_file=tmp_path / "tokenizer.json")
+    page = out["index.html"].read_text()
+    # three top rows for each of three queries, each drawn as its three tokens
+    assert page.count("Per-token scores of") == 9
+    assert re.search(r'<span class="tok" style="background:rgba\(0,150,60,1.00\)" title="[^"]+">honey</span>', page)
+    assert "per-token scores</td><td>ekfac" in page

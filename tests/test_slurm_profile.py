@@ -1,0 +1,129 @@
+"""The SLURM workflow profile (profiles/slurm), run through the real executor plugin against the fake SLURM
+commands in tests/fake_slurm, which log every call and run each submitted job here, in the background."""
+
+import importlib.util
+import json
+import os
+import re
+import signal
+
+import pytest
+import yaml
+
+from conftest import REPO, snakemake
+
+pytestmark = pytest.mark.slow
+
+PROFILE = REPO / "profiles" / "slurm"
+FAKE_SLURM = REPO / "tests" / "fake_slurm"
+# The cheapest run with a GPU rule; its training resources are the demo's (4000 MB, 30 min).
+RUN = "test_query"
+
+_spec = importlib.util.spec_from_file_location("_fake_slurm", FAKE_SLURM / "_fake_slurm.py")
+fake_slurm = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(fake_slurm)
+
+
+def profile():
+    return yaml.safe_load((PROFILE / "config.yaml").read_text())
+
+
+def run_resources(run):
+    from playpen_attribution.config import validate_config
+
+    config = validate_config(yaml.safe_load((REPO / "config" / "config.yaml").read_text()))
+    return config["runs"][run]["resources"]
+
+
+def calls(log, cmd):
+    return [c for c in map(json.loads, log.read_text().splitlines()) if c["cmd"] == cmd]
+
+
+def submission(call):
+    """An sbatch call as {option: value}, with its rule and Snakemake attempt."""
+    options, _ = fake_slurm.parse_options(call["argv"])
+    opts = dict(options)
+    opts["rule"] = fake_slurm.rule_of(opts["--comment"])
+    opts["attempt"] = int(re.search(r"--attempt '?(\d+)", opts["--wrap"]).group(1))
+    return opts
+
+
+@pytest.fixture
+def fake_slurm_env(tmp_path, monkeypatch):
+    state = tmp_path / "fake-slurm"
+    log = state / "calls.jsonl"
+    accounts = profile()["default-resources"]["slurm_account"]
+    monkeypatch.setenv("PATH", f"{FAKE_SLURM}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.setenv("FAKE_SLURM_DIR", str(state))
+    monkeypatch.setenv("FAKE_SLURM_LOG", str(log))
+    monkeypatch.setenv("FAKE_SLURM_ACCOUNTS", f"other-account,{accounts}")
+    monkeypatch.setenv("FAKE_SLURM_FAIL_ONCE", "train_adapter")
+    # status queries wait for running jobs, so the plugin's growing poll interval never adds up
+    monkeypatch.setenv("FAKE_SLURM_SACCT_WAIT", "50")
+    yield log
+    # a failed or timed-out run may leave jobs behind: end them by their process group
+    for job in fake_slurm.all_jobs() if state.exists() else []:
+        if job.get("pid") and job["state"] not in fake_slurm.DONE:
+            try:
+                os.killpg(job["pid"], signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+
+
+def test_slurm_profile_submits_gpu_jobs_and_retries_bigger(tmp_path, fake_slurm_env):
+    log = fake_slurm_env
+    settings = profile()
+    workdir = tmp_path / "work"
+    workdir.mkdir()
+    snakemake(workdir, "--workflow-profile", str(PROFILE), "--slurm-init-seconds-before-status-checks", "1",
+              f"results/{RUN}/adapter", timeout=400)
+
+    assert (workdir / "results" / RUN / "adapter" / "adapter_model.safetensors").exists()
+    submitted = [submission(c) for c in calls(log, "sbatch")]
+    rules = [s["rule"] for s in submitted]
+    # prepare_data is a localrule; the tiny model and tokenization are SLURM jobs
+    assert "prepare_data" not in rules
+    assert {"build_tiny_model", "tokenize"} <= set(rules)
+    # the account was checked the way the plugin checks it
+    assert any(c["argv"][:4] == ["-n", "-s", "list", "user"] for c in calls(log, "sacctmgr"))
+
+    account = settings["default-resources"]["slurm_account"]
+    cpu_partition = settings["default-resources"]["slurm_partition"]
+    gpu_partition = settings["set-resources"]["train_adapter"]["slurm_partition"]
+    for s in submitted:
+        assert s["-A"] == account
+        if s["rule"] != "train_adapter":
+            assert s["-p"] == cpu_partition and "--gpus" not in s
+            assert (s["--mem"], s["-t"]) == (str(settings["default-resources"]["mem_mb"]),
+                                             str(settings["default-resources"]["runtime"]))
+
+    train = [s for s in submitted if s["rule"] == "train_adapter"]
+    assert [s["attempt"] for s in train] == [1, 2], "the fake OOM of attempt 1 is retried once"
+    expected = run_resources(RUN)
+    for s in train:
+        assert s["--gpus"] == "1" and s["-p"] == gpu_partition
+        assert s["--cpus-per-task"] == "2"
+        assert s["--mem"] == str(expected["train_mem_mb"] * s["attempt"])
+        assert s["-t"] == str(expected["train_runtime_min"] * s["attempt"])
+    # inside the job, the jobstep plugin asks srun for the GPU again
+    steps = [c for c in calls(log, "srun") if "train_adapter" in " ".join(c["argv"])]
+    assert len(steps) == 1 and "--gpus=1" in steps[0]["argv"]
+
+
+def test_slurm_profile_dry_run_plans_gpu_rules_on_gpu_partition(tmp_path):
+    settings = profile()
+    proc = snakemake(tmp_path, "--workflow-profile", str(PROFILE), "--dry-run", "results/taboo/influences.csv")
+    planned, rule = {}, None  # rule -> the resource lines of its jobs
+    for line in proc.stdout.splitlines():
+        if match := re.match(r"(?:local)?rule (\w+):$", line):
+            rule = match.group(1)
+        elif rule and (match := re.match(r"\s+resources: (.*)", line)):
+            planned.setdefault(rule, set()).add(match.group(1))
+    gpu_rules = {rule for rule, res in planned.items() if any(re.search(r"\bgpu=1\b", r) for r in res)}
+    assert {"fetch_base_model", "prepare_data", "tokenize"} <= set(planned) - gpu_rules
+    assert {"train_adapter", "fit_factors", "kronfluence_scores", "bergson_scores"} <= gpu_rules
+    # every GPU rule, and only those, goes to the GPU partition
+    assert gpu_rules == set(settings["set-resources"])
+    for rule, resources in planned.items():
+        partition = settings["set-resources"].get(rule, settings["default-resources"])["slurm_partition"]
+        assert all(f"slurm_partition={partition}" in r for r in resources), rule

@@ -1,0 +1,47 @@
+# What a researcher reads: the most and least helpful episodes per query and method, how far the methods and
+# preconditioners agree, plots, and one self-contained HTML page. Reads the merged tables only (no torch).
+
+
+def report_inputs(wildcards):
+    inputs = {
+        "query": f"results/{wildcards.run}/query.csv",
+        "train": f"results/{wildcards.run}/train.csv",
+        "influences": f"results/{wildcards.run}/influences.csv",
+        # decoded tokens for per-token scores
+        "train_tokens": f"results/{wildcards.run}/data/tokens/train",
+        "model": f"results/{wildcards.run}/adapter",
+    }
+    if any(map(is_bergson_method, run_cfg(wildcards)["attribution"]["methods"])):
+        inputs["train_scores"] = f"results/{wildcards.run}/train_scores.csv"
+    return inputs
+
+
+rule report:
+    input:
+        unpack(report_inputs),
+    output:
+        page=report("results/{run}/report/index.html", caption="../report/page.rst", category="Attribution",
+                    labels={"run": "{run}", "what": "page"}),
+        episodes=report("results/{run}/report/top_episodes.csv", caption="../report/top_episodes.rst",
+                        category="Attribution", labels={"run": "{run}", "what": "top and bottom episodes"}),
+        agreement=report("results/{run}/report/agreement.csv", caption="../report/agreement.rst",
+                         category="Agreement", labels={"run": "{run}", "what": "method pairs"}),
+        stability=report("results/{run}/report/preconditioner_stability.csv", caption="../report/stability.rst",
+                         category="Agreement", labels={"run": "{run}", "what": "with and without preconditioner"}),
+        agreement_plot=report("results/{run}/report/agreement.png", caption="../report/agreement_plot.rst",
+                              category="Agreement", labels={"run": "{run}", "what": "heat map"}),
+        distributions=report("results/{run}/report/score_distributions.png", caption="../report/distributions.rst",
+                             category="Attribution", labels={"run": "{run}", "what": "score distributions"}),
+    params:
+        top_k=lambda wc: run_cfg(wc)["report"]["top_k"],
+        queries_shown=lambda wc: run_cfg(wc)["report"]["queries_shown"],
+        title=lambda wc: f"Attribution report: {wc.run} ({run_cfg(wc)['description']})",
+        code=code_hash("report", "io"),
+    log:
+        "logs/{run}/report.log",
+    benchmark:
+        "benchmarks/{run}/report.tsv"
+    conda:
+        CONDA_ENV
+    script:
+        "../scripts/report.py"

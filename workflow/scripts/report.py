@@ -1,0 +1,11 @@
+# Thin adapter: rule report -> playpen_attribution.report.build_report
+from pathlib import Path
+
+from playpen_attribution.report import build_report
+from playpen_attribution.stage import run_stage
+
+run_stage(snakemake, build_report, query_csv=snakemake.input.query, train_csv=snakemake.input.train,
+          influences_csv=snakemake.input.influences, out_dir=Path(snakemake.output.page).parent,
+          train_scores_csv=snakemake.input.get("train_scores"), train_tokens_dir=snakemake.input.train_tokens,
+          tokenizer_file=Path(snakemake.input.model) / "tokenizer.json", top_k=snakemake.params.top_k,
+          queries_shown=snakemake.params.queries_shown, title=snakemake.params.title)
