@@ -37,7 +37,9 @@ def overlay(workdir, name, runs):
 @pytest.fixture(scope="module")
 def demo_workdir(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("demo-run")
-    snakemake(workdir)  # rule all: influences.csv and train_scores.csv of the demo
+    # rule all: influences.csv, train_scores.csv and the report of the demo. No GPU here: the profile's gpu=1
+    # counter would only run the CPU-bound attribution jobs one at a time.
+    snakemake(workdir, "--resources", "gpu=2")
     return workdir
 
 
@@ -62,10 +64,16 @@ def test_demo_influences_in_the_seed_format_with_methods(demo_workdir):
     influences = pd.read_csv(results / "influences.csv")
     assert list(query.columns[:4]) == ["query_id", "prompt", "completion", "loss"]
     assert {"game", "game_role", "outcome", "task_id"} <= set(query.columns) & set(train.columns)
-    assert list(influences.columns) == ["query_id", "train_id", "method", "influence_score"]
+    assert list(influences.columns) == ["query_id", "train_id", "method", "influence_score", "per_token_scores"]
     methods = ["ekfac", "bergson_cosine", "bergson_cosine_mixed"]
     assert set(influences["method"]) == set(methods)
     assert len(influences) == len(methods) * len(query) * len(train)
+    # per-token scores (on for EK-FAC in the demo) sum to the pair's score; Bergson has none
+    has_tokens = influences.per_token_scores.notna()
+    assert (has_tokens == (influences.method == "ekfac")).all()
+    sample = influences[has_tokens].sample(50, random_state=0)
+    sums = sample.per_token_scores.map(lambda v: sum(json.loads(v)))
+    assert ((sums - sample.influence_score).abs() <= 1e-3 * sample.influence_score.abs().clip(lower=1)).all()
     # the demo's right answer: the most influential rows of a query guess the same word
     same = []
     for (method, query_id), group in influences.groupby(["method", "query_id"]):

@@ -136,3 +136,18 @@ def bergson_hessian(wildcards):
     """The preconditioner folder a variant uses, or none."""
     _, side = parse_variant(wildcards.variant)
     return [f"results/{wildcards.run}/bergson/hessian/{side}"] if side else []
+
+
+# Report inputs by run.
+def report_inputs(wildcards):
+    inputs = {
+        "query": f"results/{wildcards.run}/query.csv",
+        "train": f"results/{wildcards.run}/train.csv",
+        "influences": f"results/{wildcards.run}/influences.csv",
+        # decoded tokens for per-token scores
+        "train_tokens": f"results/{wildcards.run}/data/tokens/train",
+        "model": f"results/{wildcards.run}/adapter",
+    }
+    if any(map(is_bergson_method, run_cfg(wildcards)["attribution"]["methods"])):
+        inputs["train_scores"] = f"results/{wildcards.run}/train_scores.csv"
+    return inputs

@@ -2,20 +2,6 @@
 # preconditioners agree, plots, and one self-contained HTML page. Reads the merged tables only (no torch).
 
 
-def report_inputs(wildcards):
-    inputs = {
-        "query": f"results/{wildcards.run}/query.csv",
-        "train": f"results/{wildcards.run}/train.csv",
-        "influences": f"results/{wildcards.run}/influences.csv",
-        # decoded tokens for per-token scores
-        "train_tokens": f"results/{wildcards.run}/data/tokens/train",
-        "model": f"results/{wildcards.run}/adapter",
-    }
-    if any(map(is_bergson_method, run_cfg(wildcards)["attribution"]["methods"])):
-        inputs["train_scores"] = f"results/{wildcards.run}/train_scores.csv"
-    return inputs
-
-
 rule report:
     input:
         unpack(report_inputs),
