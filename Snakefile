@@ -23,6 +23,7 @@ include: "workflow/rules/kronfluence.smk"
 include: "workflow/rules/bergson.smk"
 include: "workflow/rules/results.smk"
 include: "workflow/rules/report.smk"
+include: "workflow/rules/validate.smk"
 
 
 rule all:

@@ -112,7 +112,8 @@ def test_slurm_profile_submits_gpu_jobs_and_retries_bigger(tmp_path, fake_slurm_
 
 def test_slurm_profile_dry_run_plans_gpu_rules_on_gpu_partition(tmp_path):
     settings = profile()
-    proc = snakemake(tmp_path, "--workflow-profile", str(PROFILE), "--dry-run", "results/taboo/influences.csv")
+    proc = snakemake(tmp_path, "--workflow-profile", str(PROFILE), "--dry-run",
+                     "results/taboo/report/index.html")
     planned, rule = {}, None  # rule -> the resource lines of its jobs
     for line in proc.stdout.splitlines():
         if match := re.match(r"(?:local)?rule (\w+):$", line):

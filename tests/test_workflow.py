@@ -15,7 +15,8 @@ pytestmark = pytest.mark.slow
 DEMO_TARGETS = ("results/demo/influences.csv", "results/demo/train_scores.csv", "results/demo/report/index.html")
 EVERY_STAGE = {"fetch_base_model", "prepare_data", "tokenize", "train_adapter", "fit_factors", "kronfluence_scores",
                "bergson_query_gradients", "bergson_hessian", "bergson_mix", "bergson_reduce", "bergson_scores",
-               "merge_influences", "merge_train_scores", "report"}
+               "merge_influences", "merge_train_scores", "report", "planted_copies", "planted_kronfluence_scores",
+               "planted_bergson_scores", "planted_audit"}
 
 
 def planned_jobs(proc) -> dict[str, int]:
@@ -134,6 +135,30 @@ def test_demo_report_puts_the_planted_copy_first(demo_workdir):
     assert page.count("data:image/png;base64,") == 2 and "http" not in page.split("</style>")[0]
 
 
+def test_planted_copies_rank_first_for_every_method(demo_workdir):
+    import pandas as pd
+
+    validation = demo_workdir / "results" / "demo" / "validation"
+    planted = pd.read_csv(validation / "planted.csv")
+    n_train = len(pd.read_csv(demo_workdir / "results" / "demo" / "train.csv"))
+    assert sorted(planted.method.unique()) == ["bergson_cosine", "bergson_cosine_mixed", "ekfac"]
+    assert (planted.copy_id == "planted-" + planted.query_id).all() and planted.query_id.nunique() == 5
+    assert (planted["of"] == n_train + 1 - planted.duplicates_left_out).all()
+    cosine = planted[planted.method.str.startswith("bergson_cosine")]
+    assert (cosine["rank"] == 1).all() and ((cosine.copy_score - 1).abs() < 1e-4).all()
+    assert (planted[planted.method == "ekfac"]["rank"] <= 3).all()
+    summary = pd.read_csv(validation / "planted_summary.csv").set_index("method")
+    assert summary.loc["bergson_cosine", "recall_at_1"] == 1.0 and summary.loc["ekfac", "recall_at_10"] == 1.0
+    assert "<h2 id='planted'>Planted copies</h2>" in (demo_workdir / "results/demo/report/index.html").read_text()
+
+
+def test_more_planted_copies_rescore_only_the_copies(demo_workdir):
+    path = overlay(demo_workdir, "planted", {"demo": {"validation": {"planted": {"queries": 8}}}})
+    jobs = planned_jobs(snakemake(demo_workdir, *DEMO_TARGETS, "-n", "--configfile", path))
+    assert jobs == {"planted_copies": 1, "planted_kronfluence_scores": 1, "planted_bergson_scores": 2,
+                    "planted_audit": 1, "report": 1}
+
+
 def test_snakemake_report_collects_the_report_files(demo_workdir, tmp_path):
     out = tmp_path / "snakemake-report.html"
     snakemake(demo_workdir, *DEMO_TARGETS, "--report", str(out))
@@ -152,7 +177,8 @@ def test_preconditioner_choice_rescores_only_what_depends_on_it(demo_workdir):
     path = overlay(demo_workdir, "precondition", {"demo": {"attribution": {"methods": methods}}})
     jobs = planned_jobs(snakemake(demo_workdir, *DEMO_TARGETS, "-n", "--configfile", path))
     # the training-side preconditioner, the query gradients and every other method are reused
-    assert jobs == {"bergson_reduce": 1, "bergson_scores": 2, "merge_influences": 1, "merge_train_scores": 1, "report": 1}
+    assert jobs == {"bergson_reduce": 1, "bergson_scores": 2, "merge_influences": 1, "merge_train_scores": 1,
+                    "planted_bergson_scores": 1, "planted_audit": 1, "report": 1}
 
 
 def test_new_query_set_rescores_without_refitting_or_retraining(demo_workdir):
@@ -161,7 +187,8 @@ def test_new_query_set_rescores_without_refitting_or_retraining(demo_workdir):
     # no retraining, no Kronfluence factors, no training-side preconditioner
     assert jobs == {"prepare_data": 1, "tokenize": 1, "kronfluence_scores": 2, "bergson_query_gradients": 1,
                     "bergson_hessian": 1, "bergson_mix": 1, "bergson_reduce": 2, "bergson_scores": 4,
-                    "merge_influences": 1, "merge_train_scores": 1, "report": 1}
+                    "merge_influences": 1, "merge_train_scores": 1, "planted_copies": 1,
+                    "planted_kronfluence_scores": 1, "planted_bergson_scores": 2, "planted_audit": 1, "report": 1}
 
 
 def test_lora_rank_change_retrains_without_refiltering(demo_workdir):
@@ -169,7 +196,8 @@ def test_lora_rank_change_retrains_without_refiltering(demo_workdir):
     jobs = planned_jobs(snakemake(demo_workdir, *DEMO_TARGETS, "-n", "--configfile", path))
     assert jobs == {"train_adapter": 1, "fit_factors": 1, "kronfluence_scores": 2, "bergson_query_gradients": 1,
                     "bergson_hessian": 2, "bergson_mix": 1, "bergson_reduce": 2, "bergson_scores": 4,
-                    "merge_influences": 1, "merge_train_scores": 1, "report": 1}
+                    "merge_influences": 1, "merge_train_scores": 1, "planted_kronfluence_scores": 1,
+                    "planted_bergson_scores": 2, "planted_audit": 1, "report": 1}
 
 
 def test_filter_change_redoes_data_but_not_the_base_model(demo_workdir):
@@ -185,7 +213,9 @@ def test_real_runs_dry_run_builds_the_dag(tmp_path):
     assert planned_jobs(proc) == {"fetch_base_model": 2, "prepare_data": 4, "tokenize": 4, "train_adapter": 2,
                                   "fit_factors": 2, "kronfluence_scores": 8, "bergson_query_gradients": 2,
                                   "bergson_hessian": 4, "bergson_mix": 2, "bergson_reduce": 6,
-                                  "bergson_scores": 24, "merge_influences": 2, "merge_train_scores": 2, "report": 2}
+                                  "bergson_scores": 24, "merge_influences": 2, "merge_train_scores": 2, "report": 2,
+                                  "planted_copies": 2, "planted_kronfluence_scores": 2, "planted_bergson_scores": 6,
+                                  "planted_audit": 2}
     assert set(planned_jobs(proc)) == EVERY_STAGE
     assert "gpu=1" in proc.stdout
 

@@ -386,7 +386,8 @@ def _table(frame: pd.DataFrame, text_columns=("prompt", "completion"), highlight
 
 def render_page(*, title: str, summary: dict, methods: dict[str, MethodScores], agree: pd.DataFrame,
                 stability: pd.DataFrame, episodes: pd.DataFrame, queries: pd.DataFrame, query_ids: list[str],
-                plots: dict[str, Path], per_token_html: dict, k: int, queries_shown: int) -> str:
+                plots: dict[str, Path], per_token_html: dict, k: int, queries_shown: int,
+                planted: pd.DataFrame | None = None) -> str:
     shown_columns = ["rank", "of", "score", "train_id", *[c for c in METADATA_COLUMNS if c in episodes],
                      "prompt", "completion"]
     parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
@@ -397,7 +398,9 @@ def render_page(*, title: str, summary: dict, methods: dict[str, MethodScores], 
                  + "; ".join(f"<b>{html.escape(m)}</b>: {html.escape(ms.overall_source)}"
                              for m, ms in methods.items()) + ".</p>")
 
-    parts.append("<p><a href='#agreement'>Agreement</a> · <a href='#distributions'>Score distributions</a> · "
+    parts.append("<p><a href='#agreement'>Agreement</a> · "
+                 + ("<a href='#planted'>Planted copies</a> · " if planted is not None else "")
+                 + "<a href='#distributions'>Score distributions</a> · "
                  "<a href='#overall'>Episodes against all queries</a> · <a href='#per-query'>Per query</a></p>")
     parts.append("<h2 id='agreement'>How far the methods agree</h2>")
     parts.append(_img(plots["agreement"]))
@@ -413,6 +416,12 @@ def render_page(*, title: str, summary: dict, methods: dict[str, MethodScores], 
                      "<code>bergson_cosine</code> beside <code>bergson_cosine_train</code>, or "
                      "<code>identity</code> beside <code>ekfac</code>, to <code>attribution.methods</code>.</p>")
 
+    if planted is not None:
+        parts.append("<h2 id='planted'>Planted copies</h2><p class='note'>Copies of some queries scored as training "
+                     "rows by every method (validation/planted.csv): recall@1 is the share of copies ranked first "
+                     "for their own query among all training rows. Below 1 for a cosine method points at a bug "
+                     "(ids, masking, sign); unnormalised scores can rank a long, high-gradient row above a copy.</p>")
+        parts.append(_table(planted.round(4), text_columns=()))
     parts.append("<h2 id='distributions'>Score distributions</h2>")
     parts.append(_img(plots["distributions"]))
 
@@ -455,7 +464,8 @@ def render_page(*, title: str, summary: dict, methods: dict[str, MethodScores], 
 
 
 def build_report(*, query_csv, train_csv, influences_csv, out_dir, train_scores_csv=None, train_tokens_dir=None,
-                 tokenizer_file=None, top_k: int = 10, queries_shown: int = 10, title: str = "Attribution report"):
+                 tokenizer_file=None, top_k: int = 10, queries_shown: int = 10, title: str = "Attribution report",
+                 planted_summary_csv=None):
     """Rule `report`: every file of `report/` from the merged tables; returns their paths."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -497,7 +507,8 @@ def build_report(*, query_csv, train_csv, influences_csv, out_dir, train_scores_
     page = render_page(title=title, summary=summary, methods=methods, agree=agree, stability=stability,
                        episodes=episodes, queries=queries, query_ids=query_ids,
                        plots={"agreement": paths["agreement.png"], "distributions": paths["score_distributions.png"]},
-                       per_token_html=per_token_html, k=top_k, queries_shown=queries_shown)
+                       per_token_html=per_token_html, k=top_k, queries_shown=queries_shown,
+                       planted=pd.read_csv(planted_summary_csv) if planted_summary_csv else None)
     with atomic_path(paths["index.html"]) as tmp:
         Path(tmp).write_text(page, encoding="utf-8")
     return paths

@@ -150,4 +150,20 @@ def report_inputs(wildcards):
     }
     if any(map(is_bergson_method, run_cfg(wildcards)["attribution"]["methods"])):
         inputs["train_scores"] = f"results/{wildcards.run}/train_scores.csv"
+    if planted_count(wildcards):
+        inputs["planted"] = f"results/{wildcards.run}/validation/planted_summary.csv"
     return inputs
+
+
+# Planted-copy audit inputs by run.
+def planted_count(wildcards):
+    return run_cfg(wildcards)["validation"]["planted"]["queries"]
+
+
+def planted_shards(wildcards):
+    """The copies' scores, one file per method, scored by the same stages as the training rows."""
+    shards = {}
+    for method in run_cfg(wildcards)["attribution"]["methods"]:
+        family, name = ("bergson", variant_of(method)) if is_bergson_method(method) else ("kronfluence", method)
+        shards[f"planted_{method}"] = f"results/{wildcards.run}/validation/planted/{family}/{name}/shard-0.npz"
+    return shards
