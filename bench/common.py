@@ -46,12 +46,16 @@ def demo_paths(workdir: Path) -> dict[str, Path]:
             "query": results / "data/tokens/query"}
 
 
+def machine_line() -> str:
+    return (f"machine: {platform.machine()}, {os.cpu_count()} CPU cores, {platform.system()} {platform.release()}, "
+            f"Python {platform.python_version()}")
+
+
 def print_table(timings: dict[str, list[float]], inputs: str) -> None:
     """Medians and their ratio to the first entry (the bare library call)."""
     baseline = statistics.median(next(iter(timings.values())))
     repeats = len(next(iter(timings.values())))
-    print(f"\nmachine: {platform.machine()}, {os.cpu_count()} CPU cores, {platform.system()} {platform.release()}, "
-          f"Python {platform.python_version()}")
+    print(f"\n{machine_line()}")
     print(f"inputs: {inputs}, median of {repeats}")
     print(f"{'stage':<10} {'median s':>9} {'ratio':>7}")
     for name, values in timings.items():

@@ -41,3 +41,28 @@ def test_planted_queries_are_drawn_with_the_seed_in_query_order():
     assert first == choose_planted(ids, 5, seed=0) and first == sorted(first, key=ids.index)
     assert choose_planted(ids, 5, seed=1) != first
     assert choose_planted(ids[:3], 5, seed=0) == ids[:3]
+
+
+def test_lds_subsets_are_stable_when_more_are_added():
+    from playpen_attribution.validation import lds_batches, lds_subset_rows
+
+    ids = [f"t{i}" for i in range(40)]
+    first = [lds_subset_rows(ids, s, 0.5, seed=3) for s in range(4)]
+    assert all(len(rows) == 20 and rows == sorted(rows, key=ids.index) for rows in first)
+    assert first == [lds_subset_rows(ids, s, 0.5, seed=3) for s in range(4)]
+    assert len({tuple(rows) for rows in first}) == 4 and lds_subset_rows(ids, 0, 0.5, seed=4) != first[0]
+    assert lds_batches(20, 8) == [list(range(8)), list(range(8, 16)), list(range(16, 20))]
+    assert lds_batches(24, 8)[:2] == lds_batches(20, 8)[:2]  # more subsets only extend the last job
+
+
+def test_lds_of_the_true_additive_effects_is_one():
+    from playpen_attribution.validation import lds_scores
+
+    rng = np.random.default_rng(0)
+    effects = rng.normal(size=(3, 30))  # [queries, train rows]: each row's true effect on each query
+    membership = (rng.random((12, 30)) < 0.5).astype(float)
+    actual = membership @ effects.T  # an exactly additive world
+    np.testing.assert_allclose(lds_scores(effects, membership, actual), 1.0)
+    np.testing.assert_allclose(lds_scores(-effects, membership, actual), -1.0)
+    noisy = lds_scores(effects + rng.normal(scale=3.0, size=effects.shape), membership, actual)
+    assert (noisy < 1).all()

@@ -16,7 +16,7 @@ DEMO_TARGETS = ("results/demo/influences.csv", "results/demo/train_scores.csv", 
 EVERY_STAGE = {"fetch_base_model", "prepare_data", "tokenize", "train_adapter", "fit_factors", "kronfluence_scores",
                "bergson_query_gradients", "bergson_hessian", "bergson_mix", "bergson_reduce", "bergson_scores",
                "merge_influences", "merge_train_scores", "report", "planted_copies", "planted_kronfluence_scores",
-               "planted_bergson_scores", "planted_audit"}
+               "planted_bergson_scores", "planted_audit", "lds_retrain", "lds_losses", "lds"}
 
 
 def planned_jobs(proc) -> dict[str, int]:
@@ -159,6 +159,33 @@ def test_more_planted_copies_rescore_only_the_copies(demo_workdir):
                     "planted_audit": 1, "report": 1}
 
 
+def test_ekfac_lds_beats_random_scores_by_more_than_twice_the_intervals(demo_workdir):
+    import pandas as pd
+
+    validation = demo_workdir / "results" / "demo" / "validation"
+    lds = pd.read_csv(validation / "lds.csv").set_index("method")
+    assert set(lds.index) == {"ekfac", "bergson_cosine", "bergson_cosine_mixed", "random"}
+    assert (lds.subsets == 10).all() and (lds.queries == 27).all()
+    ekfac, random = lds.loc["ekfac"], lds.loc["random"]
+    assert ekfac.lds - random.lds > 2 * (ekfac.ci95 + random.ci95), lds
+    # every subset is a recorded, distinct half of the training rows
+    train = pd.read_csv(demo_workdir / "results" / "demo" / "train.csv")
+    subsets = {}
+    for batch in (0, 1):
+        record = json.loads((validation / "lds" / f"retrain-{batch}" / "subsets.json").read_text())
+        subsets.update(record["subsets"])
+    assert sorted(map(int, subsets)) == list(range(10))
+    assert all(len(rows) == round(len(train) / 2) and set(rows) <= set(train.train_id) for rows in subsets.values())
+    assert len({tuple(rows) for rows in subsets.values()}) == 10
+    assert "<h2 id='lds'>Linear datamodeling score</h2>" in (demo_workdir / "results/demo/report/index.html").read_text()
+
+
+def test_more_lds_subsets_reuse_the_retrains_already_done(demo_workdir):
+    path = overlay(demo_workdir, "lds", {"demo": {"validation": {"lds": {"subsets": 15}}}})
+    jobs = planned_jobs(snakemake(demo_workdir, *DEMO_TARGETS, "-n", "--configfile", path))
+    assert jobs == {"lds_retrain": 1, "lds_losses": 1, "lds": 1, "report": 1}
+
+
 def test_snakemake_report_collects_the_report_files(demo_workdir, tmp_path):
     out = tmp_path / "snakemake-report.html"
     snakemake(demo_workdir, *DEMO_TARGETS, "--report", str(out))
@@ -178,7 +205,7 @@ def test_preconditioner_choice_rescores_only_what_depends_on_it(demo_workdir):
     jobs = planned_jobs(snakemake(demo_workdir, *DEMO_TARGETS, "-n", "--configfile", path))
     # the training-side preconditioner, the query gradients and every other method are reused
     assert jobs == {"bergson_reduce": 1, "bergson_scores": 2, "merge_influences": 1, "merge_train_scores": 1,
-                    "planted_bergson_scores": 1, "planted_audit": 1, "report": 1}
+                    "planted_bergson_scores": 1, "planted_audit": 1, "lds": 1, "report": 1}
 
 
 def test_new_query_set_rescores_without_refitting_or_retraining(demo_workdir):
@@ -188,7 +215,8 @@ def test_new_query_set_rescores_without_refitting_or_retraining(demo_workdir):
     assert jobs == {"prepare_data": 1, "tokenize": 1, "kronfluence_scores": 2, "bergson_query_gradients": 1,
                     "bergson_hessian": 1, "bergson_mix": 1, "bergson_reduce": 2, "bergson_scores": 4,
                     "merge_influences": 1, "merge_train_scores": 1, "planted_copies": 1,
-                    "planted_kronfluence_scores": 1, "planted_bergson_scores": 2, "planted_audit": 1, "report": 1}
+                    "planted_kronfluence_scores": 1, "planted_bergson_scores": 2, "planted_audit": 1,
+                    "lds_losses": 1, "lds": 1, "report": 1}
 
 
 def test_lora_rank_change_retrains_without_refiltering(demo_workdir):
@@ -197,7 +225,8 @@ def test_lora_rank_change_retrains_without_refiltering(demo_workdir):
     assert jobs == {"train_adapter": 1, "fit_factors": 1, "kronfluence_scores": 2, "bergson_query_gradients": 1,
                     "bergson_hessian": 2, "bergson_mix": 1, "bergson_reduce": 2, "bergson_scores": 4,
                     "merge_influences": 1, "merge_train_scores": 1, "planted_kronfluence_scores": 1,
-                    "planted_bergson_scores": 2, "planted_audit": 1, "report": 1}
+                    "planted_bergson_scores": 2, "planted_audit": 1, "lds_retrain": 2, "lds_losses": 1, "lds": 1,
+                    "report": 1}
 
 
 def test_filter_change_redoes_data_but_not_the_base_model(demo_workdir):
@@ -215,7 +244,7 @@ def test_real_runs_dry_run_builds_the_dag(tmp_path):
                                   "bergson_hessian": 4, "bergson_mix": 2, "bergson_reduce": 6,
                                   "bergson_scores": 24, "merge_influences": 2, "merge_train_scores": 2, "report": 2,
                                   "planted_copies": 2, "planted_kronfluence_scores": 2, "planted_bergson_scores": 6,
-                                  "planted_audit": 2}
+                                  "planted_audit": 2, "lds_retrain": 64, "lds_losses": 2, "lds": 2}
     assert set(planned_jobs(proc)) == EVERY_STAGE
     assert "gpu=1" in proc.stdout
 

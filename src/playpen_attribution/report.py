@@ -327,6 +327,26 @@ def plot_agreement(agree: pd.DataFrame, methods: list[str], path) -> None:
     _save_figure(fig, path)
 
 
+def lds_chart(lds: pd.DataFrame) -> str:
+    """Bar chart of the mean LDS per method with its 95% interval, as an inline <img>."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(1.6 + 1.3 * len(lds), 3.2))
+    colours = ["#bbbbbb" if m == "random" else "#4477aa" for m in lds.method]
+    ax.bar(lds.method, lds.lds, yerr=lds.ci95, capsize=4, color=colours)
+    ax.axhline(0, color="grey", lw=0.8)
+    ax.set_ylabel("LDS (mean Spearman over queries)")
+    ax.tick_params(axis="x", labelrotation=25)
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=110, metadata={"Software": None})
+    plt.close(fig)
+    return f'<img alt="lds" src="data:image/png;base64,{base64.b64encode(buffer.getvalue()).decode()}">'
+
+
 def _save_figure(fig, path) -> None:
     import matplotlib.pyplot as plt
 
@@ -387,7 +407,7 @@ def _table(frame: pd.DataFrame, text_columns=("prompt", "completion"), highlight
 def render_page(*, title: str, summary: dict, methods: dict[str, MethodScores], agree: pd.DataFrame,
                 stability: pd.DataFrame, episodes: pd.DataFrame, queries: pd.DataFrame, query_ids: list[str],
                 plots: dict[str, Path], per_token_html: dict, k: int, queries_shown: int,
-                planted: pd.DataFrame | None = None) -> str:
+                planted: pd.DataFrame | None = None, lds: pd.DataFrame | None = None) -> str:
     shown_columns = ["rank", "of", "score", "train_id", *[c for c in METADATA_COLUMNS if c in episodes],
                      "prompt", "completion"]
     parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
@@ -400,6 +420,7 @@ def render_page(*, title: str, summary: dict, methods: dict[str, MethodScores], 
 
     parts.append("<p><a href='#agreement'>Agreement</a> · "
                  + ("<a href='#planted'>Planted copies</a> · " if planted is not None else "")
+                 + ("<a href='#lds'>LDS</a> · " if lds is not None else "")
                  + "<a href='#distributions'>Score distributions</a> · "
                  "<a href='#overall'>Episodes against all queries</a> · <a href='#per-query'>Per query</a></p>")
     parts.append("<h2 id='agreement'>How far the methods agree</h2>")
@@ -422,6 +443,14 @@ def render_page(*, title: str, summary: dict, methods: dict[str, MethodScores], 
                      "for their own query among all training rows. Below 1 for a cosine method points at a bug "
                      "(ids, masking, sign); unnormalised scores can rank a long, high-gradient row above a copy.</p>")
         parts.append(_table(planted.round(4), text_columns=()))
+    if lds is not None:
+        parts.append(f"<h2 id='lds'>Linear datamodeling score</h2><p class='note'>{int(lds.subsets.max())} retrains on "
+                     "random subsets of the training rows; per query, the Spearman correlation over subsets between a "
+                     "method's predicted effect of the subset (the sum of its rows' scores) and the actual outcome "
+                     "(minus the query's loss after retraining). Mean over queries with 95% intervals; random scores "
+                     "computed the same way (validation/lds.csv).</p>")
+        parts.append(lds_chart(lds))
+        parts.append(_table(lds.round(4), text_columns=()))
     parts.append("<h2 id='distributions'>Score distributions</h2>")
     parts.append(_img(plots["distributions"]))
 
@@ -465,7 +494,7 @@ def render_page(*, title: str, summary: dict, methods: dict[str, MethodScores], 
 
 def build_report(*, query_csv, train_csv, influences_csv, out_dir, train_scores_csv=None, train_tokens_dir=None,
                  tokenizer_file=None, top_k: int = 10, queries_shown: int = 10, title: str = "Attribution report",
-                 planted_summary_csv=None):
+                 planted_summary_csv=None, lds_csv=None):
     """Rule `report`: every file of `report/` from the merged tables; returns their paths."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -508,7 +537,8 @@ def build_report(*, query_csv, train_csv, influences_csv, out_dir, train_scores_
                        episodes=episodes, queries=queries, query_ids=query_ids,
                        plots={"agreement": paths["agreement.png"], "distributions": paths["score_distributions.png"]},
                        per_token_html=per_token_html, k=top_k, queries_shown=queries_shown,
-                       planted=pd.read_csv(planted_summary_csv) if planted_summary_csv else None)
+                       planted=pd.read_csv(planted_summary_csv) if planted_summary_csv else None,
+                       lds=pd.read_csv(lds_csv) if lds_csv else None)
     with atomic_path(paths["index.html"]) as tmp:
         Path(tmp).write_text(page, encoding="utf-8")
     return paths

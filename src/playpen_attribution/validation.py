@@ -5,7 +5,10 @@ misaligned ids, a wrong loss mask or a flipped sign."""
 
 from __future__ import annotations
 
+import json
 import logging
+import shutil
+import time
 from pathlib import Path
 
 import numpy as np
@@ -107,3 +110,114 @@ def planted_audit_stage(query_csv, train_csv, influences_csv, copies_dir, shards
     for row in summary.itertuples(index=False):
         log.info("%s: recall@1 %.2f, recall@10 %.2f, worst rank %s", row.method, row.recall_at_1, row.recall_at_10,
                  row.worst_rank)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# linear datamodeling score (LDS)
+# ---------------------------------------------------------------------------------------------------------
+def lds_subset_rows(train_ids: list[str], subset: int, fraction: float, seed: int) -> list[str]:
+    """The training rows of one LDS subset: drawn from (seed, subset) alone, so adding subsets never changes
+    the earlier ones."""
+    size = max(1, round(fraction * len(train_ids)))
+    picked = np.random.default_rng([seed, subset]).choice(len(train_ids), size=size, replace=False)
+    return [train_ids[i] for i in sorted(picked)]
+
+
+def lds_batches(subsets: int, per_job: int) -> list[list[int]]:
+    """Subset indices by retraining job: [0..k), [k..2k), ...; a new subset only ever extends the last job."""
+    return [list(range(start, min(start + per_job, subsets))) for start in range(0, subsets, per_job)]
+
+
+def lds_retrain_stage(base_model_dir, train_tokens_dir, out_dir, *, subsets: list[int], fraction: float, seed: int,
+                      lora: dict, training: dict, max_length: int, dtype: str, base_model_source=None) -> None:
+    """Rule `lds_retrain`: one LoRA adapter per subset, from the same base with the run's SFT settings, in one
+    process (a cluster runs one job per subset; the demo groups them so it pays the imports once)."""
+    import datasets
+
+    from playpen_attribution.training import train_adapter
+
+    train = datasets.load_from_disk(str(train_tokens_dir))
+    ids = list(train["row_id"])
+    index = {row_id: i for i, row_id in enumerate(ids)}
+    with atomic_path(out_dir, directory=True) as tmp:
+        record = {"fraction": fraction, "seed": seed, "subsets": {}, "train_seconds": {}}
+        for subset in subsets:
+            rows = lds_subset_rows(ids, subset, fraction, seed)
+            tokens = Path(tmp) / f".tokens-{subset}"
+            train.select([index[r] for r in rows]).save_to_disk(str(tokens))
+            train_adapter(base_model_dir, tokens, Path(tmp) / f"subset-{subset}", lora=lora, training=training,
+                          max_length=max_length, dtype=dtype, base_model_source=base_model_source,
+                          work_dir=Path(tmp) / f".trainer-{subset}")
+            shutil.rmtree(tokens)
+            record["subsets"][str(subset)] = rows
+            # the trainer's own time, so a benchmark can tell training from process start and I/O
+            manifest = json.loads((Path(tmp) / f"subset-{subset}" / "manifest.json").read_text())
+            record["train_seconds"][str(subset)] = manifest["metrics"]["train_runtime"]
+            log.info("subset %d: adapter trained on %d of %d rows", subset, len(rows), len(ids))
+        write_json_atomic(record, Path(tmp) / "subsets.json")
+
+
+def lds_losses_stage(retrain_dirs: list, query_tokens_dir, out_json, *, dtype: str) -> None:
+    """Rule `lds_losses`: every query's summed completion loss under every subset's adapter."""
+    import datasets
+
+    from playpen_attribution.influence import query_losses
+
+    query = datasets.load_from_disk(str(query_tokens_dir))
+    result = {"query_ids": list(query["row_id"]), "subsets": {}, "loss_seconds": {}}
+    for folder in retrain_dirs:
+        record = json.loads((Path(folder) / "subsets.json").read_text())
+        for subset, rows in record["subsets"].items():
+            start = time.perf_counter()
+            losses = query_losses(str(Path(folder) / f"subset-{subset}"), query, dtype=dtype)
+            result["loss_seconds"][subset] = time.perf_counter() - start
+            result["subsets"][subset] = {"row_ids": rows, "query_losses": losses}
+    write_json_atomic(result, out_json)
+
+
+def lds_scores(per_query: np.ndarray, membership: np.ndarray, actual: np.ndarray) -> np.ndarray:
+    """LDS per query: Spearman over subsets between the predicted effect of each subset (the sum of its rows'
+    scores; positive = helpful) and the actual outcome (minus the query's loss after retraining on it).
+
+    per_query [queries, train rows]; membership [subsets, train rows] (1 = in the subset); actual [subsets, queries].
+    """
+    from playpen_attribution.report import spearman
+
+    predicted = membership @ np.nan_to_num(per_query).T  # [subsets, queries]
+    return np.array([spearman(predicted[:, q], actual[:, q]) for q in range(per_query.shape[0])])
+
+
+def lds_stage(query_csv, train_csv, influences_csv, losses_json, out_csv, out_per_query, *, random_seed: int,
+              train_scores_csv=None) -> None:
+    """Rule `lds`: mean LDS over queries with a 95% interval, per method and for random scores."""
+    from playpen_attribution.report import _mean_and_halfwidth, load_method_scores
+
+    queries = pd.read_csv(query_csv, dtype={"query_id": str})
+    train = pd.read_csv(train_csv, dtype={"train_id": str})
+    query_ids, train_ids = queries["query_id"].tolist(), train["train_id"].tolist()
+    losses = json.loads(Path(losses_json).read_text())
+    if losses["query_ids"] != query_ids:
+        raise ValueError(f"{losses_json} holds losses of other queries than {query_csv}; rerun lds_losses")
+    order = sorted(losses["subsets"], key=int)
+    column = {t: i for i, t in enumerate(train_ids)}
+    membership = np.zeros((len(order), len(train_ids)))
+    for s, subset in enumerate(order):
+        membership[s, [column[r] for r in losses["subsets"][subset]["row_ids"]]] = 1.0
+    actual = -np.array([losses["subsets"][s]["query_losses"] for s in order])  # lower loss = better
+    methods = {m: ms.per_query for m, ms in load_method_scores(influences_csv, query_ids, train_ids,
+                                                               train_scores_csv).items()}
+    methods["random"] = np.random.default_rng(random_seed).normal(size=(len(query_ids), len(train_ids)))
+    rows, per_query = [], []
+    for method, scores in methods.items():
+        values = lds_scores(scores, membership, actual)
+        mean, half = _mean_and_halfwidth(list(values))
+        rows.append({"method": method, "lds": mean, "ci95": half, "queries": int(np.isfinite(values).sum()),
+                     "subsets": len(order)})
+        per_query += [{"method": method, "query_id": q, "lds": v} for q, v in zip(query_ids, values)]
+    with atomic_path(out_csv) as tmp:
+        pd.DataFrame(rows).to_csv(tmp, index=False)
+    with atomic_path(out_per_query) as tmp:
+        pd.DataFrame(per_query).to_csv(tmp, index=False)
+    for row in rows:
+        log.info("LDS %s: %.3f ± %.3f over %d queries, %d subsets", row["method"], row["lds"], row["ci95"],
+                 row["queries"], row["subsets"])

@@ -13,6 +13,7 @@ from playpen_attribution.bergson_attribution import (
 from playpen_attribution.config import run_config
 from playpen_attribution.data import split_config
 from playpen_attribution.provenance import code_hash
+from playpen_attribution.validation import lds_batches
 
 WORKFLOW_ROOT = Path(workflow.basedir)
 RUNS = config["runs"]
@@ -152,6 +153,8 @@ def report_inputs(wildcards):
         inputs["train_scores"] = f"results/{wildcards.run}/train_scores.csv"
     if planted_count(wildcards):
         inputs["planted"] = f"results/{wildcards.run}/validation/planted_summary.csv"
+    if lds_cfg(wildcards)["subsets"]:
+        inputs["lds"] = f"results/{wildcards.run}/validation/lds.csv"
     return inputs
 
 
@@ -167,3 +170,20 @@ def planted_shards(wildcards):
         family, name = ("bergson", variant_of(method)) if is_bergson_method(method) else ("kronfluence", method)
         shards[f"planted_{method}"] = f"results/{wildcards.run}/validation/planted/{family}/{name}/shard-0.npz"
     return shards
+
+
+# LDS inputs by run.
+def lds_cfg(wildcards):
+    return run_cfg(wildcards)["validation"]["lds"]
+
+
+def lds_batch_subsets(wildcards):
+    """The subset indices one retraining job trains."""
+    cfg = lds_cfg(wildcards)
+    return lds_batches(cfg["subsets"], cfg["subsets_per_job"])[int(wildcards.batch)]
+
+
+def lds_retrain_dirs(wildcards):
+    cfg = lds_cfg(wildcards)
+    return [f"results/{wildcards.run}/validation/lds/retrain-{b}"
+            for b in range(len(lds_batches(cfg["subsets"], cfg["subsets_per_job"])))]

@@ -92,3 +92,85 @@ rule planted_audit:
         CONDA_ENV
     script:
         "../scripts/planted_audit.py"
+
+
+# LDS: retrain on random subsets (one job per `subsets_per_job`), every query's loss under each retrain, then the
+# Spearman correlation over subsets between predicted and actual effects, per method and for random scores.
+rule lds_retrain:
+    input:
+        model=base_model_dir,
+        train="results/{run}/data/tokens/train",
+    output:
+        directory("results/{run}/validation/lds/retrain-{batch}"),
+    wildcard_constraints:
+        batch=r"\d+",
+    params:
+        # only this job's subsets: adding subsets never retrains the earlier ones
+        subsets=lds_batch_subsets,
+        lds=lambda wc: {k: lds_cfg(wc)[k] for k in ("fraction", "seed")},
+        lora=lambda wc: run_cfg(wc)["lora"],
+        training=lambda wc: run_cfg(wc)["training"],
+        max_length=lambda wc: run_cfg(wc)["tokenization"]["max_length"],
+        dtype=lambda wc: run_cfg(wc)["model"]["dtype"],
+        base_model=base_model_source,
+        code=code_hash("validation", "training", "provenance", "io"),
+    log:
+        "logs/{run}/lds_retrain_{batch}.log",
+    benchmark:
+        "benchmarks/{run}/lds_retrain_{batch}.tsv"
+    threads: 2
+    resources:
+        gpu=1,
+        mem_mb=lambda wc, attempt: run_cfg(wc)["resources"]["train_mem_mb"] * attempt,
+        runtime=lambda wc, attempt: run_cfg(wc)["resources"]["train_runtime_min"] * len(lds_batch_subsets(wc)) * attempt,
+    conda:
+        CONDA_ENV
+    script:
+        "../scripts/lds_retrain.py"
+
+
+rule lds_losses:
+    input:
+        retrains=lds_retrain_dirs,
+        query="results/{run}/data/tokens/query",
+    output:
+        "results/{run}/validation/lds/query_losses.json",
+    params:
+        dtype=lambda wc: kronfluence_cfg(wc)["dtype"],
+        code=code_hash("validation", "influence", "io"),
+    log:
+        "logs/{run}/lds_losses.log",
+    benchmark:
+        "benchmarks/{run}/lds_losses.tsv"
+    resources:
+        gpu=1,
+        mem_mb=attribution_mem_mb,
+        runtime=attribution_runtime,
+    conda:
+        CONDA_ENV
+    script:
+        "../scripts/lds_losses.py"
+
+
+rule lds:
+    input:
+        losses="results/{run}/validation/lds/query_losses.json",
+        query="results/{run}/query.csv",
+        train="results/{run}/train.csv",
+        influences="results/{run}/influences.csv",
+        train_scores=lambda wc: report_inputs(wc).get("train_scores", []),
+    output:
+        lds=report("results/{run}/validation/lds.csv", caption="../report/lds.rst", category="Validation",
+                   labels={"run": "{run}", "what": "linear datamodeling score"}),
+        per_query="results/{run}/validation/lds_per_query.csv",
+    params:
+        seed=lambda wc: lds_cfg(wc)["seed"],
+        code=code_hash("validation", "report", "io"),
+    log:
+        "logs/{run}/lds.log",
+    benchmark:
+        "benchmarks/{run}/lds.tsv"
+    conda:
+        CONDA_ENV
+    script:
+        "../scripts/lds.py"

@@ -1,0 +1,62 @@
+"""Wall time of the LDS target on the demo, and the share spent outside training and scoring.
+
+Builds the demo (once), then times `snakemake --forcerun lds_retrain` of `results/demo/validation/lds.csv` on one
+core (retrains, query losses under every retrain, the LDS table), --repeats times. Inside the jobs the stages
+record the trainer's own time per retrain and the time of each loss pass (adapter load included); the rest of
+the wall time is process starts, imports, model loading for training, data copies and Snakemake itself.
+
+    uv run python bench/lds_overhead.py [--workdir DIR] [--repeats 1]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+from common import RUN, machine_line, snakemake, snakemake_command, timed  # noqa: E402
+
+TARGET = f"results/{RUN}/validation/lds.csv"
+
+
+def inside_seconds(workdir: Path) -> tuple[float, float, int]:
+    lds = workdir / "results" / RUN / "validation" / "lds"
+    train = [s for folder in sorted(lds.glob("retrain-*"))
+             for s in json.loads((folder / "subsets.json").read_text())["train_seconds"].values()]
+    losses = json.loads((lds / "query_losses.json").read_text())["loss_seconds"].values()
+    return sum(train), sum(losses), len(train)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--workdir", type=Path, help="workflow directory holding results/demo (default: a temp dir)")
+    parser.add_argument("--repeats", type=int, default=1)
+    args = parser.parse_args()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    workdir = args.workdir or Path(tempfile.mkdtemp(prefix="bench-lds-"))
+    print(f"preparing the demo in {workdir} ...", flush=True)
+    snakemake(workdir, TARGET, "--cores", "2", "--resources", "gpu=2")  # (--resources takes every word after it)
+    rows = []
+    for repeat in range(args.repeats):
+        print(f"repeat {repeat + 1}/{args.repeats}", flush=True)
+        wall = timed(snakemake_command(workdir, "--cores", "1", "--forcerun", "lds_retrain", "--", TARGET))
+        train, losses, subsets = inside_seconds(workdir)
+        rows.append((wall, train, losses, subsets))
+    wall = statistics.median(r[0] for r in rows)
+    train = statistics.median(r[1] for r in rows)
+    losses = statistics.median(r[2] for r in rows)
+    print(f"\n{machine_line()}")
+    print(f"inputs: demo run, {rows[0][3]} retrains, one core, median of {len(rows)}")
+    print(f"{'part':<28} {'s':>7} {'share':>7}")
+    for name, value in (("LDS target, wall", wall), ("training (trainer time)", train),
+                        ("query losses (load + forward)", losses), ("everything else", wall - train - losses)):
+        print(f"{name:<28} {value:>7.1f} {value / wall:>7.0%}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,9 @@
+# Thin adapter: rule lds_retrain -> playpen_attribution.validation.lds_retrain_stage
+from playpen_attribution.stage import run_stage
+from playpen_attribution.validation import lds_retrain_stage
+
+params = snakemake.params
+run_stage(snakemake, lds_retrain_stage, base_model_dir=snakemake.input.model, train_tokens_dir=snakemake.input.train,
+          out_dir=snakemake.output[0], subsets=params.subsets, fraction=params.lds["fraction"],
+          seed=params.lds["seed"], lora=params.lora, training=params.training, max_length=params.max_length,
+          dtype=params.dtype, base_model_source=params.base_model)
