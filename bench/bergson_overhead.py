@@ -13,26 +13,19 @@ Ratios are against `bare`, measured in one run (the machine is shared: compare r
 
 from __future__ import annotations
 
-import argparse
-import os
 import shutil
 import sys
 import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import RUN, demo_paths, demo_settings, print_table, snakemake, snakemake_command, timed  # noqa: E402
+from common import RUN, bench_arguments, demo_paths, demo_settings, print_table, snakemake, snakemake_command, timed  # noqa: E402
 
 VARIANT = "cosine"
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--workdir", type=Path, help="workflow directory holding results/demo (default: a temp dir)")
-    parser.add_argument("--repeats", type=int, default=3)
-    args = parser.parse_args()
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    workdir = args.workdir or Path(tempfile.mkdtemp(prefix="bench-bergson-"))
+    args, workdir = bench_arguments(__doc__, 3, "bench-bergson-")
     paths = demo_paths(workdir)
     settings = demo_settings()
     shards, bergson = settings["shards"], settings["bergson"]

@@ -14,6 +14,22 @@ REPO = Path(__file__).resolve().parents[1]
 RUN = "demo"
 
 
+def bench_arguments(doc: str, repeats: int, prefix: str, extra=None):
+    """The benchmarks' shared command line (--workdir, --repeats, plus `extra(parser)`); returns the arguments and
+    the workflow directory (a new temporary one unless --workdir is given). Hub access is switched off."""
+    import argparse
+    import tempfile
+
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--workdir", type=Path, help="workflow directory holding results/demo (default: a temp dir)")
+    parser.add_argument("--repeats", type=int, default=repeats)
+    if extra:
+        extra(parser)
+    args = parser.parse_args()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    return args, args.workdir or Path(tempfile.mkdtemp(prefix=prefix))
+
+
 def snakemake_command(workdir: Path, *args: str) -> list[str]:
     return [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "--directory", str(workdir), *args]
 

@@ -14,15 +14,12 @@ Ratios are against `bare`, measured in one run (the machine is shared: compare r
 
 from __future__ import annotations
 
-import argparse
 import json
-import os
 import sys
-import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import RUN, demo_paths, demo_settings, print_table, snakemake, snakemake_command, timed  # noqa: E402
+from common import RUN, bench_arguments, demo_paths, demo_settings, print_table, snakemake, snakemake_command, timed  # noqa: E402
 
 
 BARE = r"""
@@ -102,13 +99,8 @@ with tempfile.TemporaryDirectory() as out:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--workdir", type=Path, help="workflow directory holding results/demo (default: a temp dir)")
-    parser.add_argument("--strategy", default="ekfac", choices=["diagonal", "kfac", "ekfac"])
-    parser.add_argument("--repeats", type=int, default=3)
-    args = parser.parse_args()
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    workdir = args.workdir or Path(tempfile.mkdtemp(prefix="bench-kronfluence-"))
+    args, workdir = bench_arguments(__doc__, 3, "bench-kronfluence-", extra=lambda parser: parser.add_argument(
+        "--strategy", default="ekfac", choices=["diagonal", "kfac", "ekfac"]))
     paths = demo_paths(workdir)
     adapter, train_dir, query_dir = paths["adapter"], paths["train"], paths["query"]
     print(f"preparing the demo inputs in {workdir} ...", flush=True)

@@ -10,16 +10,13 @@ the wall time is process starts, imports, model loading for training, data copie
 
 from __future__ import annotations
 
-import argparse
 import json
-import os
 import statistics
 import sys
-import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import RUN, machine_line, snakemake, snakemake_command, timed  # noqa: E402
+from common import RUN, bench_arguments, machine_line, snakemake, snakemake_command, timed  # noqa: E402
 
 TARGET = f"results/{RUN}/validation/lds.csv"
 
@@ -33,12 +30,7 @@ def inside_seconds(workdir: Path) -> tuple[float, float, int]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--workdir", type=Path, help="workflow directory holding results/demo (default: a temp dir)")
-    parser.add_argument("--repeats", type=int, default=1)
-    args = parser.parse_args()
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    workdir = args.workdir or Path(tempfile.mkdtemp(prefix="bench-lds-"))
+    args, workdir = bench_arguments(__doc__, 1, "bench-lds-")
     print(f"preparing the demo in {workdir} ...", flush=True)
     snakemake(workdir, TARGET, "--cores", "2", "--resources", "gpu=2")  # (--resources takes every word after it)
     rows = []

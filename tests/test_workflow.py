@@ -132,7 +132,8 @@ def test_demo_report_puts_the_planted_copy_first(demo_workdir):
     section = page.split(f"<h3>{query_id} ")[1].split("<h3>")[0]
     assert section.index(copy.train_id) < section.index("</tr>", section.index("<td"))  # first row of the table
     assert "Per-token scores of " + copy.train_id in section  # EK-FAC per-token scores on its text
-    assert page.count("data:image/png;base64,") == 2 and "http" not in page.split("</style>")[0]
+    # agreement, score distributions and the LDS chart, inline
+    assert page.count("data:image/png;base64,") == 3 and "http" not in page.split("</style>")[0]
 
 
 def test_planted_copies_rank_first_for_every_method(demo_workdir):

@@ -338,7 +338,7 @@ def lds_chart(lds: pd.DataFrame) -> str:
     colours = ["#bbbbbb" if m == "random" else "#4477aa" for m in lds.method]
     ax.bar(lds.method, lds.lds, yerr=lds.ci95, capsize=4, color=colours)
     ax.axhline(0, color="grey", lw=0.8)
-    ax.set_ylabel("LDS (mean Spearman over queries)")
+    ax.set_ylabel("mean LDS (Spearman)")
     ax.tick_params(axis="x", labelrotation=25)
     fig.tight_layout()
     buffer = io.BytesIO()
