@@ -155,3 +155,17 @@ def test_per_token_scores_are_drawn_on_the_tokens(tmp_path):
     assert page.count("Per-token scores of") == 9
     assert re.search(r'<span class="tok" style="background:rgba\(0,150,60,1.00\)" title="[^"]+">honey</span>', page)
     assert "per-token scores</td><td>ekfac" in page
+
+
+def test_tables_that_do_not_belong_together_are_refused_by_name(tmp_path):
+    paths, _, _ = tables(tmp_path, np.random.default_rng(5))
+    train = pd.read_csv(paths["train"])
+    pd.concat([train, train.iloc[[2]]]).to_csv(paths["train"], index=False)
+    with pytest.raises(ValueError, match=r"train\.csv: train_id t2 appears twice"):
+        build_report(query_csv=paths["query"], train_csv=paths["train"], influences_csv=paths["influences"],
+                     out_dir=tmp_path / "report")
+    train.iloc[:-1].to_csv(paths["train"], index=False)  # scores of t7 but no such row
+    with pytest.raises(ValueError, match=r"scores train ids missing from train\.csv, e\.g\. \['t7'\]"):
+        build_report(query_csv=paths["query"], train_csv=paths["train"], influences_csv=paths["influences"],
+                     out_dir=tmp_path / "report")
+    assert not (tmp_path / "report" / "index.html").exists()

@@ -66,3 +66,21 @@ def test_lds_of_the_true_additive_effects_is_one():
     np.testing.assert_allclose(lds_scores(-effects, membership, actual), -1.0)
     noisy = lds_scores(effects + rng.normal(scale=3.0, size=effects.shape), membership, actual)
     assert (noisy < 1).all()
+
+
+def test_lds_refuses_losses_of_other_queries(tmp_path):
+    import json
+
+    import pandas as pd
+    import pytest
+
+    from playpen_attribution.validation import lds_stage
+
+    pd.DataFrame({"query_id": ["q0", "q1"], "prompt": "p", "completion": "c"}).to_csv(tmp_path / "query.csv",
+                                                                                      index=False)
+    pd.DataFrame({"train_id": TRAIN, "prompt": "p", "completion": "c"}).to_csv(tmp_path / "train.csv", index=False)
+    (tmp_path / "losses.json").write_text(json.dumps({"query_ids": ["q0", "q9"], "subsets": {}}))
+    with pytest.raises(ValueError, match=r"losses\.json holds losses of other queries than .*query\.csv; rerun lds_losses"):
+        lds_stage(tmp_path / "query.csv", tmp_path / "train.csv", tmp_path / "influences.csv", tmp_path / "losses.json",
+                  tmp_path / "lds.csv", tmp_path / "per_query.csv", random_seed=0)
+    assert not (tmp_path / "lds.csv").exists()

@@ -173,8 +173,12 @@ def test_ekfac_lds_beats_random_scores_by_more_than_twice_the_intervals(demo_wor
     train = pd.read_csv(demo_workdir / "results" / "demo" / "train.csv")
     subsets = {}
     for batch in (0, 1):
-        record = json.loads((validation / "lds" / f"retrain-{batch}" / "subsets.json").read_text())
+        folder = validation / "lds" / f"retrain-{batch}"
+        record = json.loads((folder / "subsets.json").read_text())
         subsets.update(record["subsets"])
+        # only the adapters and their record: no trainer scratch or token copies left behind
+        assert {p.name for p in folder.iterdir()} - {".snakemake_timestamp"} == {
+            "subsets.json", *(f"subset-{s}" for s in record["subsets"])}
     assert sorted(map(int, subsets)) == list(range(10))
     assert all(len(rows) == round(len(train) / 2) and set(rows) <= set(train.train_id) for rows in subsets.values())
     assert len({tuple(rows) for rows in subsets.values()}) == 10

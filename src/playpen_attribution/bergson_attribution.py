@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from playpen_attribution.io import atomic_path, write_json_atomic
+from playpen_attribution.io import atomic_path, write_csv_atomic, write_json_atomic
 
 log = logging.getLogger(__name__)
 
@@ -228,8 +228,7 @@ def merge_train_scores_stage(train_rows, train_tokens_dir, shards_by_method: dic
         frame["rank"] = frame.score.rank(ascending=False, method="first").astype(int)
         frames.append(frame.sort_values("rank"))
     table = pd.concat(frames, ignore_index=True).merge(metadata, on="train_id", how="left")
-    with atomic_path(out_csv) as tmp:
-        table.to_csv(tmp, index=False)
+    write_csv_atomic(table, out_csv)
     write_json_atomic({"skipped_rows": skipped,
                        "why": "Bergson gives no gradient to a row with fewer than two tokens"}, out_report)
     for method, ids in skipped.items():

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from playpen_attribution.io import atomic_path
+from playpen_attribution.io import atomic_path, write_csv_atomic
 
 log = logging.getLogger(__name__)
 
@@ -76,11 +76,21 @@ def target_word(prompt, completion, role: str | None, outcome: str | None) -> st
 
 def with_target_words(rows: pd.DataFrame) -> pd.DataFrame:
     rows = rows.copy()
-    rows["target_word"] = [
-        target_word(p, c, r.get("game_role"), r.get("outcome"))
-        for p, c, r in zip(rows["prompt"], rows["completion"], rows.to_dict("records"))
-    ]
+    rows["target_word"] = [target_word(r["prompt"], r["completion"], r.get("game_role"), r.get("outcome"))
+                           for r in rows.to_dict("records")]
     return rows
+
+
+def read_run_tables(query_csv, train_csv) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """`query.csv` and `train.csv` with string ids; ids must be unique (scores are matched to rows by id)."""
+    tables = []
+    for path, column in ((query_csv, "query_id"), (train_csv, "train_id")):
+        frame = pd.read_csv(path, dtype={column: str})
+        if frame[column].duplicated().any():
+            dup = frame.loc[frame[column].duplicated(), column].iloc[0]
+            raise ValueError(f"{path}: {column} {dup} appears twice; ids must be unique (rebuild {Path(path).name})")
+        tables.append(frame)
+    return tables[0], tables[1]
 
 
 @dataclass
@@ -123,9 +133,8 @@ def load_method_scores(influences_csv, query_ids: list[str], train_ids: list[str
         if method in reduced:
             overall, source = reduced[method], "score against the reduced (mean) query gradient (train_scores.csv)"
         else:
-            with np.errstate(invalid="ignore"):
-                overall = np.nanmean(np.where(np.isnan(matrix).all(0, keepdims=True), 0.0, matrix), axis=0)
-            overall[np.isnan(matrix).all(0)] = np.nan
+            scored = (~np.isnan(matrix)).sum(axis=0)  # a row no query scored stays NaN
+            overall = np.where(scored > 0, np.nansum(matrix, axis=0) / np.maximum(scored, 1), np.nan)
             source = "mean of the per-query scores"
         methods[method] = MethodScores(method, matrix, overall, source)
     return methods
@@ -133,8 +142,7 @@ def load_method_scores(influences_csv, query_ids: list[str], train_ids: list[str
 
 def descending_ranks(scores: np.ndarray) -> np.ndarray:
     """Rank 1 = highest score; ties broken by row order; NaN (unscored) rows get no rank (NaN)."""
-    ranks = pd.Series(scores).rank(ascending=False, method="first").to_numpy()
-    return ranks
+    return pd.Series(scores).rank(ascending=False, method="first").to_numpy()
 
 
 def top_and_bottom(methods: dict[str, MethodScores], query_ids: list[str], train: pd.DataFrame,
@@ -179,7 +187,7 @@ def topk_overlap(a: np.ndarray, b: np.ndarray, k: int) -> float:
     return len(ta & tb) / max(1, min(k, len(ta), len(tb)))
 
 
-def _mean_and_halfwidth(values: list[float]) -> tuple[float, float]:
+def mean_and_halfwidth(values: list[float]) -> tuple[float, float]:
     """Mean and the 95% interval half-width (normal approximation) of the finite values."""
     x = np.asarray([v for v in values if np.isfinite(v)])
     if len(x) == 0:
@@ -196,7 +204,7 @@ def agreement(methods: dict[str, MethodScores], k: int) -> pd.DataFrame:
         for b, mb in methods.items():
             rhos = [spearman(x, y) for x, y in zip(ma.per_query, mb.per_query)]
             overlaps = [topk_overlap(x, y, k) for x, y in zip(ma.per_query, mb.per_query)]
-            rho, half = _mean_and_halfwidth(rhos)
+            rho, half = mean_and_halfwidth(rhos)
             records.append({"method_a": a, "method_b": b, "queries": int(np.isfinite(rhos).sum()),
                             "mean_query_spearman": rho, "query_spearman_ci95": half,
                             f"mean_query_top{k}_overlap": float(np.mean(overlaps)) if overlaps else float("nan"),
@@ -218,7 +226,7 @@ def plain_counterpart(method: str, methods) -> str | None:
     return plain if plain in methods else None
 
 
-def preconditioner_stability(agree: pd.DataFrame, methods, k: int) -> pd.DataFrame:
+def preconditioner_stability(agree: pd.DataFrame, methods) -> pd.DataFrame:
     """The second seed's question in one table: how stable are rankings with and without the preconditioner."""
     pairs = [(m, plain_counterpart(m, methods)) for m in methods]
     rows = []
@@ -284,13 +292,37 @@ def _token_html(tokens: list[str], scores: list[float]) -> str:
 # ---------------------------------------------------------------------------------------------------------
 # plots
 # ---------------------------------------------------------------------------------------------------------
-def plot_score_distributions(methods: dict[str, MethodScores], path) -> None:
-    """One histogram per method of the scores against the whole query set (scales differ between methods)."""
+def _pyplot():
+    """matplotlib's pyplot on the file-only backend (no display on cluster nodes)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def _png(fig) -> bytes:
+    """The figure as PNG bytes, closed; metadata pinned so the same scores give the same bytes."""
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=110, metadata={"Software": None})
+    _pyplot().close(fig)
+    return buffer.getvalue()
+
+
+def _save_figure(fig, path) -> None:
+    png = _png(fig)
+    with atomic_path(path) as tmp:
+        Path(tmp).write_bytes(png)
+
+
+def _img(png: bytes, alt: str) -> str:
+    return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{base64.b64encode(png).decode()}">'
+
+
+def plot_score_distributions(methods: dict[str, MethodScores], path) -> None:
+    """One histogram per method of the scores against the whole query set (scales differ between methods)."""
+    plt = _pyplot()
     n = len(methods)
     fig, axes = plt.subplots(1, n, figsize=(3.6 * n, 2.8), squeeze=False)
     for ax, (method, ms) in zip(axes[0], methods.items()):
@@ -306,11 +338,7 @@ def plot_score_distributions(methods: dict[str, MethodScores], path) -> None:
 
 def plot_agreement(agree: pd.DataFrame, methods: list[str], path) -> None:
     """Heat map of the mean per-query Spearman between every pair of methods."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     matrix = (agree.pivot(index="method_a", columns="method_b", values="mean_query_spearman")
               .reindex(index=methods, columns=methods).to_numpy(float))
     size = 1.2 + 0.9 * len(methods)
@@ -329,31 +357,14 @@ def plot_agreement(agree: pd.DataFrame, methods: list[str], path) -> None:
 
 def lds_chart(lds: pd.DataFrame) -> str:
     """Bar chart of the mean LDS per method with its 95% interval, as an inline <img>."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(1.6 + 1.3 * len(lds), 3.2))
+    fig, ax = _pyplot().subplots(figsize=(1.6 + 1.3 * len(lds), 3.2))
     colours = ["#bbbbbb" if m == "random" else "#4477aa" for m in lds.method]
     ax.bar(lds.method, lds.lds, yerr=lds.ci95, capsize=4, color=colours)
     ax.axhline(0, color="grey", lw=0.8)
     ax.set_ylabel("mean LDS (Spearman)")
     ax.tick_params(axis="x", labelrotation=25)
     fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=110, metadata={"Software": None})
-    plt.close(fig)
-    return f'<img alt="lds" src="data:image/png;base64,{base64.b64encode(buffer.getvalue()).decode()}">'
-
-
-def _save_figure(fig, path) -> None:
-    import matplotlib.pyplot as plt
-
-    with atomic_path(path) as tmp:
-        # metadata pinned so the same scores give the same bytes
-        fig.savefig(tmp, format="png", dpi=110, metadata={"Software": None})
-    plt.close(fig)
+    return _img(_png(fig), "lds")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -372,15 +383,10 @@ details{margin:.4em 0}summary{cursor:pointer;font-weight:600}
 """
 
 
-def _img(path) -> str:
-    data = base64.b64encode(Path(path).read_bytes()).decode()
-    return f'<img alt="{html.escape(Path(path).stem)}" src="data:image/png;base64,{data}">'
-
-
 def _fmt(value) -> str:
     if isinstance(value, float):
         return "" if np.isnan(value) else f"{value:.4g}"
-    return "" if value is None or (isinstance(value, float) and np.isnan(value)) else str(value)
+    return "" if value is None else str(value)
 
 
 def _table(frame: pd.DataFrame, text_columns=("prompt", "completion"), highlight=None) -> str:
@@ -424,7 +430,7 @@ def render_page(*, title: str, summary: dict, methods: dict[str, MethodScores], 
                  + "<a href='#distributions'>Score distributions</a> · "
                  "<a href='#overall'>Episodes against all queries</a> · <a href='#per-query'>Per query</a></p>")
     parts.append("<h2 id='agreement'>How far the methods agree</h2>")
-    parts.append(_img(plots["agreement"]))
+    parts.append(_img(Path(plots["agreement"]).read_bytes(), "agreement"))
     order = {m: i for i, m in enumerate(methods)}
     pairs = agree[[order[a] < order[b] for a, b in zip(agree.method_a, agree.method_b)]]  # each pair once
     parts.append(_table(pairs.round(4), text_columns=()))
@@ -452,7 +458,7 @@ def render_page(*, title: str, summary: dict, methods: dict[str, MethodScores], 
         parts.append(lds_chart(lds))
         parts.append(_table(lds.round(4), text_columns=()))
     parts.append("<h2 id='distributions'>Score distributions</h2>")
-    parts.append(_img(plots["distributions"]))
+    parts.append(_img(Path(plots["distributions"]).read_bytes(), "score distributions"))
 
     parts.append(f"<h2 id='overall'>Most and least influential episodes against all queries (k = {k})</h2>")
     for method in methods:
@@ -498,11 +504,7 @@ def build_report(*, query_csv, train_csv, influences_csv, out_dir, train_scores_
     """Rule `report`: every file of `report/` from the merged tables; returns their paths."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    queries = with_target_words(pd.read_csv(query_csv, dtype={"query_id": str}))
-    train = with_target_words(pd.read_csv(train_csv, dtype={"train_id": str}))
-    if train["train_id"].duplicated().any():
-        dup = train.loc[train["train_id"].duplicated(), "train_id"].iloc[0]
-        raise ValueError(f"{train_csv}: train_id {dup} appears twice; ids must be unique (rebuild train.csv)")
+    queries, train = (with_target_words(frame) for frame in read_run_tables(query_csv, train_csv))
     query_ids, train_ids = queries["query_id"].tolist(), train["train_id"].tolist()
     methods = load_method_scores(influences_csv, query_ids, train_ids, train_scores_csv)
     if not methods:
@@ -513,11 +515,10 @@ def build_report(*, query_csv, train_csv, influences_csv, out_dir, train_scores_
                                                "score_distributions.png", "agreement.png", "index.html")}
     episodes = top_and_bottom(methods, query_ids, train, queries, top_k)
     agree = agreement(methods, top_k)
-    stability = preconditioner_stability(agree, methods, top_k)
+    stability = preconditioner_stability(agree, methods)
     for frame, name in ((episodes, "top_episodes.csv"), (agree, "agreement.csv"),
                         (stability, "preconditioner_stability.csv")):
-        with atomic_path(paths[name]) as tmp:
-            frame.to_csv(tmp, index=False)
+        write_csv_atomic(frame, paths[name])
     plot_score_distributions(methods, paths["score_distributions.png"])
     plot_agreement(agree, list(methods), paths["agreement.png"])
 

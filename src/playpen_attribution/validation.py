@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from playpen_attribution.io import atomic_path, write_json_atomic
+from playpen_attribution.io import atomic_path, write_csv_atomic, write_json_atomic
 
 log = logging.getLogger(__name__)
 
@@ -76,11 +76,10 @@ def planted_audit_stage(query_csv, train_csv, influences_csv, copies_dir, shards
     """Rule `planted_audit`: the rank of every copy for every method, and recall@1 / recall@10 per method."""
     import datasets
 
-    from playpen_attribution.report import load_method_scores
+    from playpen_attribution.report import load_method_scores, read_run_tables
     from playpen_attribution.tables import load_shards
 
-    queries = pd.read_csv(query_csv, dtype={"query_id": str})
-    train = pd.read_csv(train_csv, dtype={"train_id": str})
+    queries, train = read_run_tables(query_csv, train_csv)
     query_ids, train_ids = queries["query_id"].tolist(), train["train_id"].tolist()
     copies = datasets.load_from_disk(str(copies_dir))
     copy_ids = list(copies["row_id"])
@@ -103,10 +102,8 @@ def planted_audit_stage(query_csv, train_csv, influences_csv, copies_dir, shards
                     recall_at_10=("rank", lambda r: float((r <= 10).mean())), median_rank=("rank", "median"),
                     worst_rank=("rank", "max"))
                .reset_index())
-    with atomic_path(out_csv) as tmp:
-        table.to_csv(tmp, index=False)
-    with atomic_path(out_summary) as tmp:
-        summary.to_csv(tmp, index=False)
+    write_csv_atomic(table, out_csv)
+    write_csv_atomic(summary, out_summary)
     for row in summary.itertuples(index=False):
         log.info("%s: recall@1 %.2f, recall@10 %.2f, worst rank %s", row.method, row.recall_at_1, row.recall_at_10,
                  row.worst_rank)
@@ -146,8 +143,7 @@ def lds_retrain_stage(base_model_dir, train_tokens_dir, out_dir, *, subsets: lis
             tokens = Path(tmp) / f".tokens-{subset}"
             train.select([index[r] for r in rows]).save_to_disk(str(tokens))
             train_adapter(base_model_dir, tokens, Path(tmp) / f"subset-{subset}", lora=lora, training=training,
-                          max_length=max_length, dtype=dtype, base_model_source=base_model_source,
-                          work_dir=Path(tmp) / f".trainer-{subset}")
+                          max_length=max_length, dtype=dtype, base_model_source=base_model_source)
             shutil.rmtree(tokens)
             record["subsets"][str(subset)] = rows
             # the trainer's own time, so a benchmark can tell training from process start and I/O
@@ -190,10 +186,9 @@ def lds_scores(per_query: np.ndarray, membership: np.ndarray, actual: np.ndarray
 def lds_stage(query_csv, train_csv, influences_csv, losses_json, out_csv, out_per_query, *, random_seed: int,
               train_scores_csv=None) -> None:
     """Rule `lds`: mean LDS over queries with a 95% interval, per method and for random scores."""
-    from playpen_attribution.report import _mean_and_halfwidth, load_method_scores
+    from playpen_attribution.report import load_method_scores, mean_and_halfwidth, read_run_tables
 
-    queries = pd.read_csv(query_csv, dtype={"query_id": str})
-    train = pd.read_csv(train_csv, dtype={"train_id": str})
+    queries, train = read_run_tables(query_csv, train_csv)
     query_ids, train_ids = queries["query_id"].tolist(), train["train_id"].tolist()
     losses = json.loads(Path(losses_json).read_text())
     if losses["query_ids"] != query_ids:
@@ -210,14 +205,12 @@ def lds_stage(query_csv, train_csv, influences_csv, losses_json, out_csv, out_pe
     rows, per_query = [], []
     for method, scores in methods.items():
         values = lds_scores(scores, membership, actual)
-        mean, half = _mean_and_halfwidth(list(values))
+        mean, half = mean_and_halfwidth(list(values))
         rows.append({"method": method, "lds": mean, "ci95": half, "queries": int(np.isfinite(values).sum()),
                      "subsets": len(order)})
         per_query += [{"method": method, "query_id": q, "lds": v} for q, v in zip(query_ids, values)]
-    with atomic_path(out_csv) as tmp:
-        pd.DataFrame(rows).to_csv(tmp, index=False)
-    with atomic_path(out_per_query) as tmp:
-        pd.DataFrame(per_query).to_csv(tmp, index=False)
+    write_csv_atomic(pd.DataFrame(rows), out_csv)
+    write_csv_atomic(pd.DataFrame(per_query), out_per_query)
     for row in rows:
         log.info("LDS %s: %.3f ± %.3f over %d queries, %d subsets", row["method"], row["lds"], row["ci95"],
                  row["queries"], row["subsets"])

@@ -92,6 +92,15 @@ def kronfluence_cfg(wildcards):
     return run_cfg(wildcards)["attribution"]["kronfluence"]
 
 
+def kronfluence_score_settings(wildcards, per_token=None):
+    """What a Kronfluence scoring job uses; `per_token` overrides the run's per_token_scores."""
+    cfg = kronfluence_cfg(wildcards)
+    settings = {k: cfg[k] for k in ("train_batch_size", "per_token_scores", "dtype", "damping_factor")}
+    if per_token is not None:
+        settings["per_token_scores"] = per_token
+    return settings
+
+
 def hessian_dataset(wildcards):
     path = kronfluence_cfg(wildcards)["hessian_dataset"]
     return resolve(path) if path else f"results/{wildcards.run}/data/tokens/train"
@@ -140,6 +149,13 @@ def bergson_hessian(wildcards):
 
 
 # Report inputs by run.
+def train_scores_input(wildcards):
+    """{"train_scores": path} where the run has Bergson variants (their reduced-query scores), else {}."""
+    if any(map(is_bergson_method, run_cfg(wildcards)["attribution"]["methods"])):
+        return {"train_scores": f"results/{wildcards.run}/train_scores.csv"}
+    return {}
+
+
 def report_inputs(wildcards):
     inputs = {
         "query": f"results/{wildcards.run}/query.csv",
@@ -149,8 +165,7 @@ def report_inputs(wildcards):
         "train_tokens": f"results/{wildcards.run}/data/tokens/train",
         "model": f"results/{wildcards.run}/adapter",
     }
-    if any(map(is_bergson_method, run_cfg(wildcards)["attribution"]["methods"])):
-        inputs["train_scores"] = f"results/{wildcards.run}/train_scores.csv"
+    inputs.update(train_scores_input(wildcards))
     if planted_count(wildcards):
         inputs["planted"] = f"results/{wildcards.run}/validation/planted_summary.csv"
     if lds_cfg(wildcards)["subsets"]:

@@ -43,10 +43,7 @@ rule kronfluence_scores:
         shard=r"\d+",
     params:
         shards=shard_count,
-        kronfluence=lambda wc: {
-            k: kronfluence_cfg(wc)[k]
-            for k in ("train_batch_size", "per_token_scores", "dtype", "damping_factor")
-        },
+        kronfluence=kronfluence_score_settings,
         code=code_hash("influence", "tables", "io"),
     log:
         "logs/{run}/kronfluence_scores_{strategy}_{shard}.log",

@@ -35,10 +35,7 @@ use rule kronfluence_scores as planted_kronfluence_scores with:
     params:
         shards=1,
         # per-token scores of the copies are not needed for their rank
-        kronfluence=lambda wc: {
-            **{k: kronfluence_cfg(wc)[k] for k in ("train_batch_size", "dtype", "damping_factor")},
-            "per_token_scores": False,
-        },
+        kronfluence=lambda wc: kronfluence_score_settings(wc, per_token=False),
         code=code_hash("influence", "tables", "io"),
     log:
         "logs/{run}/planted_kronfluence_scores_{strategy}_{shard}.log",
@@ -72,11 +69,11 @@ use rule bergson_scores as planted_bergson_scores with:
 rule planted_audit:
     input:
         unpack(planted_shards),
+        unpack(train_scores_input),
         query="results/{run}/query.csv",
         train="results/{run}/train.csv",
         influences="results/{run}/influences.csv",
         copies="results/{run}/validation/planted/tokens",
-        train_scores=lambda wc: report_inputs(wc).get("train_scores", []),
     output:
         planted="results/{run}/validation/planted.csv",
         summary=report("results/{run}/validation/planted_summary.csv", caption="../report/planted.rst",
@@ -154,11 +151,11 @@ rule lds_losses:
 
 rule lds:
     input:
+        unpack(train_scores_input),
         losses="results/{run}/validation/lds/query_losses.json",
         query="results/{run}/query.csv",
         train="results/{run}/train.csv",
         influences="results/{run}/influences.csv",
-        train_scores=lambda wc: report_inputs(wc).get("train_scores", []),
     output:
         lds=report("results/{run}/validation/lds.csv", caption="../report/lds.rst", category="Validation",
                    labels={"run": "{run}", "what": "linear datamodeling score"}),
