@@ -94,7 +94,9 @@ with tempfile.TemporaryDirectory() as out:
     for shard in range(a["shards"]):
         score_shard_stage(adapter, factors, query_dir, train_dir, Path(out) / f"shard-{shard}.npz", shard=shard,
                           shards=a["shards"], train_batch_size=kf["train_batch_size"],
-                          per_token=kf["per_token_scores"], dtype=kf["dtype"], damping_factor=kf["damping_factor"])
+                          query_batch_size=kf["query_batch_size"], query_gradient_rank=kf["query_gradient_rank"],
+                          per_token=kf["per_token_scores"], per_token_max_gb=kf["per_token_max_gb"],
+                          dtype=kf["dtype"], damping_factor=kf["damping_factor"])
 """
 
 

@@ -55,9 +55,23 @@ def demo_tables(tmp_path_factory, sample_source):
     return out, report
 
 
+def project_copy(dest):
+    """A copy of the project's files (what a clone holds: tracked and new, unignored files), to run the workflow
+    in its own root as a user does; the package itself is imported from this environment."""
+    listed = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z"], cwd=REPO,
+                            capture_output=True, check=True).stdout.decode().split("\0")
+    for name in filter(None, listed):
+        if (REPO / name).is_file() and not name.startswith(("tests/", "src/")):
+            (dest / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(REPO / name, dest / name)
+    return dest
+
+
 def snakemake(workdir, *args, check=True, timeout=900):
-    """Run the repository's workflow with `workdir` as working directory, in this Python environment."""
-    cmd = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "--directory", str(workdir),
+    """Run the workflow with `workdir` as working directory, in this Python environment: the Snakefile of the
+    project copy in `workdir` if it holds one, else the repository's."""
+    snakefile = workdir / "Snakefile" if (workdir / "Snakefile").is_file() else REPO / "Snakefile"
+    cmd = [sys.executable, "-m", "snakemake", "-s", str(snakefile), "--directory", str(workdir),
            "--cores", "2", *args]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env={**os.environ})
     if check and proc.returncode != 0:

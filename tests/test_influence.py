@@ -1,12 +1,15 @@
 """Kronfluence influence scores: exact against independent gradients, the sign, per-token sums,
 planted copies, shards, factor provenance."""
 
+import shutil
+
 import datasets
 import numpy as np
 import pytest
 import torch
 
-from playpen_attribution.influence import FactorsError, fit_factors, per_token_lists, score_pairs, score_shard_stage
+from playpen_attribution.influence import FactorsError, fit_factors, score_pairs, score_shard_stage
+from playpen_attribution.scores import per_token_lists
 from playpen_attribution.tables import load_shards
 
 from conftest import independent_gradients, train_demo_adapter
@@ -83,13 +86,14 @@ def test_planted_copy_of_a_query_is_in_the_top_3_for_ekfac(demo_adapter, factors
         assert "copy-of-" + query[q]["row_id"] in top3, top3
 
 
-def test_shards_merged_equal_one_unsharded_run(demo_adapter, factors, demo_tokens, tmp_path):
+def test_shards_and_query_batches_merged_equal_one_unsharded_single_batch_run(demo_adapter, factors, demo_tokens,
+                                                                             tmp_path):
     common = dict(model_dir=demo_adapter, factors_dir=factors["ekfac"], query_tokens_dir=demo_tokens / "query",
-                  train_tokens_dir=demo_tokens / "train", train_batch_size=8, per_token=False, dtype="float32",
-                  damping_factor=1e-8)
-    score_shard_stage(out_path=tmp_path / "all.npz", shard=0, shards=1, **common)
-    for i in range(3):
-        score_shard_stage(out_path=tmp_path / f"shard-{i}.npz", shard=i, shards=3, **common)
+                  train_tokens_dir=demo_tokens / "train", train_batch_size=8, query_gradient_rank=None,
+                  per_token=False, per_token_max_gb=4.0, dtype="float32", damping_factor=1e-8)
+    score_shard_stage(out_path=tmp_path / "all.npz", shard=0, shards=1, query_batch_size=None, **common)
+    for i in range(3):  # 27 queries in batches of 5: the last batch is partial
+        score_shard_stage(out_path=tmp_path / f"shard-{i}.npz", shard=i, shards=3, query_batch_size=5, **common)
     merged = load_shards([tmp_path / f"shard-{i}.npz" for i in range(3)])
     whole = load_shards([tmp_path / "all.npz"])
     assert merged["train_ids"] == whole["train_ids"] and merged["query_ids"] == whole["query_ids"]
@@ -110,8 +114,13 @@ def test_same_inputs_give_the_same_factors(demo_adapter, demo_tokens, factors, t
 def test_factors_from_another_model_are_refused(demo_adapter, factors, tokens, tiny_model_dir, demo_tokens, tmp_path):
     query, train = tokens
     other = train_demo_adapter(tiny_model_dir, demo_tokens, tmp_path / "other", seed=1, epochs=1)
-    with pytest.raises(FactorsError, match=r"fitted on a different model:\n  model: factors have .*\n  weights_hash"):
+    # a local model is known by its weights (not its path, so a moved project keeps its factors)
+    with pytest.raises(FactorsError, match=r"fitted on a different model:\n  weights_hash: factors have '\w+', "
+                                           r"the model has '\w+'"):
         score_pairs(str(other), factors["ekfac"], query.select([0]), train.select([0]))
+    moved = tmp_path / "moved-adapter"
+    shutil.copytree(demo_adapter, moved)
+    assert score_pairs(str(moved), factors["ekfac"], query.select([0]), train.select([0]))["scores"].shape == (1, 1)
 
 
 def test_missing_or_incomplete_factors_are_refused(demo_adapter, factors, tokens, tmp_path):

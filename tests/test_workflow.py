@@ -9,11 +9,12 @@ import subprocess
 import pytest
 import yaml
 
-from conftest import REPO, snakemake
+from conftest import REPO, project_copy, snakemake
 
 pytestmark = pytest.mark.slow
 DEMO_TARGETS = ("results/demo/influences.csv", "results/demo/train_scores.csv", "results/demo/report/index.html")
 EVERY_STAGE = {"fetch_base_model", "prepare_data", "tokenize", "train_adapter", "fit_factors", "kronfluence_scores",
+               "query_losses",
                "bergson_query_gradients", "bergson_hessian", "bergson_mix", "bergson_reduce", "bergson_scores",
                "merge_influences", "merge_train_scores", "report", "planted_copies", "planted_kronfluence_scores",
                "planted_bergson_scores", "planted_audit", "lds_retrain", "lds_losses", "lds"}
@@ -37,7 +38,8 @@ def overlay(workdir, name, runs):
 
 @pytest.fixture(scope="module")
 def demo_workdir(tmp_path_factory):
-    workdir = tmp_path_factory.mktemp("demo-run")
+    # the demo in a copy of the project, run from its own root as a user runs it
+    workdir = project_copy(tmp_path_factory.mktemp("demo-run"))
     # rule all: influences.csv, train_scores.csv and the report of the demo. No GPU here: the profile's gpu=1
     # counter would only run the CPU-bound attribution jobs one at a time.
     snakemake(workdir, "--resources", "gpu=2")
@@ -204,6 +206,27 @@ def test_second_run_builds_nothing(demo_workdir):
     assert planned_jobs(snakemake(demo_workdir, "-n")) == {}
 
 
+def test_a_moved_copy_of_the_project_rebuilds_nothing_and_its_adapter_still_loads(demo_workdir, tmp_path,
+                                                                                 monkeypatch):
+    from playpen_attribution.modeling import load_model
+
+    moved = tmp_path / "elsewhere" / "project"
+    shutil.copytree(demo_workdir, moved, symlinks=True)  # results/ and .snakemake/ too, modification times kept
+    assert planned_jobs(snakemake(moved, "-n")) == {}
+    adapter = moved / "results/demo/adapter"
+    assert json.loads((adapter / "adapter_config.json").read_text())["base_model_name_or_path"] == "../base_model"
+    # the copy loads its own base model, from any directory, with the original's out of the way
+    original = demo_workdir / "results/demo/base_model"
+    hidden = original.with_name("base_model.hidden")
+    original.rename(hidden)
+    try:
+        monkeypatch.chdir(tmp_path)
+        model = load_model(adapter)
+        assert model.get_base_model().name_or_path.startswith(str(moved))
+    finally:
+        hidden.rename(original)
+
+
 def test_preconditioner_choice_rescores_only_what_depends_on_it(demo_workdir):
     methods = ["ekfac", "bergson_cosine", "bergson_cosine_mixed", "bergson_cosine_train"]
     path = overlay(demo_workdir, "precondition", {"demo": {"attribution": {"methods": methods}}})
@@ -219,7 +242,7 @@ def test_new_query_set_rescores_without_refitting_or_retraining(demo_workdir):
     # no retraining, no Kronfluence factors, no training-side preconditioner
     assert jobs == {"prepare_data": 1, "tokenize": 1, "kronfluence_scores": 2, "bergson_query_gradients": 1,
                     "bergson_hessian": 1, "bergson_mix": 1, "bergson_reduce": 2, "bergson_scores": 4,
-                    "merge_influences": 1, "merge_train_scores": 1, "planted_copies": 1,
+                    "query_losses": 1, "merge_influences": 1, "merge_train_scores": 1, "planted_copies": 1,
                     "planted_kronfluence_scores": 1, "planted_bergson_scores": 2, "planted_audit": 1,
                     "lds_losses": 1, "lds": 1, "report": 1}
 
@@ -229,9 +252,9 @@ def test_lora_rank_change_retrains_without_refiltering(demo_workdir):
     jobs = planned_jobs(snakemake(demo_workdir, *DEMO_TARGETS, "-n", "--configfile", path))
     assert jobs == {"train_adapter": 1, "fit_factors": 1, "kronfluence_scores": 2, "bergson_query_gradients": 1,
                     "bergson_hessian": 2, "bergson_mix": 1, "bergson_reduce": 2, "bergson_scores": 4,
-                    "merge_influences": 1, "merge_train_scores": 1, "planted_kronfluence_scores": 1,
-                    "planted_bergson_scores": 2, "planted_audit": 1, "lds_retrain": 2, "lds_losses": 1, "lds": 1,
-                    "report": 1}
+                    "query_losses": 1, "merge_influences": 1, "merge_train_scores": 1,
+                    "planted_kronfluence_scores": 1, "planted_bergson_scores": 2, "planted_audit": 1,
+                    "lds_retrain": 2, "lds_losses": 1, "lds": 1, "report": 1}
 
 
 def test_filter_change_redoes_data_but_not_the_base_model(demo_workdir):
@@ -247,7 +270,7 @@ def test_real_runs_dry_run_builds_the_dag(tmp_path):
     assert planned_jobs(proc) == {"fetch_base_model": 2, "prepare_data": 4, "tokenize": 4, "train_adapter": 2,
                                   "fit_factors": 2, "kronfluence_scores": 8, "bergson_query_gradients": 2,
                                   "bergson_hessian": 4, "bergson_mix": 2, "bergson_reduce": 6,
-                                  "bergson_scores": 24, "merge_influences": 2, "merge_train_scores": 2, "report": 2,
+                                  "bergson_scores": 24, "query_losses": 2, "merge_influences": 2, "merge_train_scores": 2, "report": 2,
                                   "planted_copies": 2, "planted_kronfluence_scores": 2, "planted_bergson_scores": 6,
                                   "planted_audit": 2, "lds_retrain": 64, "lds_losses": 2, "lds": 2}
     assert set(planned_jobs(proc)) == EVERY_STAGE

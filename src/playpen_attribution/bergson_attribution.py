@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from playpen_attribution.io import atomic_path, write_csv_atomic, write_json_atomic
+from playpen_attribution.modeling import adapter_view_with_absolute_base, is_adapter
 
 log = logging.getLogger(__name__)
 
@@ -66,14 +67,29 @@ def _patch_split_preconditioner() -> None:
     bergson_score._make_split_hessian = split_transform
 
 
-def _index_config(run_path: Path, model_dir, tokens_dir, settings: dict, split: str = "train"):
-    from bergson.config.config import DataConfig, IndexConfig
+@contextmanager
+def _bergson_model(model_dir):
+    """The model folder as Bergson must see it: absolute (a relative path that looks like org/name sends
+    peft/bergson to the Hub), and for an adapter a view whose base path is absolute too (Bergson resolves it
+    from the working directory, the adapter records it relative to itself)."""
+    if is_adapter(model_dir):
+        with adapter_view_with_absolute_base(model_dir) as view:
+            yield view
+    else:
+        yield Path(model_dir).resolve()
+
+
+def _index_config(run_path: Path, model, tokens_dir, settings: dict, split: str = "train"):
+    from bergson.config.config import DataConfig, DistributedConfig, IndexConfig
 
     return IndexConfig(
         run_path=str(run_path),
         overwrite=True,
-        # absolute: a relative path that looks like org/name sends peft/bergson to the Hub
-        model=str(Path(model_dir).resolve()),
+        model=str(model),
+        # One process per job, whatever GPUs the node shows: Bergson's launcher would otherwise start one worker
+        # per visible GPU, and its workers would not have the split-preconditioner fix below (it patches this
+        # process only). Scale out with attribution.shards: one job, and one GPU, per shard.
+        distributed=DistributedConfig(nnode=1, nproc_per_node=1),
         precision=settings["precision"],
         projection_dim=settings["projection_dim"],
         projection_seed=settings["seed"],
@@ -119,8 +135,8 @@ def query_gradients_stage(model_dir, query_tokens_dir, out_dir, settings: dict) 
     from bergson.cli.commands import Build
 
     _seed(settings)
-    with _bergson_output(out_dir) as run_path:
-        Build(index_cfg=_index_config(run_path, model_dir, query_tokens_dir, settings),
+    with _bergson_output(out_dir) as run_path, _bergson_model(model_dir) as model:
+        Build(index_cfg=_index_config(run_path, model, query_tokens_dir, settings),
               preprocess_cfg=_preprocess(settings, False, None)).execute()
 
 
@@ -130,10 +146,10 @@ def hessian_stage(model_dir, tokens_dir, out_dir, settings: dict) -> None:
     from bergson.config.config import HessianConfig
 
     _seed(settings)  # the sampled-label Fisher draws labels from the model
-    with _bergson_output(out_dir) as run_path:
+    with _bergson_output(out_dir) as run_path, _bergson_model(model_dir) as model:
         Hessian(hessian_cfg=HessianConfig(method="autocorrelation",
                                           use_dataset_labels=settings["fisher"] == "empirical"),
-                index_cfg=_index_config(run_path, model_dir, tokens_dir, settings)).execute()
+                index_cfg=_index_config(run_path, model, tokens_dir, settings)).execute()
 
 
 def mix_stage(query_hessian_dir, train_hessian_dir, out_dir, settings: dict) -> None:
@@ -153,8 +169,8 @@ def reduce_stage(model_dir, query_tokens_dir, out_dir, variant: str, hessian_dir
     unit_normalize, _ = parse_variant(variant)
     _patch_split_preconditioner()
     _seed(settings)
-    with _bergson_output(out_dir) as run_path:
-        Reduce(index_cfg=_index_config(run_path, model_dir, query_tokens_dir, settings),
+    with _bergson_output(out_dir) as run_path, _bergson_model(model_dir) as model:
+        Reduce(index_cfg=_index_config(run_path, model, query_tokens_dir, settings),
                preprocess_cfg=_preprocess(settings, unit_normalize, hessian_dir,
                                           aggregation=settings["aggregation"])).execute()
 
@@ -166,11 +182,12 @@ def _score(model_dir, train_tokens_dir, query_dir, split: str, preprocess, setti
     from bergson.config.config import ScoreConfig
     from bergson.data import load_scores
 
-    with tempfile.TemporaryDirectory(prefix="bergson-score-", dir=os.environ.get("TMPDIR")) as scratch:
+    with tempfile.TemporaryDirectory(prefix="bergson-score-", dir=os.environ.get("TMPDIR")) as scratch, \
+            _bergson_model(model_dir) as model:
         run_path = Path(scratch) / "scores"
         # scores accumulate in fp32 whatever precision the model runs in
         Score(score_cfg=ScoreConfig(query_path=str(Path(query_dir).resolve()), precision="fp32"),
-              index_cfg=_index_config(run_path, model_dir, train_tokens_dir, settings, split=split),
+              index_cfg=_index_config(run_path, model, train_tokens_dir, settings, split=split),
               preprocess_cfg=preprocess).execute()
         stored = load_scores(run_path)
         scores = np.asarray(stored[:], dtype=np.float32).copy()

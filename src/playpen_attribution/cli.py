@@ -14,6 +14,8 @@ import sys
 from pathlib import Path
 
 from playpen_attribution.data import DataError
+from playpen_attribution.influence import PER_TOKEN_MAX_GB
+from playpen_attribution.modeling import is_adapter
 
 log = logging.getLogger("playpen_attribution")
 
@@ -21,10 +23,6 @@ STRATEGY_CHOICES = ["ekfac", "kfac", "diagonal"]
 DTYPE_CHOICES = ["float32", "float16", "bfloat16"]
 # the seed's CSVs carry only the JSON's own extra fields
 SEED_EXTRA_EXCLUDED = ("content_hash",)
-
-
-def _is_adapter(model: str) -> bool:
-    return (Path(model) / "adapter_config.json").is_file()
 
 
 def _fail(message: str) -> None:
@@ -68,7 +66,7 @@ def fit_hessians(argv: list[str] | None = None) -> None:
         _fail(f"--output-dir {out} holds other files; give an empty or new folder (it is replaced as a whole)")
     try:
         meta = fit_factors(args.model, args.hessian_dataset, out, revision=args.revision, strategy=args.strategy,
-                           modules="lora" if _is_adapter(args.model) else "mlp", layer_stride=args.layer_stride,
+                           modules="lora" if is_adapter(args.model) else "mlp", layer_stride=args.layer_stride,
                            covariance_batch_size=args.factor_batch_size, lambda_batch_size=args.lambda_batch_size,
                            max_examples=args.max_examples, dtype=args.dtype)
     except (ValueError, FileNotFoundError) as err:
@@ -88,6 +86,14 @@ def run_query_parser() -> argparse.ArgumentParser:
     p.add_argument("--output-dir", required=True, help="Output directory for query.csv, train.csv, influences.csv")
     p.add_argument("--per-token-scores", action="store_true", help="Include per-token influence scores in output")
     p.add_argument("--score-batch-size", type=int, default=8, help="Batch size for score computation")
+    # beyond the seed: queries in batches (the seed put every query in one), Kronfluence's low-rank query gradients
+    p.add_argument("--query-batch-size", type=int, default=8,
+                   help="Queries per batch (each batch holds its logits and gradients; training gradients are "
+                        "recomputed once per batch, so larger is faster where it fits)")
+    p.add_argument("--query-gradient-rank", type=int, default=None,
+                   help="Store query gradients at this rank (Kronfluence's query_gradient_low_rank), for large models")
+    p.add_argument("--per-token-max-gb", type=float, default=PER_TOKEN_MAX_GB,
+                   help="Refuse per-token scores whose dense [queries, rows, tokens] array would exceed this")
     p.add_argument("--dtype", default="bfloat16", choices=DTYPE_CHOICES, help="Data type the model is loaded in")
     p.add_argument("--max-length", type=int, default=512, help="Maximum sequence length for tokenization")
     return p
@@ -112,7 +118,8 @@ def run_query(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     from transformers import AutoTokenizer
 
-    from playpen_attribution.influence import FactorsError, per_token_lists, query_losses, score_pairs
+    from playpen_attribution.influence import FactorsError, score_pairs
+    from playpen_attribution.scores import per_token_lists, query_losses
     from playpen_attribution.tables import influences_frame, rows_frame, write_csvs
 
     _check_dtype(args.dtype)
@@ -122,8 +129,9 @@ def run_query(argv: list[str] | None = None) -> None:
         query_rows, query_tokens = _tokenize_json(args.query_json, tokenizer, args.max_length)
         train_rows, train_tokens = _tokenize_json(args.train_json, tokenizer, args.max_length)
         result = score_pairs(args.model, args.factors_dir, query_tokens, train_tokens, revision=args.revision,
-                             train_batch_size=args.score_batch_size, per_token=args.per_token_scores,
-                             dtype=args.dtype)
+                             train_batch_size=args.score_batch_size, query_batch_size=args.query_batch_size,
+                             query_gradient_rank=args.query_gradient_rank, per_token=args.per_token_scores,
+                             per_token_max_gb=args.per_token_max_gb, dtype=args.dtype)
         query = rows_frame(query_rows, "query_id", drop=SEED_EXTRA_EXCLUDED)
         query.insert(3, "loss", query_losses(args.model, query_tokens, revision=args.revision, dtype=args.dtype))
         per_token = None
@@ -134,6 +142,7 @@ def run_query(argv: list[str] | None = None) -> None:
         out = Path(args.output_dir)
         write_csvs(query, rows_frame(train_rows, "train_id", drop=SEED_EXTRA_EXCLUDED), influences,
                    out / "query.csv", out / "train.csv", out / "influences.csv")
-    except (DataError, FactorsError, FileNotFoundError) as err:
+    except (DataError, FactorsError, FileNotFoundError, ValueError) as err:
+        # ValueError: e.g. per-token scores too large, refused before any model is loaded
         _fail(str(err))
     print(f"wrote {len(influences)} influence scores to {out}")

@@ -56,7 +56,18 @@ def validate_config(config: dict[str, Any], source: str = "config") -> dict[str,
         lines = "\n  ".join(_describe(e) for e in errors[:10])
         raise ConfigError(f"{source} is not a valid playpen-attribution config:\n  {lines}\n"
                           f"See config/README.md for every key and its default.")
+    for name, run in config["runs"].items():
+        _check_run(name, run, source)
     return config
+
+
+def _check_run(name: str, run: dict[str, Any], source: str) -> None:
+    """What the schema cannot say: keys that must agree with each other."""
+    shards, max_train = run["attribution"]["shards"], run["data"]["max_rows"]["train"]
+    if max_train is not None and shards > max_train:
+        raise ConfigError(f"{source}: at runs.{name}.attribution.shards: {shards} shards for at most {max_train} "
+                          f"training rows (runs.{name}.data.max_rows.train); every shard needs a row: set shards to "
+                          f"at most {max_train}")
 
 
 def load_config(*paths: str | Path) -> dict[str, Any]:

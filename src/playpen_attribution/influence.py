@@ -15,13 +15,17 @@ import json
 import logging
 import os
 import re
-import shutil
 import tempfile
 from pathlib import Path
 
-import numpy as np
-
 from playpen_attribution.io import atomic_path, write_json_atomic
+from playpen_attribution.modeling import (
+    collate,
+    completion_loss,
+    load_for_attribution,
+    load_tokenizer,
+    pad_token_id,
+)
 from playpen_attribution.provenance import tree_hash
 
 log = logging.getLogger(__name__)
@@ -30,7 +34,6 @@ STRATEGIES = ("identity", "diagonal", "kfac", "ekfac")
 ANALYSIS_NAME = "influence"
 MLP_MODULE_PATTERN = re.compile(r".*mlp.*(proj|dense|fc).*")  # the first seed's rule
 LAYER_PATTERN = re.compile(r"\.layers\.(\d+)\.")
-IGNORE_INDEX = -100
 
 
 class FactorsError(ValueError):
@@ -40,40 +43,11 @@ class FactorsError(ValueError):
 # ----------------------------------------------------------------------------------------------
 # model, modules, batches
 # ----------------------------------------------------------------------------------------------
-def torch_dtype(name: str):
-    import torch
-
-    try:
-        return {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[name]
-    except KeyError:
-        raise ValueError(f"unknown dtype {name!r}; choose float32, float16 or bfloat16") from None
-
-
-def load_for_attribution(model_ref: str, revision: str | None, dtype: str):
-    """Load a hub id or local folder (base model or LoRA adapter) in eval mode on the best device."""
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    kwargs = {"dtype": torch_dtype(dtype), "attn_implementation": "eager"}
-    if revision:
-        kwargs["revision"] = revision
-    if Path(model_ref).is_dir() and (Path(model_ref) / "adapter_config.json").is_file():
-        from peft import AutoPeftModelForCausalLM
-
-        model = AutoPeftModelForCausalLM.from_pretrained(str(model_ref), **kwargs)
-    else:
-        model = AutoModelForCausalLM.from_pretrained(str(model_ref), **kwargs)
-    model.eval()
-    if torch.cuda.is_available():
-        model.to("cuda")
-    return model
-
-
 def model_identity(model_ref: str, revision: str | None) -> dict:
-    """What the factors must match: the model reference and, for local folders, a hash of the weights."""
+    """What the factors must match: for a local folder, a hash of its weights (the path is recorded as given,
+    so a moved project keeps its factors); for a hub id, the id and revision."""
     path = Path(model_ref)
-    identity = {"model": str(path.resolve()) if path.exists() else model_ref, "revision": revision,
-                "weights_hash": None}
+    identity = {"model": str(model_ref), "revision": revision, "weights_hash": None}
     if path.is_dir():
         weights = sorted(path.glob("*.safetensors")) or sorted(path.glob("*.bin"))
         identity["weights_hash"] = tree_hash(weights[0]) if len(weights) == 1 else \
@@ -115,45 +89,6 @@ def select_modules(model, kind: str, layer_stride: int = 1) -> list[str]:
     return names
 
 
-def collate(rows: list[dict], pad_id: int, pad_to: int | None = None) -> dict:
-    """Right-pad a list of tokenized rows into tensors (attention 0 and labels -100 on padding)."""
-    import torch
-
-    width = max(max(len(r["input_ids"]) for r in rows), pad_to or 0)
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
-    for i, r in enumerate(rows):
-        n = len(r["input_ids"])
-        ids[i, :n] = torch.as_tensor(r["input_ids"])
-        mask[i, :n] = 1
-        labels[i, :n] = torch.as_tensor(r["labels"])
-    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
-
-
-def completion_loss(model, batch: dict, reduction: str = "sum", sample: bool = False):
-    """Summed cross-entropy on the completion tokens (labels != -100), next-token shifted.
-
-    With `sample=True`, labels are drawn from the model's own distribution (true Fisher).
-    """
-    import torch
-    import torch.nn.functional as F
-
-    device = next(model.parameters()).device
-    logits = model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device)).logits
-    logits = logits[:, :-1].float()
-    labels = batch["labels"][:, 1:].to(device)
-    if sample:
-        with torch.no_grad():
-            sampled = torch.multinomial(torch.softmax(logits.reshape(-1, logits.shape[-1]), -1), 1).view(labels.shape)
-        labels = torch.where(labels == IGNORE_INDEX, labels, sampled)
-    if reduction == "per_example":
-        token_losses = F.cross_entropy(logits.transpose(1, 2), labels, ignore_index=IGNORE_INDEX, reduction="none")
-        return token_losses.sum(dim=1)
-    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=IGNORE_INDEX,
-                           reduction="sum")
-
-
 def make_task(tracked_modules: list[str], fisher: str = "empirical"):
     from kronfluence.task import Task
 
@@ -193,14 +128,8 @@ def _dataloader_kwargs(tokenizer, pad_to: int | None = None):
     concatenated across training batches, so every batch must have the same width)."""
     from kronfluence.utils.dataset import DataLoaderKwargs
 
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad_id = pad_token_id(tokenizer)
     return DataLoaderKwargs(collate_fn=lambda rows: collate(rows, pad_id, pad_to), num_workers=0)
-
-
-def _load_tokenizer(model_ref: str, revision: str | None):
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(str(model_ref), **({"revision": revision} if revision else {}))
 
 
 def _analyzer(model, task, output_dir: Path):
@@ -258,7 +187,7 @@ def fit_factors(
         dataset = dataset.select(range(min(max_examples, len(dataset))))
     model = load_for_attribution(model_ref, revision, dtype)
     tracked = select_modules(model, modules, layer_stride)
-    tokenizer = _load_tokenizer(model_ref, revision)
+    tokenizer = load_tokenizer(model_ref, revision)
     task = make_task(tracked, fisher)
     name = factors_name(strategy, len(dataset))
     output_dir = Path(output_dir)
@@ -278,7 +207,7 @@ def fit_factors(
             **model_identity(model_ref, revision),
             "factors_name": name,
             "strategy": strategy,
-            "dataset_path": str(dataset_dir.resolve()),
+            "dataset_path": str(dataset_dir),
             "data_hash": tree_hash(dataset_dir),
             "num_examples": len(dataset),
             "modules": modules,
@@ -310,8 +239,10 @@ def read_factors_metadata(factors_dir: str | Path) -> dict:
 def check_factors_match(metadata: dict, model_ref: str, revision: str | None, tracked: list[str]) -> None:
     """Refuse factors fitted on another model, other weights or other modules, saying what differs."""
     current = model_identity(model_ref, revision)
+    # a local folder is known by its weights, wherever it now lies; a hub model by its id and revision
+    keys = ("weights_hash",) if current["weights_hash"] else ("model", "revision")
     differences = [f"{key}: factors have {metadata.get(key)!r}, the model has {current[key]!r}"
-                   for key in ("model", "revision", "weights_hash") if metadata.get(key) != current[key]]
+                   for key in keys if metadata.get(key) != current[key]]
     if metadata["tracked_modules"] != tracked:
         missing = sorted(set(metadata["tracked_modules"]) - set(tracked))[:5]
         extra = sorted(set(tracked) - set(metadata["tracked_modules"]))[:5]
@@ -324,6 +255,24 @@ def check_factors_match(metadata: dict, model_ref: str, revision: str | None, tr
 # ----------------------------------------------------------------------------------------------
 # scoring
 # ----------------------------------------------------------------------------------------------
+PER_TOKEN_MAX_GB = 4.0
+
+
+def per_token_gb(queries: int, rows: int, tokens: int) -> float:
+    """Size of a dense [queries, rows, tokens] fp32 array of per-token scores, in GB."""
+    return queries * rows * tokens * 4 / 1e9
+
+
+def check_per_token_size(queries: int, rows: int, tokens: int, max_gb: float) -> None:
+    size = per_token_gb(queries, rows, tokens)
+    if size > max_gb:
+        raise ValueError(
+            f"per-token scores of {queries} queries x {rows} training rows x {tokens} tokens would take {size:.1f} GB "
+            f"(limit {max_gb:g} GB, attribution.kronfluence.per_token_max_gb); turn them off "
+            f"(attribution.kronfluence.per_token_scores: false, or drop --per-token-scores), score fewer queries, "
+            f"or use more shards (attribution.shards)")
+
+
 def score_pairs(
     model_ref: str,
     factors_dir: str | Path,
@@ -332,26 +281,36 @@ def score_pairs(
     *,
     revision: str | None = None,
     train_batch_size: int = 8,
+    query_batch_size: int | None = 8,
+    query_gradient_rank: int | None = None,
     per_token: bool = False,
+    per_token_max_gb: float = PER_TOKEN_MAX_GB,
     dtype: str = "float32",
     damping_factor: float | None = 1e-8,
 ) -> dict:
     """Scores of every query against every training row: {"scores": [Q, T], "per_token": [Q, T, S] or None}.
 
-    All queries go in one query batch: Kronfluence recomputes training gradients per query batch.
-    Scores are computed in a private temporary folder, so concurrent calls on one factors folder
-    never overwrite each other.
+    Queries go in batches of `query_batch_size` (None = all in one): each batch holds its logits and its
+    preconditioned gradients, and Kronfluence recomputes the training gradients once per query batch, so
+    larger batches are faster as long as they fit. `query_gradient_rank` stores the query gradients at that
+    rank (Kronfluence's low-rank option, for large models). Per-token scores are a dense [Q, T, S] array:
+    refused before any model is loaded when it would exceed `per_token_max_gb`. Scores are computed in a
+    private temporary folder, so concurrent calls on one factors folder never overwrite each other.
     """
     from kronfluence.arguments import ScoreArguments
 
+    width = max((len(x) for x in train_dataset["input_ids"]), default=0)
+    if per_token:
+        check_per_token_size(len(query_dataset), len(train_dataset), width, per_token_max_gb)
     metadata = read_factors_metadata(factors_dir)
     model = load_for_attribution(model_ref, revision, dtype)
     tracked = select_modules(model, metadata["modules"], metadata["layer_stride"])
     check_factors_match(metadata, model_ref, revision, tracked)
-    tokenizer = _load_tokenizer(model_ref, revision)
+    tokenizer = load_tokenizer(model_ref, revision)
     task = make_task(tracked, metadata.get("fisher", "empirical"))
     name = metadata["factors_name"]
-    score_args = ScoreArguments(compute_per_token_scores=per_token, damping_factor=damping_factor)
+    score_args = ScoreArguments(compute_per_token_scores=per_token, damping_factor=damping_factor,
+                                query_gradient_low_rank=query_gradient_rank)
     with tempfile.TemporaryDirectory(prefix="scores-", dir=os.environ.get("TMPDIR")) as scratch:
         analysis_dir = Path(scratch) / ANALYSIS_NAME
         analysis_dir.mkdir()
@@ -362,10 +321,9 @@ def score_pairs(
             factors_name=name,
             query_dataset=TokenRows(query_dataset),
             train_dataset=TokenRows(train_dataset),
-            per_device_query_batch_size=len(query_dataset),
+            per_device_query_batch_size=min(query_batch_size or len(query_dataset), len(query_dataset)),
             per_device_train_batch_size=train_batch_size,
-            dataloader_kwargs=_dataloader_kwargs(
-                tokenizer, pad_to=max(len(x) for x in train_dataset["input_ids"]) if per_token else None),
+            dataloader_kwargs=_dataloader_kwargs(tokenizer, pad_to=width if per_token else None),
             score_args=score_args,
             overwrite_output_dir=True,
         )
@@ -376,39 +334,12 @@ def score_pairs(
     return result
 
 
-def per_token_lists(per_token: np.ndarray, train_lengths: list[int]) -> list[list[list[float]]]:
-    """Per-token scores of each pair restricted to the training row's real tokens (padding is on the right).
-
-    Kronfluence's per-token tensor is indexed by position in the padded batch; its entries on padding are 0,
-    so the lists still sum to the pair's total score.
-    """
-    return [[per_token[q, t, :n].tolist() for t, n in enumerate(train_lengths)] for q in range(per_token.shape[0])]
-
-
-def query_losses(model_ref: str, query_dataset, revision: str | None = None, dtype: str = "float32") -> list[float]:
-    """Summed completion cross-entropy of each query (the seed's `loss` column)."""
-    import torch
-
-    model = load_for_attribution(model_ref, revision, dtype)
-    tokenizer = _load_tokenizer(model_ref, revision)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    losses = []
-    with torch.no_grad():
-        for start in range(0, len(query_dataset), 8):
-            rows = [query_dataset[i] for i in range(start, min(start + 8, len(query_dataset)))]
-            losses += completion_loss(model, collate(rows, pad_id), reduction="per_example").float().cpu().tolist()
-    return losses
-
-
-def remove_tree(path: str | Path) -> None:
-    shutil.rmtree(path, ignore_errors=True)
-
-
 # ----------------------------------------------------------------------------------------------
 # workflow stages
 # ----------------------------------------------------------------------------------------------
 def score_shard_stage(model_dir, factors_dir, query_tokens_dir, train_tokens_dir, out_path, *, shard: int,
-                      shards: int, train_batch_size: int, per_token: bool, dtype: str,
+                      shards: int, train_batch_size: int, query_batch_size: int | None,
+                      query_gradient_rank: int | None, per_token: bool, per_token_max_gb: float, dtype: str,
                       damping_factor: float | None) -> None:
     """Rule `kronfluence_scores`: every query against one contiguous slice of the training rows."""
     import datasets
@@ -419,39 +350,7 @@ def score_shard_stage(model_dir, factors_dir, query_tokens_dir, train_tokens_dir
     train = datasets.load_from_disk(str(train_tokens_dir))
     train = train.select(shard_indices(len(train), shards, shard))
     result = score_pairs(str(model_dir), factors_dir, query, train, train_batch_size=train_batch_size,
-                         per_token=per_token, dtype=dtype, damping_factor=damping_factor)
+                         query_batch_size=query_batch_size, query_gradient_rank=query_gradient_rank,
+                         per_token=per_token, per_token_max_gb=per_token_max_gb, dtype=dtype,
+                         damping_factor=damping_factor)
     save_shard(out_path, result["scores"], query["row_id"], train["row_id"], result["per_token"])
-
-
-def merge_stage(query_rows, train_rows, query_tokens_dir, train_tokens_dir, model_dir, shards_by_method: dict,
-                out_query, out_train, out_influences, dtype: str = "float32") -> None:
-    """Rule `merge_influences`: the seed's three CSVs, every method in one `influences.csv`."""
-    import datasets
-    import pandas as pd
-
-    from playpen_attribution.data import read_rows
-    from playpen_attribution.tables import influences_frame, load_shards, rows_frame, write_csvs
-
-    query_tokens = datasets.load_from_disk(str(query_tokens_dir))
-    train_tokens = datasets.load_from_disk(str(train_tokens_dir))
-    by_id = {r["row_id"]: r for r in read_rows(query_rows)}
-    query = rows_frame([by_id[i] for i in query_tokens["row_id"]], "query_id")
-    query.insert(3, "loss", query_losses(str(model_dir), query_tokens, dtype=dtype))
-    by_id = {r["row_id"]: r for r in read_rows(train_rows)}
-    train = rows_frame([by_id[i] for i in train_tokens["row_id"]], "train_id")
-    lengths = dict(zip(train_tokens["row_id"], (len(x) for x in train_tokens["input_ids"])))
-    frames = []
-    for method, paths in shards_by_method.items():
-        merged = load_shards(paths)
-        if merged["train_ids"] != list(train_tokens["row_id"]) or merged["query_ids"] != list(query_tokens["row_id"]):
-            raise ValueError(f"{method} shards do not cover the tokenized rows in order; rerun their scoring")
-        per_token = None
-        if merged["per_token"] is not None:
-            per_token = per_token_lists(merged["per_token"], [lengths[t] for t in merged["train_ids"]])
-        frames.append(influences_frame(merged["query_ids"], merged["train_ids"], merged["scores"], method, per_token))
-    influences = pd.concat(frames, ignore_index=True)
-    unscored = influences.influence_score.isna()  # Bergson gives no gradient to a row under two tokens
-    if unscored.any():
-        log.warning("%d (query, train) pairs have no score and are left out: training rows %s", unscored.sum(),
-                    sorted(set(influences.train_id[unscored]))[:10])
-    write_csvs(query, train, influences[~unscored], out_query, out_train, out_influences)

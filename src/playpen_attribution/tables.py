@@ -20,10 +20,17 @@ INTERNAL_COLUMNS = {"row_id", "prompt", "completion"}
 
 
 def shard_indices(n_rows: int, shards: int, shard: int) -> np.ndarray:
-    """Row indices of one contiguous slice of the training rows."""
+    """Row indices of one contiguous slice of the training rows; every shard gets at least one row."""
     if not 0 <= shard < shards:
         raise ValueError(f"shard {shard} is outside 0..{shards - 1}")
+    check_shard_count(shards, n_rows)
     return np.array_split(np.arange(n_rows), shards)[shard]
+
+
+def check_shard_count(shards: int, n_rows: int, where: str = "the training set") -> None:
+    if shards > n_rows:
+        raise ValueError(f"attribution.shards is {shards} but {where} has only {n_rows} rows: every shard needs at "
+                         f"least one row; set attribution.shards to at most {max(n_rows, 1)}")
 
 
 def save_shard(path: str | Path, scores: np.ndarray, query_ids: list[str], train_ids: list[str],

@@ -11,10 +11,12 @@ revision, the row ids trained on, seed, hyperparameters, library versions).
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 
 from playpen_attribution.io import atomic_path, write_json_atomic
+from playpen_attribution.modeling import portable_base_path
 from playpen_attribution.provenance import library_versions, tree_hash
 
 log = logging.getLogger(__name__)
@@ -129,7 +131,8 @@ def train_adapter(
     model.eval()
 
     manifest = {
-        "base_model": {**(base_model_source or {}), "path": str(base_model_dir)},
+        # relative to the adapter folder inside one project (a moved project still loads), else absolute
+        "base_model": {**(base_model_source or {}), "path": portable_base_path(base_model_dir, output_dir)},
         "trained_row_ids": list(tokens["row_id"]),
         "n_trained_rows": len(tokens),
         "train_tokens_hash": tree_hash(train_tokens_dir),
@@ -144,6 +147,10 @@ def train_adapter(
     }
     with atomic_path(output_dir, directory=True) as tmp:
         model.save_pretrained(str(tmp))
+        config_path = Path(tmp) / "adapter_config.json"
+        adapter_config = json.loads(config_path.read_text())
+        adapter_config["base_model_name_or_path"] = portable_base_path(base_model_dir, output_dir)
+        config_path.write_text(json.dumps(adapter_config, indent=2, sort_keys=True) + "\n")
         tokenizer.save_pretrained(str(tmp))
         # PEFT writes no config.json; Bergson calls AutoConfig on the adapter folder (second seed's workaround).
         model.get_base_model().config.save_pretrained(str(tmp))

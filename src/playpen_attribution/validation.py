@@ -157,7 +157,7 @@ def lds_losses_stage(retrain_dirs: list, query_tokens_dir, out_json, *, dtype: s
     """Rule `lds_losses`: every query's summed completion loss under every subset's adapter."""
     import datasets
 
-    from playpen_attribution.influence import query_losses
+    from playpen_attribution.scores import query_losses
 
     query = datasets.load_from_disk(str(query_tokens_dir))
     result = {"query_ids": list(query["row_id"]), "subsets": {}, "loss_seconds": {}}

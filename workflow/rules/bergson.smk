@@ -10,7 +10,7 @@ rule bergson_query_gradients:
         directory("results/{run}/bergson/query/per_query"),
     params:
         bergson=lambda wc: bergson_cfg(wc),
-        code=code_hash("bergson_attribution", "io"),
+        code=code_hash("bergson_attribution", "modeling", "io"),
     log:
         "logs/{run}/bergson_query_gradients.log",
     benchmark:
@@ -35,7 +35,7 @@ rule bergson_hessian:
         side="train|query",
     params:
         bergson=lambda wc: bergson_cfg(wc),
-        code=code_hash("bergson_attribution", "io"),
+        code=code_hash("bergson_attribution", "modeling", "io"),
     log:
         "logs/{run}/bergson_hessian_{side}.log",
     benchmark:
@@ -58,7 +58,7 @@ rule bergson_mix:
         directory("results/{run}/bergson/hessian/mixed"),
     params:
         bergson=lambda wc: bergson_cfg(wc),
-        code=code_hash("bergson_attribution", "io"),
+        code=code_hash("bergson_attribution", "modeling", "io"),
     log:
         "logs/{run}/bergson_mix.log",
     benchmark:
@@ -80,7 +80,7 @@ rule bergson_reduce:
         variant=VARIANT_PATTERN,
     params:
         bergson=lambda wc: bergson_cfg(wc),
-        code=code_hash("bergson_attribution", "io"),
+        code=code_hash("bergson_attribution", "modeling", "io"),
     log:
         "logs/{run}/bergson_reduce_{variant}.log",
     benchmark:
@@ -111,7 +111,7 @@ rule bergson_scores:
     params:
         shards=shard_count,
         bergson=lambda wc: bergson_cfg(wc),
-        code=code_hash("bergson_attribution", "tables", "io"),
+        code=code_hash("bergson_attribution", "modeling", "tables", "io"),
     log:
         "logs/{run}/bergson_scores_{variant}_{shard}.log",
     benchmark:

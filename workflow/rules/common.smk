@@ -1,6 +1,8 @@
 # Helpers shared by every stage: the run's config section, paths resolved against the workflow root,
 # and wildcard constraints that pick the rule which provides a run's base model.
 import copy
+import json
+import os
 import re
 from pathlib import Path
 
@@ -13,6 +15,7 @@ from playpen_attribution.bergson_attribution import (
 from playpen_attribution.config import run_config
 from playpen_attribution.data import split_config
 from playpen_attribution.provenance import code_hash
+from playpen_attribution.tables import check_shard_count
 from playpen_attribution.validation import lds_batches
 
 WORKFLOW_ROOT = Path(workflow.basedir)
@@ -21,9 +24,11 @@ CONDA_ENV = "../../envs/playpen-attribution.yaml"
 
 
 def resolve(path):
-    """Config paths are relative to the workflow root, so `--directory` runs find the bundled inputs."""
+    """A config path (relative to the workflow root) as a path relative to the working directory: `--directory`
+    runs find the bundled inputs, and params, inputs and manifests hold no absolute path, so a copied or moved
+    project (its results/ and .snakemake/ with it) reruns nothing. Absolute config paths stay absolute."""
     path = Path(path)
-    return str(path if path.is_absolute() else WORKFLOW_ROOT / path)
+    return str(path) if path.is_absolute() else os.path.relpath(WORKFLOW_ROOT / path)
 
 
 def run_names(predicate):
@@ -95,7 +100,8 @@ def kronfluence_cfg(wildcards):
 def kronfluence_score_settings(wildcards, per_token=None):
     """What a Kronfluence scoring job uses; `per_token` overrides the run's per_token_scores."""
     cfg = kronfluence_cfg(wildcards)
-    settings = {k: cfg[k] for k in ("train_batch_size", "per_token_scores", "dtype", "damping_factor")}
+    settings = {k: cfg[k] for k in ("train_batch_size", "query_batch_size", "query_gradient_rank", "per_token_scores",
+                                    "per_token_max_gb", "dtype", "damping_factor")}
     if per_token is not None:
         settings["per_token_scores"] = per_token
     return settings
@@ -111,13 +117,24 @@ def attribution_mem_mb(wildcards, attempt):
     return run_cfg(wildcards)["attribution"]["score_mem_mb"] * attempt
 
 
+def table_mem_mb(wildcards, attempt):
+    """Memory of a CPU job that reads the merged tables (merges, audits' statistics, report); grows with retries."""
+    return run_cfg(wildcards)["resources"]["table_mem_mb"] * attempt
+
+
 def attribution_runtime(wildcards, attempt):
     """Time limit (minutes) of a factor, gradient or score job; grows with each retry."""
     return run_cfg(wildcards)["attribution"]["score_runtime_min"] * attempt
 
 
 def shard_count(wildcards):
-    return run_cfg(wildcards)["attribution"]["shards"]
+    """attribution.shards, refused while the DAG is built once the training rows are known to be fewer."""
+    shards = run_cfg(wildcards)["attribution"]["shards"]
+    report = Path(f"results/{wildcards.run}/data/tokens/train/report.json")
+    if report.is_file():
+        check_shard_count(shards, json.loads(report.read_text())["rows_tokenized"],
+                          where=f"run {wildcards.run}'s training set ({report.parent})")
+    return shards
 
 
 def method_shards(wildcards, bergson_only=False):

@@ -57,7 +57,7 @@ rule train_adapter:
         max_length=lambda wc: run_cfg(wc)["tokenization"]["max_length"],
         dtype=lambda wc: run_cfg(wc)["model"]["dtype"],
         base_model=base_model_source,
-        code=code_hash("training", "provenance", "io"),
+        code=code_hash("training", "modeling", "provenance", "io"),
     log:
         "logs/{run}/train_adapter.log",
     benchmark:

@@ -2,6 +2,30 @@
 # reduced-query scores into one ranked score per training row and variant.
 
 
+# The queries' losses need the model: a GPU rule of their own, so the merges below only read tables.
+rule query_losses:
+    input:
+        model="results/{run}/adapter",
+        query="results/{run}/data/tokens/query",
+    output:
+        "results/{run}/query_losses.json",
+    params:
+        dtype=lambda wc: kronfluence_cfg(wc)["dtype"],
+        code=code_hash("scores", "modeling", "io"),
+    log:
+        "logs/{run}/query_losses.log",
+    benchmark:
+        "benchmarks/{run}/query_losses.tsv"
+    resources:
+        gpu=1,
+        mem_mb=attribution_mem_mb,
+        runtime=attribution_runtime,
+    conda:
+        CONDA_ENV
+    script:
+        "../scripts/query_losses.py"
+
+
 rule merge_influences:
     input:
         unpack(lambda wc: {f"shards_{m}": paths for m, paths in method_shards(wc).items()}),
@@ -9,19 +33,20 @@ rule merge_influences:
         train_rows="results/{run}/data/train.parquet",
         query_tokens="results/{run}/data/tokens/query",
         train_tokens="results/{run}/data/tokens/train",
-        model="results/{run}/adapter",
+        query_losses="results/{run}/query_losses.json",
     output:
         query="results/{run}/query.csv",
         train="results/{run}/train.csv",
         influences="results/{run}/influences.csv",
     params:
         methods=lambda wc: run_cfg(wc)["attribution"]["methods"],
-        dtype=lambda wc: kronfluence_cfg(wc)["dtype"],
-        code=code_hash("influence", "tables", "data", "io"),
+        code=code_hash("scores", "tables", "data", "io"),
     log:
         "logs/{run}/merge_influences.log",
     benchmark:
         "benchmarks/{run}/merge_influences.tsv"
+    resources:
+        mem_mb=table_mem_mb,
     conda:
         CONDA_ENV
     script:
@@ -43,6 +68,8 @@ rule merge_train_scores:
         "logs/{run}/merge_train_scores.log",
     benchmark:
         "benchmarks/{run}/merge_train_scores.tsv"
+    resources:
+        mem_mb=table_mem_mb,
     conda:
         CONDA_ENV
     script:

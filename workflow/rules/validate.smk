@@ -36,7 +36,7 @@ use rule kronfluence_scores as planted_kronfluence_scores with:
         shards=1,
         # per-token scores of the copies are not needed for their rank
         kronfluence=lambda wc: kronfluence_score_settings(wc, per_token=False),
-        code=code_hash("influence", "tables", "io"),
+        code=code_hash("influence", "modeling", "tables", "io"),
     log:
         "logs/{run}/planted_kronfluence_scores_{strategy}_{shard}.log",
     benchmark:
@@ -59,7 +59,7 @@ use rule bergson_scores as planted_bergson_scores with:
     params:
         shards=1,
         bergson=lambda wc: bergson_cfg(wc),
-        code=code_hash("bergson_attribution", "tables", "io"),
+        code=code_hash("bergson_attribution", "modeling", "tables", "io"),
     log:
         "logs/{run}/planted_bergson_scores_{variant}_{shard}.log",
     benchmark:
@@ -110,7 +110,7 @@ rule lds_retrain:
         max_length=lambda wc: run_cfg(wc)["tokenization"]["max_length"],
         dtype=lambda wc: run_cfg(wc)["model"]["dtype"],
         base_model=base_model_source,
-        code=code_hash("validation", "training", "provenance", "io"),
+        code=code_hash("validation", "training", "modeling", "provenance", "io"),
     log:
         "logs/{run}/lds_retrain_{batch}.log",
     benchmark:
@@ -134,7 +134,7 @@ rule lds_losses:
         "results/{run}/validation/lds/query_losses.json",
     params:
         dtype=lambda wc: kronfluence_cfg(wc)["dtype"],
-        code=code_hash("validation", "influence", "io"),
+        code=code_hash("validation", "scores", "modeling", "io"),
     log:
         "logs/{run}/lds_losses.log",
     benchmark:
