@@ -130,10 +130,10 @@ def attribution_runtime(wildcards, attempt):
 def shard_count(wildcards):
     """attribution.shards, refused while the DAG is built once the training rows are known to be fewer."""
     shards = run_cfg(wildcards)["attribution"]["shards"]
-    report = Path(f"results/{wildcards.run}/data/tokens/train/report.json")
-    if report.is_file():
-        check_shard_count(shards, json.loads(report.read_text())["rows_tokenized"],
-                          where=f"run {wildcards.run}'s training set ({report.parent})")
+    tokenized = Path(f"results/{wildcards.run}/data/tokens/train/report.json")
+    if tokenized.is_file():
+        check_shard_count(shards, json.loads(tokenized.read_text())["rows_tokenized"],
+                          where=f"run {wildcards.run}'s training set ({tokenized.parent})")
     return shards
 
 
