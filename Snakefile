@@ -22,6 +22,7 @@ include: "workflow/rules/model.smk"
 include: "workflow/rules/kronfluence.smk"
 include: "workflow/rules/bergson.smk"
 include: "workflow/rules/results.smk"
+include: "workflow/rules/plan.smk"
 include: "workflow/rules/report.smk"
 include: "workflow/rules/validate.smk"
 

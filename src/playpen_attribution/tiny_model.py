@@ -72,8 +72,7 @@ def build_tiny_model(texts: list[str], output_dir: str | Path, *, hidden_size: i
                      intermediate_size: int = 128, num_layers: int = 2, num_attention_heads: int = 2,
                      vocab_size: int = 1024, initializer_range: float = 0.2, seed: int = 0) -> Path:
     """Write a random `Gemma3ForCausalLM` and its tokenizer to `output_dir` (atomically)."""
-    import torch
-    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+    from transformers import Gemma3TextConfig
 
     tokenizer = train_tokenizer(texts, vocab_size)
     head_dim = max(8, hidden_size // num_attention_heads)
@@ -93,15 +92,51 @@ def build_tiny_model(texts: list[str], output_dir: str | Path, *, hidden_size: i
         tie_word_embeddings=True,
         initializer_range=initializer_range,
     )
+    return _save_random_model(config, tokenizer, output_dir, seed, {"kind": "tiny", "corpus_texts": len(texts)})
+
+
+def _save_random_model(config, tokenizer, output_dir, seed: int, source: dict) -> Path:
+    import torch
+    from transformers import Gemma3ForCausalLM
+
     torch.manual_seed(seed)
     model = Gemma3ForCausalLM(config)
     with atomic_path(output_dir, directory=True) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        write_json_atomic(
-            {"kind": "tiny", "seed": seed, "n_parameters": sum(p.numel() for p in model.parameters()),
-             "corpus_texts": len(texts)},
-            tmp / "source.json",
-        )
-    log.info("tiny Gemma 3: %s", json.dumps(config.to_diff_dict())[:300])
+        write_json_atomic({**source, "seed": seed, "n_parameters": sum(p.numel() for p in model.parameters())},
+                          tmp / "source.json")
+    log.info("random Gemma 3: %s", json.dumps(config.to_diff_dict())[:400])
     return Path(output_dir)
+
+
+def architecture_config(architecture_file: str | Path, num_layers: int | None = None, tokenizer=None):
+    """A Gemma 3 text config from a published `config.json` (no weights), optionally with fewer layers (the
+    first `num_layers` of its sliding/full attention pattern) and the special token ids of `tokenizer`."""
+    from transformers import Gemma3TextConfig
+
+    fields = {k: v for k, v in json.loads(Path(architecture_file).read_text()).items()
+              if not k.startswith("_") and k not in ("architectures", "model_type")}
+    config = Gemma3TextConfig(**fields)
+    if num_layers is not None:
+        config.layer_types = config.layer_types[:num_layers]
+        config.num_hidden_layers = num_layers
+    if tokenizer is not None:
+        config.pad_token_id, config.bos_token_id = tokenizer.pad_token_id, tokenizer.bos_token_id
+        config.eos_token_id = [tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<end_of_turn>")]
+    return config
+
+
+def build_random_model(texts: list[str], output_dir: str | Path, *, architecture: str | Path,
+                       num_layers: int | None = None, tokenizer_vocab_size: int = 8192, seed: int = 0) -> Path:
+    """A random-weight model of a published architecture (the rehearsal of a real run: every shape, the
+    vocabulary included, is the real model's), with a tokenizer trained on the run's text. The tokenizer's
+    ids are a subset of the model's vocabulary; the logits keep the architecture's full width."""
+    tokenizer = train_tokenizer(texts, tokenizer_vocab_size)
+    config = architecture_config(architecture, num_layers, tokenizer)
+    if len(tokenizer) > config.vocab_size:
+        raise ValueError(f"tokenizer of {len(tokenizer)} tokens does not fit the architecture's vocabulary of "
+                         f"{config.vocab_size}; lower model.random.tokenizer_vocab_size")
+    return _save_random_model(config, tokenizer, output_dir, seed,
+                              {"kind": "random", "architecture": str(architecture), "num_layers": num_layers,
+                               "corpus_texts": len(texts)})

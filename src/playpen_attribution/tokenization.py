@@ -126,6 +126,7 @@ def tokenize_rows(rows: list[dict], tokenizer, max_length: int, mode: str):
         "max_length": max_length,
         "render": mode,
         "longest_sequence": max(lengths, default=0),
+        "longest_completion": max(columns["n_completion_tokens"], default=0),
     }
     if skipped:
         log.warning("%d row(s) skipped because their completion does not fit in max_length=%d: %s",

@@ -17,7 +17,7 @@ rule bergson_query_gradients:
         "benchmarks/{run}/bergson_query_gradients.tsv"
     resources:
         gpu=1,
-        mem_mb=attribution_mem_mb,
+        mem_mb=score_mem("bergson_query_gradients"),
         runtime=attribution_runtime,
     conda:
         CONDA_ENV
@@ -42,7 +42,7 @@ rule bergson_hessian:
         "benchmarks/{run}/bergson_hessian_{side}.tsv"
     resources:
         gpu=1,
-        mem_mb=attribution_mem_mb,
+        mem_mb=score_mem("bergson_hessian"),
         runtime=attribution_runtime,
     conda:
         CONDA_ENV
@@ -87,7 +87,7 @@ rule bergson_reduce:
         "benchmarks/{run}/bergson_reduce_{variant}.tsv"
     resources:
         gpu=1,
-        mem_mb=attribution_mem_mb,
+        mem_mb=score_mem("bergson_reduce"),
         runtime=attribution_runtime,
     conda:
         CONDA_ENV
@@ -118,7 +118,7 @@ rule bergson_scores:
         "benchmarks/{run}/bergson_scores_{variant}_{shard}.tsv"
     resources:
         gpu=1,
-        mem_mb=attribution_mem_mb,
+        mem_mb=score_mem("bergson_scores"),
         runtime=attribution_runtime,
     conda:
         CONDA_ENV

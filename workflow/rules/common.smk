@@ -2,8 +2,10 @@
 # and wildcard constraints that pick the rule which provides a run's base model.
 import copy
 import json
+import math
 import os
 import re
+import sys
 from pathlib import Path
 
 from playpen_attribution.bergson_attribution import (
@@ -14,6 +16,7 @@ from playpen_attribution.bergson_attribution import (
 )
 from playpen_attribution.config import run_config
 from playpen_attribution.data import split_config
+from playpen_attribution.plan import architecture_of, build_plan, check_plan, format_plan, lengths_of
 from playpen_attribution.provenance import code_hash
 from playpen_attribution.tables import check_shard_count
 from playpen_attribution.validation import lds_batches
@@ -38,6 +41,7 @@ def run_names(predicate):
 
 
 TINY_MODEL_RUNS = run_names(lambda c: "tiny" in c["model"])
+RANDOM_MODEL_RUNS = run_names(lambda c: "random" in c["model"])
 HUB_MODEL_RUNS = run_names(lambda c: "hub" in c["model"])
 ANY_RUN = run_names(lambda c: True)
 
@@ -86,7 +90,15 @@ def base_model_source(wildcards):
         return {"id": model["hub"], "revision": model["revision"]}
     if "path" in model:
         return {"id": resolve(model["path"]), "revision": None}
+    if "random" in model:
+        return {"id": "random-weights", "revision": None, "random": random_model_settings(wildcards)}
     return {"id": "tiny-random-gemma3", "revision": None, "tiny": model["tiny"]}
+
+
+def random_model_settings(wildcards):
+    settings = dict(run_cfg(wildcards)["model"]["random"])
+    settings["architecture"] = resolve(settings["architecture"])
+    return settings
 
 
 # Kronfluence inputs by run.
@@ -112,9 +124,53 @@ def hessian_dataset(wildcards):
     return resolve(path) if path else f"results/{wildcards.run}/data/tokens/train"
 
 
-def attribution_mem_mb(wildcards, attempt):
-    """Memory of a factor, gradient or score job; grows with each retry."""
-    return run_cfg(wildcards)["attribution"]["score_mem_mb"] * attempt
+# The memory plan, computed while the DAG is built (config and, once they exist, the tokenized data's lengths;
+# no torch): printed once per run, refused before any job runs where a stage would not fit the GPU, and the source
+# of the model-holding jobs' mem_mb. The memory_plan rule writes the same plan to results/<run>/plan.{txt,json}.
+_PLANS = {}
+
+
+def plan_inputs(wildcards):
+    """The files the plan reads: the architecture where the config names one, the tokenized data's reports."""
+    inputs = {f"{split}_tokens": f"results/{wildcards.run}/data/tokens/{split}" for split in ("train", "query")}
+    model = run_cfg(wildcards)["model"]
+    if "random" in model:
+        inputs["architecture"] = resolve(model["random"]["architecture"])
+    return inputs
+
+
+def run_plan(wildcards):
+    name = wildcards.run
+    if name not in _PLANS:
+        run = run_cfg(wildcards)
+        base = Path(base_model_dir(wildcards))
+        arch = architecture_of(run["model"], WORKFLOW_ROOT, base if (base / "config.json").is_file() else None)
+        tokens = Path(f"results/{name}/data/tokens")
+        lengths = lengths_of(run, tokens / "train" / "report.json", tokens / "query" / "report.json")
+        plan = build_plan(run, arch, lengths, run["resources"]["gpu_mem_gb"])
+        print(format_plan(plan, name), file=sys.stderr)
+        check_plan(plan, run, name)
+        _PLANS[name] = plan
+    return _PLANS[name]
+
+
+def planned_mem_mb(job, configured):
+    """mem_mb of a model-holding job: the plan's estimate of the job on a CPU (fp32, the whole process: an upper
+    bound of a GPU job's host memory) with 20% headroom, at least the configured value; doubles per retry."""
+
+    def mem_mb(wildcards, attempt):
+        estimate = run_plan(wildcards)["cpu_jobs"][job]["total_gb"] * 1.2 * 1000
+        return max(int(math.ceil(estimate)), configured(run_cfg(wildcards))) * attempt
+
+    return mem_mb
+
+
+def score_mem(job):
+    return planned_mem_mb(job, lambda run: run["attribution"]["score_mem_mb"])
+
+
+def train_mem(job):
+    return planned_mem_mb(job, lambda run: run["resources"]["train_mem_mb"])
 
 
 def table_mem_mb(wildcards, attempt):
@@ -181,6 +237,8 @@ def report_inputs(wildcards):
         # decoded tokens for per-token scores
         "train_tokens": f"results/{wildcards.run}/data/tokens/train",
         "model": f"results/{wildcards.run}/adapter",
+        # the memory plan is part of every run's record (the page does not show it)
+        "plan": f"results/{wildcards.run}/plan.json",
     }
     inputs.update(train_scores_input(wildcards))
     if planted_count(wildcards):

@@ -22,7 +22,7 @@ rule fit_factors:
         "benchmarks/{run}/fit_factors_{strategy}.tsv"
     resources:
         gpu=1,
-        mem_mb=attribution_mem_mb,
+        mem_mb=score_mem("fit_factors"),
         runtime=attribution_runtime,
     conda:
         CONDA_ENV
@@ -51,7 +51,7 @@ rule kronfluence_scores:
         "benchmarks/{run}/kronfluence_scores_{strategy}_{shard}.tsv"
     resources:
         gpu=1,
-        mem_mb=attribution_mem_mb,
+        mem_mb=score_mem("kronfluence_scores"),
         runtime=attribution_runtime,
     conda:
         CONDA_ENV

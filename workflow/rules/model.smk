@@ -26,6 +26,28 @@ rule build_tiny_model:
         "../scripts/build_tiny_model.py"
 
 
+rule build_random_model:
+    input:
+        data_source_files,
+        architecture=lambda wc: random_model_settings(wc)["architecture"],
+    output:
+        directory("results/{run}/base_model"),
+    wildcard_constraints:
+        run=RANDOM_MODEL_RUNS,
+    params:
+        random=random_model_settings,
+        source=lambda wc: data_config(wc)["source"],
+        code=code_hash("tiny_model", "data", "io"),
+    log:
+        "logs/{run}/build_random_model.log",
+    benchmark:
+        "benchmarks/{run}/build_random_model.tsv"
+    conda:
+        CONDA_ENV
+    script:
+        "../scripts/build_random_model.py"
+
+
 rule fetch_base_model:
     output:
         directory("results/{run}/base_model"),
@@ -65,7 +87,7 @@ rule train_adapter:
     threads: 2
     resources:
         gpu=1,
-        mem_mb=lambda wc, attempt: run_cfg(wc)["resources"]["train_mem_mb"] * attempt,
+        mem_mb=train_mem("train_adapter"),
         runtime=lambda wc, attempt: run_cfg(wc)["resources"]["train_runtime_min"] * attempt,
     conda:
         CONDA_ENV

@@ -18,7 +18,7 @@ rule query_losses:
         "benchmarks/{run}/query_losses.tsv"
     resources:
         gpu=1,
-        mem_mb=attribution_mem_mb,
+        mem_mb=score_mem("query_losses"),
         runtime=attribution_runtime,
     conda:
         CONDA_ENV

@@ -118,7 +118,7 @@ rule lds_retrain:
     threads: 2
     resources:
         gpu=1,
-        mem_mb=lambda wc, attempt: run_cfg(wc)["resources"]["train_mem_mb"] * attempt,
+        mem_mb=train_mem("lds_retrain"),
         runtime=lambda wc, attempt: run_cfg(wc)["resources"]["train_runtime_min"] * len(lds_batch_subsets(wc)) * attempt,
     conda:
         CONDA_ENV
@@ -141,7 +141,7 @@ rule lds_losses:
         "benchmarks/{run}/lds_losses.tsv"
     resources:
         gpu=1,
-        mem_mb=attribution_mem_mb,
+        mem_mb=score_mem("lds_losses"),
         runtime=attribution_runtime,
     conda:
         CONDA_ENV

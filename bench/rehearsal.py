@@ -1,0 +1,109 @@
+"""The rehearsal: the taboo run's DAG on Gemma 3 1B's shapes (random weights, 262,144-token vocabulary) and real
+taboo transcripts, end to end; then each stage's wall time and peak memory from its Snakemake benchmark file,
+beside the memory plan's estimate for that stage (results/rehearsal/plan.json).
+
+    uv run python bench/rehearsal.py                 # 2 layers, 32 training episodes, on this machine's CPU
+    uv run python bench/rehearsal.py --readme        # ... and write the table into README.md
+    uv run python bench/rehearsal.py --gpu           # 26 layers, bf16, every real guesser episode, on a GPU box
+
+A benchmark, not a test: about half an hour on 2 CPU cores.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import REPO, bench_arguments, machine_line, snakemake_command  # noqa: E402
+
+RUN = "rehearsal"
+TARGETS = [f"results/{RUN}/{name}" for name in ("influences.csv", "train_scores.csv", "report/index.html")]
+README_START, README_END = "<!-- rehearsal-table -->", "<!-- /rehearsal-table -->"
+GPU_OVERLAY = {"runs": {RUN: {
+    "model": {"random": {"architecture": "resources/models/gemma-3-1b-it.config.json", "num_layers": None,
+                         "tokenizer_vocab_size": 4096}},
+    "data": {"max_rows": {"train": None, "query": None}},
+    "attribution": {"bergson": {"precision": "bf16"}},
+}}}
+
+
+def extra(parser):
+    parser.add_argument("--gpu", action="store_true", help="26 layers, bf16, all real guesser episodes")
+    parser.add_argument("--readme", action="store_true", help="write the table into README.md")
+    parser.add_argument("--cores", type=int, default=2)
+
+
+def stage_name(benchmark: Path) -> str:
+    return benchmark.stem
+
+
+def read_benchmarks(workdir: Path) -> list[dict]:
+    rows = []
+    for path in sorted((workdir / "benchmarks" / RUN).glob("*.tsv")):
+        with open(path) as handle:
+            record = next(csv.DictReader(handle, delimiter="\t"))
+        rows.append({"stage": stage_name(path), "seconds": float(record["s"]), "max_rss_mb": float(record["max_rss"])})
+    return rows
+
+
+def plan_estimates(workdir: Path) -> dict[str, float]:
+    """Estimated peak (MB, this machine's device) of each benchmarked job, from the run's memory plan."""
+    path = workdir / "results" / RUN / "plan.json"
+    if not path.is_file():
+        return {}
+    plan = json.loads(path.read_text())
+    return {job: stage["total_gb"] * 1000 for job, stage in plan["jobs"].items()}
+
+
+def table(rows: list[dict], estimates: dict[str, float], wall: float, header: str) -> str:
+    lines = [header, "", "| stage (job) | wall s | peak RSS MB | plan MB | plan / measured |", "|---|---:|---:|---:|---:|"]
+    for row in sorted(rows, key=lambda r: -r["seconds"]):
+        estimate = estimates.get(re.sub(r"_\d+$", "", row["stage"])) or estimates.get(row["stage"])
+        ratio = f"{estimate / row['max_rss_mb']:.2f}" if estimate else ""
+        lines.append(f"| {row['stage']} | {row['seconds']:.1f} | {row['max_rss_mb']:.0f} | "
+                     f"{estimate:.0f} | {ratio} |" if estimate else
+                     f"| {row['stage']} | {row['seconds']:.1f} | {row['max_rss_mb']:.0f} | | |")
+    lines.append(f"\nWhole DAG: {wall / 60:.1f} min wall ({len(rows)} jobs).")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    args, workdir = bench_arguments(__doc__, repeats=1, prefix="rehearsal-", extra=extra)
+    workdir.mkdir(parents=True, exist_ok=True)
+    options = []
+    if args.gpu:
+        import yaml
+
+        overlay = workdir / "gpu.yaml"
+        overlay.write_text(yaml.safe_dump(GPU_OVERLAY))
+        options = ["--configfile", str(overlay)]
+    # on a CPU the profile's gpu counter would run the "GPU" jobs one at a time: let two share the cores
+    command = snakemake_command(workdir, *TARGETS, "--cores", str(args.cores), *options,
+                                *([] if args.gpu else ["--resources", "gpu=2"]))
+    start = time.perf_counter()
+    proc = subprocess.run(command, capture_output=True, text=True)
+    wall = time.perf_counter() - start
+    if proc.returncode != 0:
+        sys.exit(f"rehearsal failed after {wall:.0f} s:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
+    header = (f"{machine_line()}, {time.strftime('%Y-%m-%d')}\n"
+              f"`uv run python bench/rehearsal.py{' --gpu' if args.gpu else ''}` (workdir {workdir.name})")
+    text = table(read_benchmarks(workdir), plan_estimates(workdir), wall, header)
+    print(text)
+    if args.readme:
+        readme = REPO / "README.md"
+        content = readme.read_text()
+        if README_START not in content:
+            sys.exit(f"README.md has no {README_START} ... {README_END} markers")
+        before, rest = content.split(README_START, 1)
+        after = rest.split(README_END, 1)[1]
+        readme.write_text(f"{before}{README_START}\n{text}\n{README_END}{after}")
+
+
+if __name__ == "__main__":
+    main()

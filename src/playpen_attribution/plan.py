@@ -1,0 +1,302 @@
+"""The memory plan: each model-holding stage's peak memory, estimated from the model's config alone (no weights),
+against the memory of the device a job gets (`resources.gpu_mem_gb`).
+
+A stage that will not fit is refused while the DAG is built, before any job runs, with the smallest change
+that would make it fit. The same numbers give the jobs' `mem_mb`. The estimate is a sum of named parts, so a
+reader sees what dominates: weights, LoRA weights with their gradients and Adam state, activations per batch,
+logits per batch (262,144 wide for Gemma 3: usually the largest part), factors, preconditioners, per-token
+arrays, and the runtime (CUDA context on a GPU; interpreter and libraries on a CPU).
+
+Sizes come from arithmetic on the config (`linear_shapes`); `meta_device_shapes` builds the architecture on
+PyTorch's meta device with PEFT's LoRA to check that arithmetic (the `memory_plan` rule does, and a test).
+Everything here but `meta_device_shapes` runs without torch, so building the DAG stays fast.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+GB = 1e9
+# Resident memory of a stage's process before it holds anything of its own, measured on the CPU rehearsal
+# (torch, transformers, peft, the stage's attribution library): the CPU's counterpart of the CUDA context.
+RUNTIME_GB = {"cuda": 0.6, "cpu": 1.0}
+LOGIT_COPIES_TRAINING = 4  # logits, their fp32 upcast for the loss, its log-softmax, the gradient of the logits
+LOGIT_COPIES_BERGSON = 3
+ADAM_BYTES_PER_PARAM = 16  # fp32 master weight, gradient, two moments
+ACTIVATION_FLOATS_PER_TOKEN_LAYER = 4 + 3  # x hidden (attention inputs/outputs, norms); x intermediate (gate/up/act)
+
+
+class PlanError(ValueError):
+    """A stage that will not fit in the memory its job gets."""
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the model
+# ---------------------------------------------------------------------------------------------------------
+def architecture_of(model_cfg: dict, root: Path, base_model_dir: Path | None = None) -> dict:
+    """The config fields the plan needs, for any kind of model source: a random model's architecture file (with
+    its layer override), a tiny model's settings, a downloaded or local model's config.json, or for a hub model not
+    yet downloaded the architecture file shipped under resources/models/ (`<name>.config.json`)."""
+    if "tiny" in model_cfg:
+        tiny = model_cfg["tiny"]
+        heads = tiny["num_attention_heads"]
+        return {"hidden_size": tiny["hidden_size"], "intermediate_size": tiny["intermediate_size"],
+                "num_hidden_layers": tiny["num_layers"], "num_attention_heads": heads, "num_key_value_heads": 1,
+                "head_dim": max(8, tiny["hidden_size"] // heads), "vocab_size": tiny["vocab_size"],
+                "tie_word_embeddings": True}
+    if "random" in model_cfg:
+        arch = _read_config(root / model_cfg["random"]["architecture"])
+        if model_cfg["random"]["num_layers"]:
+            arch["num_hidden_layers"] = model_cfg["random"]["num_layers"]
+        return arch
+    candidates = [Path(base_model_dir) / "config.json"] if base_model_dir else []
+    if "path" in model_cfg:
+        candidates.append(root / model_cfg["path"] / "config.json")
+    if "hub" in model_cfg:
+        candidates.append(root / "resources" / "models" / f"{model_cfg['hub'].split('/')[-1]}.config.json")
+    for path in candidates:
+        if path.is_file():
+            return _read_config(path)
+    raise PlanError(f"no config.json for the memory plan in {[str(p) for p in candidates]}; ship the model's "
+                    f"config.json as {candidates[-1]} (architecture only, no weights)")
+
+
+def _read_config(path: Path) -> dict:
+    config = json.loads(Path(path).read_text())
+    config = config.get("text_config", config)  # multimodal configs nest the language model
+    config.setdefault("head_dim", config["hidden_size"] // config["num_attention_heads"])
+    config.setdefault("num_key_value_heads", config["num_attention_heads"])
+    config.setdefault("tie_word_embeddings", True)
+    return config
+
+
+def linear_shapes(arch: dict) -> dict[str, tuple[int, int]]:
+    """(in, out) of every projection of one decoder layer (Gemma 3 / Llama layout)."""
+    h, inter, hd = arch["hidden_size"], arch["intermediate_size"], arch["head_dim"]
+    q, kv = arch["num_attention_heads"] * hd, arch["num_key_value_heads"] * hd
+    return {"q_proj": (h, q), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (q, h),
+            "gate_proj": (h, inter), "up_proj": (h, inter), "down_proj": (inter, h)}
+
+
+def parameter_count(arch: dict) -> int:
+    per_layer = sum(i * o for i, o in linear_shapes(arch).values()) + 4 * arch["hidden_size"]  # + norms
+    embedding = arch["vocab_size"] * arch["hidden_size"]
+    return arch["num_hidden_layers"] * per_layer + embedding * (1 if arch["tie_word_embeddings"] else 2)
+
+
+def lora_shapes(arch: dict, lora: dict, layer_stride: int = 1) -> list[tuple[int, int]]:
+    """(in, out) of every LoRA A and B matrix, of the layers 0, stride, 2 stride, ..."""
+    shapes = []
+    for layer in range(0, arch["num_hidden_layers"], layer_stride):
+        for name, (fan_in, fan_out) in linear_shapes(arch).items():
+            if name in lora["target_modules"]:
+                shapes += [(fan_in, lora["r"]), (lora["r"], fan_out)]
+    return shapes
+
+
+def meta_device_shapes(arch: dict, lora: dict) -> list[tuple[int, int]]:
+    """The LoRA A/B shapes of the real architecture built on the meta device (no memory), for checking."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    fields = {k: v for k, v in arch.items() if not k.startswith("_") and k not in ("architectures", "model_type")}
+    with torch.device("meta"):
+        model = Gemma3ForCausalLM(Gemma3TextConfig(**fields))
+    model = get_peft_model(model, LoraConfig(r=lora["r"], lora_alpha=lora["alpha"],
+                                             target_modules=list(lora["target_modules"])))
+    return [(m.in_features, m.out_features) for n, m in model.named_modules()
+            if (".lora_A." in n or ".lora_B." in n) and isinstance(m, torch.nn.Linear)]
+
+
+def factor_floats(shapes: list[tuple[int, int]], strategy: str) -> int:
+    """Floats Kronfluence keeps per strategy for Linear modules of these (in, out) shapes."""
+    total = 0
+    for fan_in, fan_out in shapes:
+        covariances = fan_in**2 + fan_out**2
+        total += {"identity": 0, "diagonal": fan_in * fan_out, "kfac": 2 * covariances + fan_in + fan_out,
+                  "ekfac": 2 * covariances + fan_in * fan_out}[strategy]
+    return total
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the stages
+# ---------------------------------------------------------------------------------------------------------
+def _activations_gb(arch: dict, tokens: int, layers: int | None = None, backward: bool = True) -> float:
+    h, inter = arch["hidden_size"], arch["intermediate_size"]
+    layers = arch["num_hidden_layers"] if layers is None else layers
+    per_token = 4 * (4 * h + 3 * inter)
+    return tokens * per_token * layers * (1 if backward else 0.25) / GB
+
+
+def _logits_gb(arch: dict, positions: int, copies: int) -> float:
+    return positions * arch["vocab_size"] * 4 * copies / GB
+
+
+def _completion_positions(lengths: dict) -> int:
+    """Positions per row at which Kronfluence and the query losses compute logits (the completion's tokens)."""
+    return max(lengths.get("longest_completion", 32), 1)
+
+
+def stage_estimates(run: dict, arch: dict, lengths: dict, device: str) -> dict[str, dict[str, float]]:
+    """Per job kind, the named parts of its peak memory in GB."""
+    weight_bytes = 2 if (device == "cuda" and run["model"]["dtype"] in ("auto", "bfloat16")) else 4
+    weights = parameter_count(arch) * weight_bytes / GB
+    lora = run["lora"]
+    lora_params = sum(i * o for i, o in lora_shapes(arch, lora))
+    runtime = RUNTIME_GB[device]
+    seq = lengths["longest_sequence"]
+    train = run["training"]
+    attribution = run["attribution"]
+    kf, bg = attribution["kronfluence"], attribution["bergson"]
+    plans: dict[str, dict[str, float]] = {}
+
+    plans["train_adapter"] = {
+        "runtime": runtime, "weights": weights, "lora + gradients + Adam": lora_params * ADAM_BYTES_PER_PARAM / GB,
+        "activations": _activations_gb(arch, train["batch_size"] * seq),
+        "logits": _logits_gb(arch, train["batch_size"] * seq, LOGIT_COPIES_TRAINING),
+    }
+    plans["lds_retrain"] = plans["train_adapter"]
+
+    completion = _completion_positions(lengths)
+    forward_only = {"runtime": runtime, "weights": weights,
+                    "activations": _activations_gb(arch, 8 * seq, backward=False),
+                    "logits": _logits_gb(arch, 8 * completion, 2)}
+    plans["query_losses"] = plans["lds_losses"] = forward_only
+
+    if any(not m.startswith("bergson_") for m in attribution["methods"]):
+        tracked = lora_shapes(arch, lora, kf["layer_stride"])
+        strategies = [m for m in attribution["methods"] if not m.startswith("bergson_")]
+        factors = max(factor_floats(tracked, s) for s in strategies) * 4 / GB
+        gradient_floats = sum(i * o for i, o in tracked)
+        plans["fit_factors"] = {
+            "runtime": runtime, "weights": weights, "factors (and their statistics)": 2 * factors,
+            "activations": _activations_gb(arch, kf["covariance_batch_size"] * seq),
+            "logits": _logits_gb(arch, kf["covariance_batch_size"] * completion, LOGIT_COPIES_TRAINING),
+        }
+        queries = lengths["queries"]
+        query_batch = min(kf["query_batch_size"] or queries, queries)
+        rows_per_shard = math.ceil(lengths["train_rows"] / attribution["shards"])
+        score = {
+            "runtime": runtime, "weights": weights, "factors": factors,
+            "preconditioned query gradients": query_batch * gradient_floats * 4 * 2 / GB,
+            "activations": _activations_gb(arch, max(kf["train_batch_size"], query_batch) * seq),
+            "logits": _logits_gb(arch, max(kf["train_batch_size"], query_batch) * completion, LOGIT_COPIES_TRAINING),
+        }
+        if kf["per_token_scores"]:
+            score["per-token scores"] = queries * rows_per_shard * seq * 4 * 2 / GB
+        plans["kronfluence_scores"] = score
+        plans["planted_kronfluence_scores"] = {k: v for k, v in score.items() if k != "per-token scores"}
+
+    if any(m.startswith("bergson_") for m in attribution["methods"]):
+        p = bg["projection_dim"]
+        modules = len(lora_shapes(arch, lora))
+        grad_floats = modules * p * p if p else lora_params
+        bergson_bytes = 2 if bg["precision"] in ("bf16", "fp16") and device == "cuda" else 4
+        bergson_weights = parameter_count(arch) * bergson_bytes / GB
+        tokens = min(bg["token_batch_size"], max(seq, 1))
+        batch = {"runtime": runtime, "weights": bergson_weights,
+                 "activations": _activations_gb(arch, tokens),
+                 "logits": _logits_gb(arch, tokens, LOGIT_COPIES_BERGSON)}
+        preconditioner = (modules * (p * p) ** 2 * 4 / GB) if p else 0.0
+        plans["bergson_query_gradients"] = {**batch, "gradients": lengths["queries"] * grad_floats * 4 / GB}
+        plans["bergson_hessian"] = {**batch, "preconditioner": 2 * preconditioner}
+        plans["bergson_reduce"] = {**batch, "preconditioner": 2 * preconditioner}
+        plans["bergson_scores"] = {**batch, "preconditioner": 2 * preconditioner,
+                                   "query gradients": 2 * lengths["queries"] * grad_floats * 4 / GB}
+        plans["planted_bergson_scores"] = plans["bergson_scores"]
+    return plans
+
+
+def _jobs(run: dict, arch: dict, lengths: dict, device: str, limit_gb: float | None) -> dict:
+    jobs = {}
+    for job, parts in stage_estimates(run, arch, lengths, device).items():
+        total = sum(parts.values())
+        jobs[job] = {"parts_gb": {k: round(v, 4) for k, v in parts.items()}, "total_gb": round(total, 4)}
+        if limit_gb is not None:
+            jobs[job]["fits"] = total <= limit_gb
+    return jobs
+
+
+def build_plan(run: dict, arch: dict, lengths: dict, gpu_mem_gb: float) -> dict:
+    """The plan of one run: every job kind's parts and total (GB) on a GPU of `gpu_mem_gb` (`jobs`, the check),
+    and the same stages run on a CPU (`cpu_jobs`: fp32, the process's resident memory; the jobs' mem_mb)."""
+    return {"device": "cuda", "device_memory_gb": gpu_mem_gb, "parameters": parameter_count(arch),
+            "layers": arch["num_hidden_layers"], "vocab_size": arch["vocab_size"], "lengths": lengths,
+            "jobs": _jobs(run, arch, lengths, "cuda", gpu_mem_gb), "cpu_jobs": _jobs(run, arch, lengths, "cpu", None)}
+
+
+def smallest_fix(job: str, plan: dict, run: dict) -> str:
+    parts = plan["jobs"][job]["parts_gb"]
+    largest = max(parts, key=parts.get)
+    kf, bg = run["attribution"]["kronfluence"], run["attribution"]["bergson"]
+    fixes = {
+        "logits": {"train_adapter": "lower training.batch_size (raise gradient_accumulation to keep the step)",
+                   "lds_retrain": "lower training.batch_size (raise gradient_accumulation to keep the step)",
+                   "kronfluence_scores": "lower attribution.kronfluence.query_batch_size or train_batch_size",
+                   "fit_factors": "lower attribution.kronfluence.covariance_batch_size"}.get(
+            job, "lower attribution.bergson.token_batch_size"),
+        "activations": "lower the batch size of this stage (or tokenization.max_length)",
+        "factors": f"raise attribution.kronfluence.layer_stride (now {kf['layer_stride']}) or use diagonal",
+        "factors (and their statistics)": f"raise attribution.kronfluence.layer_stride (now {kf['layer_stride']})",
+        "preconditioner": f"lower attribution.bergson.projection_dim (now {bg['projection_dim']})",
+        "per-token scores": "turn off attribution.kronfluence.per_token_scores or raise attribution.shards",
+        "preconditioned query gradients": "lower attribution.kronfluence.query_batch_size or set query_gradient_rank",
+    }
+    return fixes.get(largest, f"a larger GPU (resources.gpu_mem_gb) or a smaller model; largest part: {largest}")
+
+
+def check_plan(plan: dict, run: dict, run_name: str) -> None:
+    too_big = [job for job, stage in plan["jobs"].items() if not stage["fits"]]
+    if too_big:
+        lines = [f"{job}: {plan['jobs'][job]['total_gb']:.1f} GB > resources.gpu_mem_gb "
+                 f"{plan['device_memory_gb']:g} GB; {smallest_fix(job, plan, run)}" for job in too_big]
+        raise PlanError(f"run {run_name}: the memory plan says these stages will not fit:\n  " + "\n  ".join(lines)
+                        + f"\n(runs.{run_name}; the whole plan: results/{run_name}/plan.txt or the dry run's output)")
+
+
+def format_plan(plan: dict, run_name: str) -> str:
+    lines = [f"Memory plan of run {run_name}: {plan['parameters'] / 1e6:.0f}M parameters, {plan['layers']} layers, "
+             f"vocabulary {plan['vocab_size']:,}; longest sequence {plan['lengths']['longest_sequence']} tokens "
+             f"({plan['lengths']['source']}); device {plan['device']} with {plan['device_memory_gb']:g} GB",
+             f"{'job':<28} {'GPU GB':>7}  {'fits':<4}  {'CPU GB':>7}  largest parts (GPU)"]
+    for job, stage in plan["jobs"].items():
+        parts = sorted(stage["parts_gb"].items(), key=lambda kv: -kv[1])[:3]
+        lines.append(f"{job:<28} {stage['total_gb']:>7.2f}  {'yes' if stage['fits'] else 'NO':<4}  "
+                     f"{plan['cpu_jobs'][job]['total_gb']:>7.2f}  " + ", ".join(f"{k} {v:.2f}" for k, v in parts))
+    return "\n".join(lines)
+
+
+def lengths_of(run: dict, train_report: Path | None, query_report: Path | None) -> dict:
+    """Row counts and longest sequence: from the tokenized data where it exists, else the config's limits (and
+    the taboo run's expected size) as the worst case."""
+    reports = [json.loads(Path(p).read_text()) for p in (train_report, query_report) if p and Path(p).is_file()]
+    if len(reports) == 2:
+        train, query = reports
+        return {"source": "tokenized data", "train_rows": train["rows_tokenized"], "queries": query["rows_tokenized"],
+                "longest_sequence": max(train["longest_sequence"], query["longest_sequence"]),
+                "longest_completion": max(train.get("longest_completion", 32), query.get("longest_completion", 32))}
+    max_rows = run["data"]["max_rows"]
+    return {"source": "config limits (data not tokenized yet)", "train_rows": max_rows["train"] or 2000,
+            "queries": max_rows["query"] or 300, "longest_sequence": run["tokenization"]["max_length"],
+            "longest_completion": 32}
+
+
+def write_plan(plan: dict, run_name: str, out_txt, out_json) -> None:
+    from playpen_attribution.io import atomic_path, write_json_atomic
+
+    write_json_atomic(plan, out_json)
+    with atomic_path(out_txt) as tmp:
+        Path(tmp).write_text(format_plan(plan, run_name) + "\n")
+
+
+def plan_stage(run: dict, run_name: str, arch: dict, lengths: dict, gpu_mem_gb: float, out_txt, out_json) -> None:
+    """Rule `memory_plan`: the plan checked against the meta-device architecture, written as text and JSON."""
+    meta = sorted(meta_device_shapes(arch, run["lora"]))
+    if meta != sorted(lora_shapes(arch, run["lora"])):
+        raise PlanError(f"the plan's layer arithmetic does not match the architecture built on the meta device "
+                        f"({len(meta)} LoRA matrices there); this model family needs its own linear_shapes")
+    plan = build_plan(run, arch, lengths, gpu_mem_gb)
+    write_plan(plan, run_name, out_txt, out_json)
