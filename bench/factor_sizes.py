@@ -27,21 +27,6 @@ GEMMA3_1B = dict(hidden_size=1152, intermediate_size=6912, num_hidden_layers=26,
                  num_key_value_heads=1, head_dim=256, vocab_size=262144, max_position_embeddings=32768)
 
 
-def factor_floats(shapes: list[tuple[int, int]], strategy: str) -> int:
-    total = 0
-    for fan_in, fan_out in shapes:
-        covariances = fan_in**2 + fan_out**2
-        if strategy == "diagonal":
-            total += fan_in * fan_out
-        elif strategy == "kfac":
-            total += 2 * covariances + fan_in + fan_out
-        elif strategy == "ekfac":
-            total += 2 * covariances + fan_in * fan_out
-        else:
-            raise ValueError(strategy)
-    return total
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--run", default="taboo")
@@ -54,6 +39,7 @@ def main() -> None:
 
     from playpen_attribution.config import validate_config
     from playpen_attribution.influence import select_modules
+    from playpen_attribution.plan import factor_floats
 
     config = validate_config(yaml.safe_load((REPO / "config" / "config.yaml").read_text()))
     lora = config["runs"][args.run]["lora"]

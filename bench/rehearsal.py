@@ -22,6 +22,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import REPO, bench_arguments, machine_line, snakemake_command  # noqa: E402
 
+from playpen_attribution.stage import PEAK_RSS_LINE  # noqa: E402
+
+PEAK_PATTERN = re.escape(PEAK_RSS_LINE).replace(r"\{:\.0f\}", r"([\d.]+)")
+
 RUN = "rehearsal"
 TARGETS = [f"results/{RUN}/{name}" for name in ("influences.csv", "train_scores.csv", "report/index.html")]
 README_START, README_END = "<!-- rehearsal-table -->", "<!-- /rehearsal-table -->"
@@ -39,37 +43,53 @@ def extra(parser):
     parser.add_argument("--cores", type=int, default=2)
 
 
-def stage_name(benchmark: Path) -> str:
-    return benchmark.stem
-
-
 def read_benchmarks(workdir: Path) -> list[dict]:
+    """Each job's wall time and memory: Snakemake's sampled max RSS, and the true peak the job logged itself."""
     rows = []
     for path in sorted((workdir / "benchmarks" / RUN).glob("*.tsv")):
         with open(path) as handle:
             record = next(csv.DictReader(handle, delimiter="\t"))
-        rows.append({"stage": stage_name(path), "seconds": float(record["s"]), "max_rss_mb": float(record["max_rss"])})
+        log = workdir / "logs" / RUN / f"{path.stem}.log"
+        found = re.findall(PEAK_PATTERN, log.read_text()) if log.is_file() else []
+        rows.append({"job": path.stem, "seconds": float(record["s"]), "sampled_rss_mb": float(record["max_rss"]),
+                     "peak_mb": float(found[-1]) if found else None})
     return rows
 
 
-def plan_estimates(workdir: Path) -> dict[str, float]:
-    """Estimated peak (MB, this machine's device) of each benchmarked job, from the run's memory plan."""
+def plan_kind(job: str, kinds) -> str | None:
+    """The plan's job kind of a benchmarked job (`kronfluence_scores_ekfac_0` -> `kronfluence_scores`)."""
+    for kind in sorted(kinds, key=len, reverse=True):
+        if job == kind or job.startswith(kind + "_"):
+            return kind
+    return None
+
+
+def plan_estimates(workdir: Path, device: str) -> dict[str, float]:
+    """Estimated peak (MB) of each job kind on this device, from the run's memory plan."""
     path = workdir / "results" / RUN / "plan.json"
     if not path.is_file():
         return {}
     plan = json.loads(path.read_text())
-    return {job: stage["total_gb"] * 1000 for job, stage in plan["jobs"].items()}
+    return {job: stage["total_gb"] * 1000 for job, stage in plan["cpu_jobs" if device == "cpu" else "jobs"].items()}
 
 
 def table(rows: list[dict], estimates: dict[str, float], wall: float, header: str) -> str:
-    lines = [header, "", "| stage (job) | wall s | peak RSS MB | plan MB | plan / measured |", "|---|---:|---:|---:|---:|"]
+    lines = [header, "", "| job | wall s | peak MB | sampled MB | plan MB | plan / peak |",
+             "|---|---:|---:|---:|---:|---:|"]
     for row in sorted(rows, key=lambda r: -r["seconds"]):
-        estimate = estimates.get(re.sub(r"_\d+$", "", row["stage"])) or estimates.get(row["stage"])
-        ratio = f"{estimate / row['max_rss_mb']:.2f}" if estimate else ""
-        lines.append(f"| {row['stage']} | {row['seconds']:.1f} | {row['max_rss_mb']:.0f} | "
-                     f"{estimate:.0f} | {ratio} |" if estimate else
-                     f"| {row['stage']} | {row['seconds']:.1f} | {row['max_rss_mb']:.0f} | | |")
-    lines.append(f"\nWhole DAG: {wall / 60:.1f} min wall ({len(rows)} jobs).")
+        kind = plan_kind(row["job"], estimates)
+        estimate = estimates.get(kind) if kind else None
+        peak = row["peak_mb"]
+        cells = [row["job"], f"{row['seconds']:.1f}", f"{peak:.0f}" if peak else "", f"{row['sampled_rss_mb']:.0f}",
+                 f"{estimate:.0f}" if estimate else "", f"{estimate / peak:.2f}" if estimate and peak else ""]
+        lines.append("| " + " | ".join(cells) + " |")
+    planned = [r for r in rows if plan_kind(r["job"], estimates) and r["peak_mb"]]
+    if planned:
+        ratios = [estimates[plan_kind(r["job"], estimates)] / r["peak_mb"] for r in planned]
+        lines.append(f"\nPlan / peak over the {len(planned)} model-holding jobs: {min(ratios):.2f} to {max(ratios):.2f}.")
+    lines.append(f"Whole DAG: {wall / 60:.1f} min wall ({len(rows)} jobs). Peak = the job's own getrusage maximum "
+                 f"(logged by every stage); sampled = Snakemake's benchmark file, which samples every 30 s after a "
+                 f"job's first 30 s and can miss the peak.")
     return "\n".join(lines)
 
 
@@ -93,7 +113,7 @@ def main() -> None:
         sys.exit(f"rehearsal failed after {wall:.0f} s:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
     header = (f"{machine_line()}, {time.strftime('%Y-%m-%d')}\n"
               f"`uv run python bench/rehearsal.py{' --gpu' if args.gpu else ''}` (workdir {workdir.name})")
-    text = table(read_benchmarks(workdir), plan_estimates(workdir), wall, header)
+    text = table(read_benchmarks(workdir), plan_estimates(workdir, "cuda" if args.gpu else "cpu"), wall, header)
     print(text)
     if args.readme:
         readme = REPO / "README.md"

@@ -36,6 +36,28 @@ def tiny_tokenizer(tiny_model_dir):
     return AutoTokenizer.from_pretrained(str(tiny_model_dir))
 
 
+@pytest.fixture(scope="session")
+def seed_model(tmp_path_factory):
+    """The first seed's setting: a tiny base model with a tokenizer trained on queries/test_query, and that folder's
+    rows tokenized in the seed's plain form, in its `--hessian-dataset` columns (input_ids, attention_mask,
+    labels): `hessian` (train.json) and `query` (query.json)."""
+    from transformers import AutoTokenizer
+
+    from playpen_attribution.data import load_pair_json
+    from playpen_attribution.tiny_model import build_tiny_model, corpus_from_source
+    from playpen_attribution.tokenization import tokenize_rows
+
+    root = tmp_path_factory.mktemp("seed")
+    folder = REPO / "queries" / "test_query"
+    source = {"kind": "json", "train": str(folder / "train.json"), "query": str(folder / "query.json")}
+    build_tiny_model(corpus_from_source(source), root / "model", vocab_size=400)
+    tokenizer = AutoTokenizer.from_pretrained(str(root / "model"))
+    for split, name in (("train", "hessian"), ("query", "query")):
+        dataset, _ = tokenize_rows(load_pair_json(source[split]).to_dict("records"), tokenizer, 128, "plain")
+        dataset.select_columns(["input_ids", "attention_mask", "labels"]).save_to_disk(str(root / name))
+    return root
+
+
 def data_cfg(source, **overrides):
     """A validated data section for a playpen source."""
     from playpen_attribution.config import validate_config

@@ -18,21 +18,9 @@ TEST_QUERY = REPO / "queries" / "test_query"
 
 
 @pytest.fixture(scope="module")
-def cli_model(tmp_path_factory):
+def cli_model(seed_model):
     """A tiny base model with a tokenizer trained on the query folder, and its plain-tokenized train set."""
-    from transformers import AutoTokenizer
-
-    from playpen_attribution.data import load_pair_json
-    from playpen_attribution.tiny_model import build_tiny_model, corpus_from_source
-    from playpen_attribution.tokenization import tokenize_rows
-
-    root = tmp_path_factory.mktemp("cli")
-    source = {"kind": "json", "train": str(TEST_QUERY / "train.json"), "query": str(TEST_QUERY / "query.json")}
-    build_tiny_model(corpus_from_source(source), root / "model", vocab_size=400)
-    tokenizer = AutoTokenizer.from_pretrained(str(root / "model"))
-    dataset, _ = tokenize_rows(load_pair_json(source["train"]).to_dict("records"), tokenizer, 128, "plain")
-    dataset.save_to_disk(str(root / "hessian"))
-    return root
+    return seed_model
 
 
 @pytest.fixture(scope="module")

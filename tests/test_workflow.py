@@ -14,7 +14,7 @@ from conftest import REPO, project_copy, snakemake
 pytestmark = pytest.mark.slow
 DEMO_TARGETS = ("results/demo/influences.csv", "results/demo/train_scores.csv", "results/demo/report/index.html")
 EVERY_STAGE = {"fetch_base_model", "prepare_data", "tokenize", "train_adapter", "fit_factors", "kronfluence_scores",
-               "query_losses",
+               "query_losses", "memory_plan",
                "bergson_query_gradients", "bergson_hessian", "bergson_mix", "bergson_reduce", "bergson_scores",
                "merge_influences", "merge_train_scores", "report", "planted_copies", "planted_kronfluence_scores",
                "planted_bergson_scores", "planted_audit", "lds_retrain", "lds_losses", "lds"}
@@ -233,7 +233,7 @@ def test_preconditioner_choice_rescores_only_what_depends_on_it(demo_workdir):
     jobs = planned_jobs(snakemake(demo_workdir, *DEMO_TARGETS, "-n", "--configfile", path))
     # the training-side preconditioner, the query gradients and every other method are reused
     assert jobs == {"bergson_reduce": 1, "bergson_scores": 2, "merge_influences": 1, "merge_train_scores": 1,
-                    "planted_bergson_scores": 1, "planted_audit": 1, "lds": 1, "report": 1}
+                    "planted_bergson_scores": 1, "planted_audit": 1, "lds": 1, "memory_plan": 1, "report": 1}
 
 
 def test_new_query_set_rescores_without_refitting_or_retraining(demo_workdir):
@@ -244,7 +244,7 @@ def test_new_query_set_rescores_without_refitting_or_retraining(demo_workdir):
                     "bergson_hessian": 1, "bergson_mix": 1, "bergson_reduce": 2, "bergson_scores": 4,
                     "query_losses": 1, "merge_influences": 1, "merge_train_scores": 1, "planted_copies": 1,
                     "planted_kronfluence_scores": 1, "planted_bergson_scores": 2, "planted_audit": 1,
-                    "lds_losses": 1, "lds": 1, "report": 1}
+                    "lds_losses": 1, "lds": 1, "memory_plan": 1, "report": 1}
 
 
 def test_lora_rank_change_retrains_without_refiltering(demo_workdir):
@@ -254,7 +254,7 @@ def test_lora_rank_change_retrains_without_refiltering(demo_workdir):
                     "bergson_hessian": 2, "bergson_mix": 1, "bergson_reduce": 2, "bergson_scores": 4,
                     "query_losses": 1, "merge_influences": 1, "merge_train_scores": 1,
                     "planted_kronfluence_scores": 1, "planted_bergson_scores": 2, "planted_audit": 1,
-                    "lds_retrain": 2, "lds_losses": 1, "lds": 1, "report": 1}
+                    "lds_retrain": 2, "lds_losses": 1, "lds": 1, "memory_plan": 1, "report": 1}
 
 
 def test_filter_change_redoes_data_but_not_the_base_model(demo_workdir):
@@ -270,7 +270,8 @@ def test_real_runs_dry_run_builds_the_dag(tmp_path):
     assert planned_jobs(proc) == {"fetch_base_model": 2, "prepare_data": 4, "tokenize": 4, "train_adapter": 2,
                                   "fit_factors": 2, "kronfluence_scores": 8, "bergson_query_gradients": 2,
                                   "bergson_hessian": 4, "bergson_mix": 2, "bergson_reduce": 6,
-                                  "bergson_scores": 24, "query_losses": 2, "merge_influences": 2, "merge_train_scores": 2, "report": 2,
+                                  "bergson_scores": 24, "query_losses": 2, "memory_plan": 2, "merge_influences": 2,
+                                  "merge_train_scores": 2, "report": 2,
                                   "planted_copies": 2, "planted_kronfluence_scores": 2, "planted_bergson_scores": 6,
                                   "planted_audit": 2, "lds_retrain": 64, "lds_losses": 2, "lds": 2}
     assert set(planned_jobs(proc)) == EVERY_STAGE

@@ -8,6 +8,7 @@ Errors print one clear line and exit with status 2; no partial CSV is left behin
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import sys
@@ -44,7 +45,10 @@ def fit_hessians_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help="HuggingFace model name or path (a LoRA adapter folder works)")
     p.add_argument("--revision", default=None, help="Model revision (branch, tag, or commit hash)")
     p.add_argument("--hessian-dataset", required=True, help="Path to pre-tokenized HuggingFace dataset "
-                   "(save_to_disk folder with input_ids, attention_mask, labels)")
+                   "(save_to_disk folder with input_ids, and optionally attention_mask and labels; padding on "
+                   "either side is stripped, and without labels every attended token is one)")
+    # beyond the seed: a DatasetDict folder's split
+    p.add_argument("--split", default="train", help="Split of a DatasetDict folder (default: train)")
     p.add_argument("--output-dir", required=True, help="Output directory for factors and metadata")
     p.add_argument("--factor-batch-size", type=int, default=8, help="Batch size for covariance computation")
     p.add_argument("--lambda-batch-size", type=int, default=4, help="Batch size for lambda computation")
@@ -68,7 +72,7 @@ def fit_hessians(argv: list[str] | None = None) -> None:
         meta = fit_factors(args.model, args.hessian_dataset, out, revision=args.revision, strategy=args.strategy,
                            modules="lora" if is_adapter(args.model) else "mlp", layer_stride=args.layer_stride,
                            covariance_batch_size=args.factor_batch_size, lambda_batch_size=args.lambda_batch_size,
-                           max_examples=args.max_examples, dtype=args.dtype)
+                           max_examples=args.max_examples, dtype=args.dtype, split=args.split)
     except (ValueError, FileNotFoundError) as err:
         _fail(str(err))
     print(f"fitted {meta['strategy']} factors on {meta['num_examples']} examples, "
@@ -96,16 +100,31 @@ def run_query_parser() -> argparse.ArgumentParser:
                    help="Refuse per-token scores whose dense [queries, rows, tokens] array would exceed this")
     p.add_argument("--dtype", default="bfloat16", choices=DTYPE_CHOICES, help="Data type the model is loaded in")
     p.add_argument("--max-length", type=int, default=512, help="Maximum sequence length for tokenization")
+    p.add_argument("--render", default="auto", choices=["auto", "plain", "chat"],
+                   help="How prompt and completion become tokens: plain = prompt + completion + EOS (the seed's, "
+                        "for base models); chat = the model's chat template, as the workflow trains; auto = chat "
+                        "for an adapter whose manifest says it was trained on chat renderings, plain otherwise")
     return p
 
 
-def _tokenize_json(path: str, tokenizer, max_length: int):
+def resolve_render(render: str, model: str) -> str:
+    """`auto`: the rendering a workflow adapter was trained on (its manifest), else the seed's plain form."""
+    if render != "auto":
+        return render
+    manifest = Path(model) / "manifest.json"
+    if is_adapter(model) and manifest.is_file():
+        return json.loads(manifest.read_text()).get("render") or "plain"
+    return "plain"
+
+
+def tokenize_json(path: str, tokenizer, max_length: int, render: str = "plain"):
+    """The rows of a train.json/query.json and their tokens in the chosen rendering."""
     from playpen_attribution.data import load_pair_json
     from playpen_attribution.tokenization import tokenize_rows
 
     frame = load_pair_json(path)
     rows = frame.to_dict("records")
-    dataset, report = tokenize_rows(rows, tokenizer, max_length, "plain")
+    dataset, report = tokenize_rows(rows, tokenizer, max_length, render)
     if report["rows_skipped"]:
         ids = [s["row_id"] for s in report["rows_skipped"]]
         raise DataError(f"{path}: pair_id(s) {ids[:10]} do not fit in --max-length {max_length} even with the "
@@ -116,24 +135,31 @@ def _tokenize_json(path: str, tokenizer, max_length: int):
 def run_query(argv: list[str] | None = None) -> None:
     args = run_query_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
-    from transformers import AutoTokenizer
-
-    from playpen_attribution.influence import FactorsError, score_pairs
+    from playpen_attribution.influence import FactorsError, check_per_token_size, score_pairs
+    from playpen_attribution.modeling import load_for_attribution, load_tokenizer
     from playpen_attribution.scores import per_token_lists, query_losses
     from playpen_attribution.tables import influences_frame, rows_frame, write_csvs
 
     _check_dtype(args.dtype)
     try:
         train_rows, train_tokens = None, None
-        tokenizer = AutoTokenizer.from_pretrained(args.model, **({"revision": args.revision} if args.revision else {}))
-        query_rows, query_tokens = _tokenize_json(args.query_json, tokenizer, args.max_length)
-        train_rows, train_tokens = _tokenize_json(args.train_json, tokenizer, args.max_length)
-        result = score_pairs(args.model, args.factors_dir, query_tokens, train_tokens, revision=args.revision,
+        tokenizer = load_tokenizer(args.model, args.revision)
+        render = resolve_render(args.render, args.model)
+        logging.info("rendering prompt and completion as %s", render)
+        query_rows, query_tokens = tokenize_json(args.query_json, tokenizer, args.max_length, render)
+        train_rows, train_tokens = tokenize_json(args.train_json, tokenizer, args.max_length, render)
+        if args.per_token_scores:  # before the model is loaded
+            check_per_token_size(len(query_tokens), len(train_tokens),
+                                 max(len(x) for x in train_tokens["input_ids"]), args.per_token_max_gb)
+        # one model for the whole call: the query losses first, then Kronfluence wraps its modules for the scores
+        model = load_for_attribution(args.model, args.revision, args.dtype)
+        losses = query_losses(args.model, query_tokens, revision=args.revision, dtype=args.dtype, model=model)
+        result = score_pairs(args.model, args.factors_dir, query_tokens, train_tokens, revision=args.revision, model=model,
                              train_batch_size=args.score_batch_size, query_batch_size=args.query_batch_size,
                              query_gradient_rank=args.query_gradient_rank, per_token=args.per_token_scores,
                              per_token_max_gb=args.per_token_max_gb, dtype=args.dtype)
         query = rows_frame(query_rows, "query_id", drop=SEED_EXTRA_EXCLUDED)
-        query.insert(3, "loss", query_losses(args.model, query_tokens, revision=args.revision, dtype=args.dtype))
+        query.insert(3, "loss", losses)
         per_token = None
         if args.per_token_scores:
             per_token = per_token_lists(result["per_token"], [len(x) for x in train_tokens["input_ids"]])

@@ -110,6 +110,65 @@ def make_task(tracked_modules: list[str], fisher: str = "empirical"):
     return CompletionLossTask()
 
 
+def _unpadded(row: dict, index: int, has_labels: bool) -> dict:
+    """A row without its padding: the attended tokens (one contiguous run, padding on either side), labels from
+    input_ids where the set has none."""
+    ids = row["input_ids"]
+    mask = row.get("attention_mask") or [1] * len(ids)
+    attended = [i for i, m in enumerate(mask) if m]
+    if not attended:
+        raise ValueError(f"row {index}: attention_mask is all zeros; drop the row")
+    first, last = attended[0], attended[-1] + 1
+    if len(attended) != last - first:
+        raise ValueError(f"row {index}: attention_mask has gaps (packed sequences?); give one sequence per row, "
+                         f"padded on the left or the right")
+    labels = row["labels"][first:last] if has_labels else ids[first:last]
+    return {"input_ids": ids[first:last], "labels": labels}
+
+
+def load_token_dataset(path: str | Path, split: str = "train"):
+    """A pre-tokenized `save_to_disk` folder (a Dataset, or a DatasetDict and one of its splits) as unpadded rows
+    of input_ids and labels.
+
+    if-query's sets are padded to a fixed length with an attention_mask; the model must not attend to the
+    padding and the factors must not count it, so every row keeps only its attended tokens (left or right
+    padding). Without a `labels` column (a pretraining set), every attended token is a label.
+    """
+    import datasets
+
+    path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"dataset {path} does not exist (expected a save_to_disk folder)")
+    dataset = datasets.load_from_disk(str(path))
+    if isinstance(dataset, datasets.DatasetDict):
+        if split not in dataset:
+            raise ValueError(f"{path} is a DatasetDict with splits {sorted(dataset)}; choose one with --split")
+        dataset = dataset[split]
+    columns = set(dataset.column_names)
+    if "input_ids" not in columns:
+        raise ValueError(f"dataset {path} has columns {sorted(columns)}; it needs input_ids (attention_mask and "
+                         f"labels are optional)")
+    has_labels = "labels" in columns
+    if not has_labels:
+        log.info("%s has no labels column: the loss is taken on every attended token (labels = input_ids)", path)
+    keep = ["input_ids"] + [c for c in ("attention_mask", "labels") if c in columns]
+    dataset = dataset.select_columns(keep + [c for c in ("row_id",) if c in columns])
+    if has_labels and not _has_padding(dataset):  # the workflow's own tokens: nothing to strip
+        return dataset.remove_columns([c for c in ("attention_mask",) if c in columns])
+    # in memory: a cache file would be written into the input folder
+    return dataset.map(lambda row, index: _unpadded(row, index, has_labels), with_indices=True,
+                       remove_columns=[c for c in ("attention_mask",) if c in columns], keep_in_memory=True,
+                       desc="unpadding")
+
+
+def _has_padding(dataset) -> bool:
+    import pyarrow.compute as pc
+
+    if "attention_mask" not in dataset.column_names or len(dataset) == 0:
+        return False
+    return pc.min(pc.list_flatten(dataset.data.column("attention_mask"))).as_py() == 0
+
+
 class TokenRows:
     """A map-style torch dataset over tokenized rows (input_ids, labels), for Kronfluence's loaders."""
 
@@ -163,26 +222,21 @@ def fit_factors(
     dtype: str = "float32",
     fisher: str = "empirical",
     seed: int = 0,
+    split: str = "train",
 ) -> dict:
     """Fit covariance, eigendecomposition and lambda factors (as the strategy needs) and write metadata.
 
-    `dataset_dir` is a `save_to_disk` dataset with input_ids and labels (the seed's `--hessian-dataset`,
-    or the workflow's `data/tokens/train`). Writes `output_dir` atomically and returns the metadata.
+    `dataset_dir` is a `save_to_disk` dataset with input_ids (and optionally attention_mask, labels), or a
+    DatasetDict folder and its `split` (the seed's `--hessian-dataset`, or the workflow's `data/tokens/train`);
+    padding is stripped as `load_token_dataset` says. Writes `output_dir` atomically and returns the metadata.
     """
-    import datasets
     import torch
     from kronfluence.arguments import FactorArguments
 
     if strategy not in STRATEGIES:
         raise ValueError(f"unknown strategy {strategy!r}; choose one of {list(STRATEGIES)}")
     dataset_dir = Path(dataset_dir)
-    if not dataset_dir.is_dir():
-        raise FileNotFoundError(f"hessian dataset {dataset_dir} does not exist (expected a save_to_disk folder)")
-    dataset = datasets.load_from_disk(str(dataset_dir))
-    missing = {"input_ids", "labels"} - set(dataset.column_names)
-    if missing:
-        raise ValueError(f"hessian dataset {dataset_dir} lacks column(s) {sorted(missing)}; "
-                         f"it needs input_ids and labels (attention_mask optional)")
+    dataset = load_token_dataset(dataset_dir, split)
     if max_examples is not None:
         dataset = dataset.select(range(min(max_examples, len(dataset))))
     model = load_for_attribution(model_ref, revision, dtype)
@@ -208,6 +262,7 @@ def fit_factors(
             "factors_name": name,
             "strategy": strategy,
             "dataset_path": str(dataset_dir),
+            "split": split,
             "data_hash": tree_hash(dataset_dir),
             "num_examples": len(dataset),
             "modules": modules,
@@ -287,13 +342,15 @@ def score_pairs(
     per_token_max_gb: float = PER_TOKEN_MAX_GB,
     dtype: str = "float32",
     damping_factor: float | None = 1e-8,
+    model=None,
 ) -> dict:
     """Scores of every query against every training row: {"scores": [Q, T], "per_token": [Q, T, S] or None}.
 
     Queries go in batches of `query_batch_size` (None = all in one): each batch holds its logits and its
     preconditioned gradients, and Kronfluence recomputes the training gradients once per query batch, so
     larger batches are faster as long as they fit. `query_gradient_rank` stores the query gradients at that
-    rank (Kronfluence's low-rank option, for large models). Per-token scores are a dense [Q, T, S] array:
+    rank (Kronfluence's low-rank option, for large models). `model`: the model already loaded from `model_ref`
+    (one load per call of run-query; Kronfluence wraps its modules in place). Per-token scores are a dense [Q, T, S] array:
     refused before any model is loaded when it would exceed `per_token_max_gb`. Scores are computed in a
     private temporary folder, so concurrent calls on one factors folder never overwrite each other.
     """
@@ -303,7 +360,7 @@ def score_pairs(
     if per_token:
         check_per_token_size(len(query_dataset), len(train_dataset), width, per_token_max_gb)
     metadata = read_factors_metadata(factors_dir)
-    model = load_for_attribution(model_ref, revision, dtype)
+    model = model if model is not None else load_for_attribution(model_ref, revision, dtype)
     tracked = select_modules(model, metadata["modules"], metadata["layer_stride"])
     check_factors_match(metadata, model_ref, revision, tracked)
     tokenizer = load_tokenizer(model_ref, revision)

@@ -35,10 +35,25 @@ class PlanError(ValueError):
 # ---------------------------------------------------------------------------------------------------------
 # the model
 # ---------------------------------------------------------------------------------------------------------
-def architecture_of(model_cfg: dict, root: Path, base_model_dir: Path | None = None) -> dict:
-    """The config fields the plan needs, for any kind of model source: a random model's architecture file (with
-    its layer override), a tiny model's settings, a downloaded or local model's config.json, or for a hub model not
-    yet downloaded the architecture file shipped under resources/models/ (`<name>.config.json`)."""
+def architecture_file(model_cfg: dict, root: Path, base_model_dir: Path | None = None) -> Path | None:
+    """The config.json the plan reads (None for a tiny model, described by its settings): a random model's
+    architecture file, a local model's config, for a hub model the architecture shipped under resources/models/
+    (`<name>.config.json`, so a plan needs no download) or else the downloaded one."""
+    if "tiny" in model_cfg:
+        return None
+    if "random" in model_cfg:
+        return root / model_cfg["random"]["architecture"]
+    if "path" in model_cfg:
+        return root / model_cfg["path"] / "config.json"
+    shipped = root / "resources" / "models" / f"{model_cfg['hub'].split('/')[-1]}.config.json"
+    if shipped.is_file() or base_model_dir is None:
+        return shipped
+    return Path(base_model_dir) / "config.json"
+
+
+def architecture_of(model_cfg: dict, config_file: str | Path | None) -> dict:
+    """The config fields the plan needs: a tiny model's settings, or `config_file` (with a random model's
+    layer override)."""
     if "tiny" in model_cfg:
         tiny = model_cfg["tiny"]
         heads = tiny["num_attention_heads"]
@@ -46,21 +61,13 @@ def architecture_of(model_cfg: dict, root: Path, base_model_dir: Path | None = N
                 "num_hidden_layers": tiny["num_layers"], "num_attention_heads": heads, "num_key_value_heads": 1,
                 "head_dim": max(8, tiny["hidden_size"] // heads), "vocab_size": tiny["vocab_size"],
                 "tie_word_embeddings": True}
-    if "random" in model_cfg:
-        arch = _read_config(root / model_cfg["random"]["architecture"])
-        if model_cfg["random"]["num_layers"]:
-            arch["num_hidden_layers"] = model_cfg["random"]["num_layers"]
-        return arch
-    candidates = [Path(base_model_dir) / "config.json"] if base_model_dir else []
-    if "path" in model_cfg:
-        candidates.append(root / model_cfg["path"] / "config.json")
-    if "hub" in model_cfg:
-        candidates.append(root / "resources" / "models" / f"{model_cfg['hub'].split('/')[-1]}.config.json")
-    for path in candidates:
-        if path.is_file():
-            return _read_config(path)
-    raise PlanError(f"no config.json for the memory plan in {[str(p) for p in candidates]}; ship the model's "
-                    f"config.json as {candidates[-1]} (architecture only, no weights)")
+    if not Path(config_file).is_file():
+        raise PlanError(f"the memory plan needs the model's config.json, not found at {config_file}; ship it there "
+                        f"(architecture only, no weights)")
+    arch = _read_config(Path(config_file))
+    if "random" in model_cfg and model_cfg["random"]["num_layers"]:
+        arch["num_hidden_layers"] = model_cfg["random"]["num_layers"]
+    return arch
 
 
 def _read_config(path: Path) -> dict:
@@ -81,9 +88,12 @@ def linear_shapes(arch: dict) -> dict[str, tuple[int, int]]:
 
 
 def parameter_count(arch: dict) -> int:
-    per_layer = sum(i * o for i, o in linear_shapes(arch).values()) + 4 * arch["hidden_size"]  # + norms
+    # + four RMS norms of the hidden state and Gemma 3's query and key norms per layer; the final norm
+    norms = 4 * arch["hidden_size"] + 2 * arch["head_dim"]
+    per_layer = sum(i * o for i, o in linear_shapes(arch).values()) + norms
     embedding = arch["vocab_size"] * arch["hidden_size"]
-    return arch["num_hidden_layers"] * per_layer + embedding * (1 if arch["tie_word_embeddings"] else 2)
+    return (arch["num_hidden_layers"] * per_layer + arch["hidden_size"]
+            + embedding * (1 if arch["tie_word_embeddings"] else 2))
 
 
 def lora_shapes(arch: dict, lora: dict, layer_stride: int = 1) -> list[tuple[int, int]]:
@@ -124,11 +134,12 @@ def factor_floats(shapes: list[tuple[int, int]], strategy: str) -> int:
 # ---------------------------------------------------------------------------------------------------------
 # the stages
 # ---------------------------------------------------------------------------------------------------------
-def _activations_gb(arch: dict, tokens: int, layers: int | None = None, backward: bool = True) -> float:
+def _activations_gb(arch: dict, tokens: int, dtype_bytes: int, backward: bool = True) -> float:
+    """What a forward pass keeps for its backward pass (or, without one, about a layer's worth at a time)."""
     h, inter = arch["hidden_size"], arch["intermediate_size"]
-    layers = arch["num_hidden_layers"] if layers is None else layers
-    per_token = 4 * (4 * h + 3 * inter)
-    return tokens * per_token * layers * (1 if backward else 0.25) / GB
+    per_token_layer = dtype_bytes * (4 * h + 3 * inter)
+    layers = arch["num_hidden_layers"] if backward else 1
+    return tokens * per_token_layer * layers / GB
 
 
 def _logits_gb(arch: dict, positions: int, copies: int) -> float:
@@ -142,8 +153,12 @@ def _completion_positions(lengths: dict) -> int:
 
 def stage_estimates(run: dict, arch: dict, lengths: dict, device: str) -> dict[str, dict[str, float]]:
     """Per job kind, the named parts of its peak memory in GB."""
-    weight_bytes = 2 if (device == "cuda" and run["model"]["dtype"] in ("auto", "bfloat16")) else 4
-    weights = parameter_count(arch) * weight_bytes / GB
+    n_params = parameter_count(arch)
+
+    def dtype_bytes(name: str) -> int:
+        """bf16 where the stage asks for it (training's `auto` is bf16 on a GPU, fp32 on a CPU)."""
+        return 2 if name in ("bfloat16", "bf16", "fp16", "float16") or (name == "auto" and device == "cuda") else 4
+
     lora = run["lora"]
     lora_params = sum(i * o for i, o in lora_shapes(arch, lora))
     runtime = RUNTIME_GB[device]
@@ -153,16 +168,20 @@ def stage_estimates(run: dict, arch: dict, lengths: dict, device: str) -> dict[s
     kf, bg = attribution["kronfluence"], attribution["bergson"]
     plans: dict[str, dict[str, float]] = {}
 
+    train_bytes = dtype_bytes(run["model"]["dtype"])
     plans["train_adapter"] = {
-        "runtime": runtime, "weights": weights, "lora + gradients + Adam": lora_params * ADAM_BYTES_PER_PARAM / GB,
-        "activations": _activations_gb(arch, train["batch_size"] * seq),
+        "runtime": runtime, "weights": n_params * train_bytes / GB,
+        "lora + gradients + Adam": lora_params * ADAM_BYTES_PER_PARAM / GB,
+        "activations": _activations_gb(arch, train["batch_size"] * seq, train_bytes),
         "logits": _logits_gb(arch, train["batch_size"] * seq, LOGIT_COPIES_TRAINING),
     }
     plans["lds_retrain"] = plans["train_adapter"]
 
     completion = _completion_positions(lengths)
+    kf_bytes = dtype_bytes(kf["dtype"])
+    weights = n_params * kf_bytes / GB  # Kronfluence's stages and the query losses load the model in its dtype
     forward_only = {"runtime": runtime, "weights": weights,
-                    "activations": _activations_gb(arch, 8 * seq, backward=False),
+                    "activations": _activations_gb(arch, 8 * seq, kf_bytes, backward=False),
                     "logits": _logits_gb(arch, 8 * completion, 2)}
     plans["query_losses"] = plans["lds_losses"] = forward_only
 
@@ -173,7 +192,7 @@ def stage_estimates(run: dict, arch: dict, lengths: dict, device: str) -> dict[s
         gradient_floats = sum(i * o for i, o in tracked)
         plans["fit_factors"] = {
             "runtime": runtime, "weights": weights, "factors (and their statistics)": 2 * factors,
-            "activations": _activations_gb(arch, kf["covariance_batch_size"] * seq),
+            "activations": _activations_gb(arch, kf["covariance_batch_size"] * seq, kf_bytes),
             "logits": _logits_gb(arch, kf["covariance_batch_size"] * completion, LOGIT_COPIES_TRAINING),
         }
         queries = lengths["queries"]
@@ -182,7 +201,7 @@ def stage_estimates(run: dict, arch: dict, lengths: dict, device: str) -> dict[s
         score = {
             "runtime": runtime, "weights": weights, "factors": factors,
             "preconditioned query gradients": query_batch * gradient_floats * 4 * 2 / GB,
-            "activations": _activations_gb(arch, max(kf["train_batch_size"], query_batch) * seq),
+            "activations": _activations_gb(arch, max(kf["train_batch_size"], query_batch) * seq, kf_bytes),
             "logits": _logits_gb(arch, max(kf["train_batch_size"], query_batch) * completion, LOGIT_COPIES_TRAINING),
         }
         if kf["per_token_scores"]:
@@ -194,11 +213,10 @@ def stage_estimates(run: dict, arch: dict, lengths: dict, device: str) -> dict[s
         p = bg["projection_dim"]
         modules = len(lora_shapes(arch, lora))
         grad_floats = modules * p * p if p else lora_params
-        bergson_bytes = 2 if bg["precision"] in ("bf16", "fp16") and device == "cuda" else 4
-        bergson_weights = parameter_count(arch) * bergson_bytes / GB
+        bergson_bytes = dtype_bytes(bg["precision"])
         tokens = min(bg["token_batch_size"], max(seq, 1))
-        batch = {"runtime": runtime, "weights": bergson_weights,
-                 "activations": _activations_gb(arch, tokens),
+        batch = {"runtime": runtime, "weights": n_params * bergson_bytes / GB,
+                 "activations": _activations_gb(arch, tokens, bergson_bytes),
                  "logits": _logits_gb(arch, tokens, LOGIT_COPIES_BERGSON)}
         preconditioner = (modules * (p * p) ** 2 * 4 / GB) if p else 0.0
         plans["bergson_query_gradients"] = {**batch, "gradients": lengths["queries"] * grad_floats * 4 / GB}
@@ -228,31 +246,45 @@ def build_plan(run: dict, arch: dict, lengths: dict, gpu_mem_gb: float) -> dict:
             "jobs": _jobs(run, arch, lengths, "cuda", gpu_mem_gb), "cpu_jobs": _jobs(run, arch, lengths, "cpu", None)}
 
 
+BATCH_LEVER = {
+    "train_adapter": "lower training.batch_size (raise training.gradient_accumulation to keep the step)",
+    "lds_retrain": "lower training.batch_size (raise training.gradient_accumulation to keep the step)",
+    "fit_factors": "lower attribution.kronfluence.covariance_batch_size (and lambda_batch_size)",
+    "kronfluence_scores": "lower attribution.kronfluence.train_batch_size and query_batch_size",
+    "planted_kronfluence_scores": "lower attribution.kronfluence.train_batch_size and query_batch_size",
+}
+
+
 def smallest_fix(job: str, plan: dict, run: dict) -> str:
+    """The setting that shrinks the job's largest part."""
     parts = plan["jobs"][job]["parts_gb"]
     largest = max(parts, key=parts.get)
     kf, bg = run["attribution"]["kronfluence"], run["attribution"]["bergson"]
-    fixes = {
-        "logits": {"train_adapter": "lower training.batch_size (raise gradient_accumulation to keep the step)",
-                   "lds_retrain": "lower training.batch_size (raise gradient_accumulation to keep the step)",
-                   "kronfluence_scores": "lower attribution.kronfluence.query_batch_size or train_batch_size",
-                   "fit_factors": "lower attribution.kronfluence.covariance_batch_size"}.get(
-            job, "lower attribution.bergson.token_batch_size"),
-        "activations": "lower the batch size of this stage (or tokenization.max_length)",
-        "factors": f"raise attribution.kronfluence.layer_stride (now {kf['layer_stride']}) or use diagonal",
-        "factors (and their statistics)": f"raise attribution.kronfluence.layer_stride (now {kf['layer_stride']})",
-        "preconditioner": f"lower attribution.bergson.projection_dim (now {bg['projection_dim']})",
-        "per-token scores": "turn off attribution.kronfluence.per_token_scores or raise attribution.shards",
-        "preconditioned query gradients": "lower attribution.kronfluence.query_batch_size or set query_gradient_rank",
-    }
-    return fixes.get(largest, f"a larger GPU (resources.gpu_mem_gb) or a smaller model; largest part: {largest}")
+    if largest in ("logits", "activations"):
+        lever = BATCH_LEVER.get(job, "lower attribution.bergson.token_batch_size")
+    else:
+        lever = {
+            "factors": f"raise attribution.kronfluence.layer_stride (now {kf['layer_stride']}) or use diagonal",
+            "factors (and their statistics)": f"raise attribution.kronfluence.layer_stride (now {kf['layer_stride']})",
+            "preconditioner": f"lower attribution.bergson.projection_dim (now {bg['projection_dim']})",
+            "per-token scores": "turn off attribution.kronfluence.per_token_scores or raise attribution.shards",
+            "preconditioned query gradients": "lower attribution.kronfluence.query_batch_size or set "
+                                              "query_gradient_rank",
+        }.get(largest, "a larger GPU (resources.gpu_mem_gb) or a smaller model")
+    return f"{lever} (largest part: {largest} {parts[largest]:.1f} GB)"
 
 
 def check_plan(plan: dict, run: dict, run_name: str) -> None:
     too_big = [job for job, stage in plan["jobs"].items() if not stage["fits"]]
-    if too_big:
-        lines = [f"{job}: {plan['jobs'][job]['total_gb']:.1f} GB > resources.gpu_mem_gb "
-                 f"{plan['device_memory_gb']:g} GB; {smallest_fix(job, plan, run)}" for job in too_big]
+    lines = [f"{job}: {plan['jobs'][job]['total_gb']:.1f} GB > resources.gpu_mem_gb "
+             f"{plan['device_memory_gb']:g} GB; {smallest_fix(job, plan, run)}" for job in too_big]
+    per_token = plan["jobs"].get("kronfluence_scores", {}).get("parts_gb", {}).get("per-token scores", 0) / 2
+    limit = run["attribution"]["kronfluence"]["per_token_max_gb"]
+    if per_token > limit:
+        lines.append(f"kronfluence_scores: per-token scores of one shard take {per_token:.1f} GB > "
+                     f"attribution.kronfluence.per_token_max_gb {limit:g}; turn off "
+                     f"attribution.kronfluence.per_token_scores or raise attribution.shards")
+    if lines:
         raise PlanError(f"run {run_name}: the memory plan says these stages will not fit:\n  " + "\n  ".join(lines)
                         + f"\n(runs.{run_name}; the whole plan: results/{run_name}/plan.txt or the dry run's output)")
 

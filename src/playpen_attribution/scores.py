@@ -29,13 +29,14 @@ QUERY_BLOCK = 64  # queries written per block of influences.csv
 # query losses (GPU rule)
 # ---------------------------------------------------------------------------------------------------------
 def query_losses(model_ref: str, query_dataset, revision: str | None = None, dtype: str = "float32",
-                 batch_size: int = 8) -> list[float]:
-    """Summed completion cross-entropy of each query (the seed's `loss` column), `batch_size` rows at a time."""
+                 batch_size: int = 8, model=None) -> list[float]:
+    """Summed completion cross-entropy of each query (the seed's `loss` column), `batch_size` rows at a time;
+    `model`: the model already loaded from `model_ref`."""
     import torch
 
     from playpen_attribution.modeling import collate, completion_loss, load_for_attribution, load_tokenizer, pad_token_id
 
-    model = load_for_attribution(model_ref, revision, dtype)
+    model = model if model is not None else load_for_attribution(model_ref, revision, dtype)
     pad_id = pad_token_id(load_tokenizer(model_ref, revision))
     losses = []
     with torch.no_grad():

@@ -5,8 +5,11 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import resource
 import sys
 import traceback
+
+PEAK_RSS_LINE = "peak resident memory (getrusage): {:.0f} MB"
 
 
 def run_stage(snakemake, function, **kwargs):
@@ -30,3 +33,8 @@ def run_stage(snakemake, function, **kwargs):
             print(f"\nERROR in rule {snakemake.rule}: {type(err).__name__}: {err}\n(full traceback in {log_path})",
                   file=terminal)
             raise SystemExit(1) from None
+        finally:
+            # the kernel's true peak: Snakemake's benchmark samples memory every 30 s after a job's first 30 s
+            # (written straight to the log: libraries such as Kronfluence raise the logging level)
+            peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+            print(PEAK_RSS_LINE.format(peak_mb), file=log_file, flush=True)

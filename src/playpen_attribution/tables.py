@@ -75,7 +75,9 @@ def rows_frame(rows: list[dict], id_column: str, drop: tuple[str, ...] = ()) -> 
     records = []
     for row in rows:
         record = {id_column: row["row_id"], "prompt": _text(row["prompt"]), "completion": _text(row["completion"])}
-        record.update({k: v for k, v in row.items() if k not in INTERNAL_COLUMNS and k not in drop})
+        # nested extra fields (lists, objects) as JSON, not Python's repr
+        record.update({k: _text(v) if isinstance(v, (list, dict)) else v for k, v in row.items()
+                       if k not in INTERNAL_COLUMNS and k not in drop})
         records.append(record)
     return pd.DataFrame.from_records(records)
 

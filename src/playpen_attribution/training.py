@@ -45,6 +45,11 @@ def _cpu_bf16_ok() -> bool:
     return not torch.cuda.is_available()  # bf16 runs (slowly) on CPUs through PyTorch's reference kernels
 
 
+def _tokens_report(tokens_dir) -> dict:
+    path = Path(tokens_dir) / "report.json"
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
 def train_adapter(
     base_model_dir: str | Path,
     train_tokens_dir: str | Path,
@@ -141,6 +146,8 @@ def train_adapter(
         "lora": lora,
         "training": training,
         "max_length": max_length,
+        # how prompt and completion became tokens (chat template or plain), for tools that tokenize new rows
+        "render": _tokens_report(train_tokens_dir).get("render"),
         "metrics": metrics,
         "log_history": trainer.state.log_history,
         "versions": library_versions(),

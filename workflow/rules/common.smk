@@ -16,7 +16,14 @@ from playpen_attribution.bergson_attribution import (
 )
 from playpen_attribution.config import run_config
 from playpen_attribution.data import split_config
-from playpen_attribution.plan import architecture_of, build_plan, check_plan, format_plan, lengths_of
+from playpen_attribution.plan import (
+    architecture_file,
+    architecture_of,
+    build_plan,
+    check_plan,
+    format_plan,
+    lengths_of,
+)
 from playpen_attribution.provenance import code_hash
 from playpen_attribution.tables import check_shard_count
 from playpen_attribution.validation import lds_batches
@@ -133,18 +140,22 @@ _PLANS = {}
 def plan_inputs(wildcards):
     """The files the plan reads: the architecture where the config names one, the tokenized data's reports."""
     inputs = {f"{split}_tokens": f"results/{wildcards.run}/data/tokens/{split}" for split in ("train", "query")}
-    model = run_cfg(wildcards)["model"]
-    if "random" in model:
-        inputs["architecture"] = resolve(model["random"]["architecture"])
+    config_file = plan_architecture_file(wildcards)
+    if config_file:
+        inputs["architecture"] = config_file
     return inputs
+
+
+def plan_architecture_file(wildcards):
+    config_file = architecture_file(run_cfg(wildcards)["model"], WORKFLOW_ROOT, Path(base_model_dir(wildcards)))
+    return resolve(config_file) if config_file else None
 
 
 def run_plan(wildcards):
     name = wildcards.run
     if name not in _PLANS:
         run = run_cfg(wildcards)
-        base = Path(base_model_dir(wildcards))
-        arch = architecture_of(run["model"], WORKFLOW_ROOT, base if (base / "config.json").is_file() else None)
+        arch = architecture_of(run["model"], plan_architecture_file(wildcards))
         tokens = Path(f"results/{name}/data/tokens")
         lengths = lengths_of(run, tokens / "train" / "report.json", tokens / "query" / "report.json")
         plan = build_plan(run, arch, lengths, run["resources"]["gpu_mem_gb"])

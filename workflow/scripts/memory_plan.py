@@ -5,9 +5,7 @@ from playpen_attribution.plan import architecture_of, lengths_of, plan_stage
 from playpen_attribution.stage import run_stage
 
 run, inputs = snakemake.params.run, snakemake.input
-base = Path(f"results/{snakemake.wildcards.run}/base_model")
-arch = architecture_of(run["model"], Path(snakemake.scriptdir).parents[1],
-                       base if (base / "config.json").is_file() else None)
+arch = architecture_of(run["model"], inputs.get("architecture"))
 lengths = lengths_of(run, Path(inputs.train_tokens) / "report.json", Path(inputs.query_tokens) / "report.json")
 run_stage(snakemake, plan_stage, run=run, run_name=snakemake.wildcards.run, arch=arch, lengths=lengths,
           gpu_mem_gb=snakemake.params.gpu_mem_gb, out_txt=snakemake.output.txt, out_json=snakemake.output.json)

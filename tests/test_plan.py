@@ -1,0 +1,82 @@
+"""The memory plan: its layer arithmetic against the architecture built on the meta device, printed by a dry run,
+the source of mem_mb, and a stage that will not fit refused before any job runs, with the change that would fit."""
+
+import math
+import re
+
+import pytest
+import yaml
+
+from playpen_attribution.config import load_config
+from playpen_attribution.plan import (
+    PlanError,
+    architecture_file,
+    architecture_of,
+    build_plan,
+    check_plan,
+    lengths_of,
+    lora_shapes,
+    meta_device_shapes,
+    parameter_count,
+)
+
+from conftest import REPO, snakemake
+
+CONFIG = load_config(REPO / "config" / "config.yaml")
+
+
+def arch_of(run: str) -> dict:
+    model = CONFIG["runs"][run]["model"]
+    return architecture_of(model, architecture_file(model, REPO))
+
+
+@pytest.mark.parametrize("run", ["rehearsal", "taboo", "demo"])
+def test_layer_arithmetic_equals_the_architecture_on_the_meta_device(run):
+    import torch
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    cfg = CONFIG["runs"][run]
+    arch = arch_of(run)
+    assert sorted(meta_device_shapes(arch, cfg["lora"])) == sorted(lora_shapes(arch, cfg["lora"]))
+    fields = {k: v for k, v in arch.items() if not k.startswith("_") and k not in ("architectures", "model_type")}
+    with torch.device("meta"):
+        model = Gemma3ForCausalLM(Gemma3TextConfig(**fields))
+    assert parameter_count(arch) == sum(p.numel() for p in model.parameters())
+
+
+def test_gemma3_1b_shapes_are_the_published_ones():
+    arch = arch_of("taboo")
+    assert (arch["hidden_size"], arch["intermediate_size"], arch["num_hidden_layers"], arch["num_attention_heads"],
+            arch["num_key_value_heads"], arch["head_dim"], arch["vocab_size"]) == (1152, 6912, 26, 4, 1, 256, 262144)
+    # 26 layers with 1.0B parameters (the embedding alone is 302M); the rehearsal keeps 2 of them
+    assert round(parameter_count(arch) / 1e9, 1) == 1.0
+    assert arch_of("rehearsal")["num_hidden_layers"] == 2
+
+
+def test_a_stage_that_does_not_fit_is_refused_with_the_smallest_change():
+    run = CONFIG["runs"]["taboo"]
+    plan = build_plan(run, arch_of("taboo"), lengths_of(run, None, None), gpu_mem_gb=24)
+    assert not plan["jobs"]["fit_factors"]["fits"] and plan["jobs"]["query_losses"]["fits"]
+    with pytest.raises(PlanError, match=r"train_adapter: \d+\.\d GB > resources.gpu_mem_gb 24 GB; lower "
+                                        r"training.batch_size .*\(largest part: logits 17.2 GB\)"):
+        check_plan(plan, run, "taboo")
+    # logits dominate training: 4 copies of [batch 4, 1,024 tokens, 262,144] in fp32
+    assert plan["jobs"]["train_adapter"]["parts_gb"]["logits"] == pytest.approx(4 * 4 * 1024 * 262144 * 4 / 1e9,
+                                                                               rel=1e-3)
+
+
+def test_dry_run_prints_the_plan_takes_mem_mb_from_it_and_refuses_what_will_not_fit(tmp_path):
+    proc = snakemake(tmp_path, "results/taboo/influences.csv", "-n")
+    assert "Memory plan of run taboo: 1000M parameters, 26 layers, vocabulary 262,144" in proc.stderr
+    run = CONFIG["runs"]["taboo"]
+    plan = build_plan(run, arch_of("taboo"), lengths_of(run, None, None), 80)
+    train = proc.stdout.split("rule train_adapter:")[1].split("rule ")[0]
+    assert f"mem_mb={math.ceil(plan['cpu_jobs']['train_adapter']['total_gb'] * 1.2 * 1000)}," in train
+    small = tmp_path / "small-gpu.yaml"
+    small.write_text(yaml.safe_dump({"runs": {"taboo": {"resources": {"gpu_mem_gb": 16}}}}))
+    refused = snakemake(tmp_path, "results/taboo/influences.csv", "-n", "--configfile", str(small), check=False)
+    assert refused.returncode != 0
+    assert "the memory plan says these stages will not fit" in refused.stdout + refused.stderr
+    assert re.search(r"fit_factors: [\d.]+ GB > resources.gpu_mem_gb 16 GB; lower "
+                     r"attribution.kronfluence.covariance_batch_size", refused.stdout + refused.stderr)
+    assert not (tmp_path / "results").exists()
