@@ -2,7 +2,7 @@
 taboo transcripts, end to end; then each stage's wall time and peak memory from its Snakemake benchmark file,
 beside the memory plan's estimate for that stage (results/rehearsal/plan.json).
 
-    uv run python bench/rehearsal.py                 # 2 layers, 32 training episodes, on this machine's CPU
+    uv run python bench/rehearsal.py                 # 2 layers, 24 training episodes, on this machine's CPU
     uv run python bench/rehearsal.py --readme        # ... and write the table into README.md
     uv run python bench/rehearsal.py --gpu           # 26 layers, bf16, every real guesser episode, on a GPU box
 

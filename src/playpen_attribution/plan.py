@@ -21,9 +21,14 @@ from pathlib import Path
 GB = 1e9
 # Resident memory of a stage's process before it holds anything of its own, measured on the CPU rehearsal
 # (torch, transformers, peft, the stage's attribution library): the CPU's counterpart of the CUDA context.
-RUNTIME_GB = {"cuda": 0.6, "cpu": 1.0}
-LOGIT_COPIES_TRAINING = 4  # logits, their fp32 upcast for the loss, its log-softmax, the gradient of the logits
-LOGIT_COPIES_BERGSON = 3
+RUNTIME_GB = {"cuda": 0.6, "cpu": 0.85}
+# Logit-sized buffers alive at a stage's peak (the logits, the loss's log-softmax, the logits' gradient, the loss's
+# temporaries), per stage family. CPU: measured on the rehearsal (bench/rehearsal.py; README). GPU: not measured
+# yet (no GPU was lent), so the conservative count of four where bf16 logits are upcast for the loss.
+LOGIT_COPIES = {
+    "cpu": {"training": 1.5, "kronfluence": 4, "forward": 2, "bergson": 4.5},
+    "cuda": {"training": 4, "kronfluence": 4, "forward": 2, "bergson": 4.5},
+}
 ADAM_BYTES_PER_PARAM = 16  # fp32 master weight, gradient, two moments
 ACTIVATION_FLOATS_PER_TOKEN_LAYER = 4 + 3  # x hidden (attention inputs/outputs, norms); x intermediate (gate/up/act)
 
@@ -146,9 +151,11 @@ def _logits_gb(arch: dict, positions: int, copies: int) -> float:
     return positions * arch["vocab_size"] * 4 * copies / GB
 
 
-def _completion_positions(lengths: dict) -> int:
-    """Positions per row at which Kronfluence and the query losses compute logits (the completion's tokens)."""
-    return max(lengths.get("longest_completion", 32), 1)
+def _completion_positions(lengths: dict, batch: int) -> int:
+    """Logit positions of a batch in Kronfluence and the query losses: `completion_loss` keeps, for every row,
+    the union of the rows' completion positions, so [batch, up to batch x completion tokens] (at most the row)."""
+    completion = max(lengths.get("longest_completion", 32), 1)
+    return batch * min(batch * completion, lengths["longest_sequence"])
 
 
 def stage_estimates(run: dict, arch: dict, lengths: dict, device: str) -> dict[str, dict[str, float]]:
@@ -161,7 +168,7 @@ def stage_estimates(run: dict, arch: dict, lengths: dict, device: str) -> dict[s
 
     lora = run["lora"]
     lora_params = sum(i * o for i, o in lora_shapes(arch, lora))
-    runtime = RUNTIME_GB[device]
+    runtime, copies = RUNTIME_GB[device], LOGIT_COPIES[device]
     seq = lengths["longest_sequence"]
     train = run["training"]
     attribution = run["attribution"]
@@ -173,16 +180,15 @@ def stage_estimates(run: dict, arch: dict, lengths: dict, device: str) -> dict[s
         "runtime": runtime, "weights": n_params * train_bytes / GB,
         "lora + gradients + Adam": lora_params * ADAM_BYTES_PER_PARAM / GB,
         "activations": _activations_gb(arch, train["batch_size"] * seq, train_bytes),
-        "logits": _logits_gb(arch, train["batch_size"] * seq, LOGIT_COPIES_TRAINING),
+        "logits": _logits_gb(arch, train["batch_size"] * seq, copies["training"]),
     }
     plans["lds_retrain"] = plans["train_adapter"]
 
-    completion = _completion_positions(lengths)
     kf_bytes = dtype_bytes(kf["dtype"])
     weights = n_params * kf_bytes / GB  # Kronfluence's stages and the query losses load the model in its dtype
     forward_only = {"runtime": runtime, "weights": weights,
                     "activations": _activations_gb(arch, 8 * seq, kf_bytes, backward=False),
-                    "logits": _logits_gb(arch, 8 * completion, 2)}
+                    "logits": _logits_gb(arch, _completion_positions(lengths, 8), copies["forward"])}
     plans["query_losses"] = plans["lds_losses"] = forward_only
 
     if any(not m.startswith("bergson_") for m in attribution["methods"]):
@@ -193,7 +199,8 @@ def stage_estimates(run: dict, arch: dict, lengths: dict, device: str) -> dict[s
         plans["fit_factors"] = {
             "runtime": runtime, "weights": weights, "factors (and their statistics)": 2 * factors,
             "activations": _activations_gb(arch, kf["covariance_batch_size"] * seq, kf_bytes),
-            "logits": _logits_gb(arch, kf["covariance_batch_size"] * completion, LOGIT_COPIES_TRAINING),
+            "logits": _logits_gb(arch, _completion_positions(lengths, kf["covariance_batch_size"]),
+                                 copies["kronfluence"]),
         }
         queries = lengths["queries"]
         query_batch = min(kf["query_batch_size"] or queries, queries)
@@ -202,7 +209,8 @@ def stage_estimates(run: dict, arch: dict, lengths: dict, device: str) -> dict[s
             "runtime": runtime, "weights": weights, "factors": factors,
             "preconditioned query gradients": query_batch * gradient_floats * 4 * 2 / GB,
             "activations": _activations_gb(arch, max(kf["train_batch_size"], query_batch) * seq, kf_bytes),
-            "logits": _logits_gb(arch, max(kf["train_batch_size"], query_batch) * completion, LOGIT_COPIES_TRAINING),
+            "logits": _logits_gb(arch, _completion_positions(lengths, max(kf["train_batch_size"], query_batch)),
+                                 copies["kronfluence"]),
         }
         if kf["per_token_scores"]:
             score["per-token scores"] = queries * rows_per_shard * seq * 4 * 2 / GB
@@ -214,10 +222,10 @@ def stage_estimates(run: dict, arch: dict, lengths: dict, device: str) -> dict[s
         modules = len(lora_shapes(arch, lora))
         grad_floats = modules * p * p if p else lora_params
         bergson_bytes = dtype_bytes(bg["precision"])
-        tokens = min(bg["token_batch_size"], max(seq, 1))
+        tokens = bg["token_batch_size"]  # Bergson packs rows into batches of this many tokens
         batch = {"runtime": runtime, "weights": n_params * bergson_bytes / GB,
                  "activations": _activations_gb(arch, tokens, bergson_bytes),
-                 "logits": _logits_gb(arch, tokens, LOGIT_COPIES_BERGSON)}
+                 "logits": _logits_gb(arch, tokens, copies["bergson"])}
         preconditioner = (modules * (p * p) ** 2 * 4 / GB) if p else 0.0
         plans["bergson_query_gradients"] = {**batch, "gradients": lengths["queries"] * grad_floats * 4 / GB}
         plans["bergson_hessian"] = {**batch, "preconditioner": 2 * preconditioner}
