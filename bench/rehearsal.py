@@ -41,6 +41,8 @@ def extra(parser):
     parser.add_argument("--gpu", action="store_true", help="26 layers, bf16, all real guesser episodes")
     parser.add_argument("--readme", action="store_true", help="write the table into README.md")
     parser.add_argument("--cores", type=int, default=2)
+    parser.add_argument("--table-only", action="store_true",
+                        help="no run: the table of the run already in --workdir (its wall time from rehearsal.json)")
 
 
 def read_benchmarks(workdir: Path) -> list[dict]:
@@ -106,11 +108,19 @@ def main() -> None:
     # on a CPU the profile's gpu counter would run the "GPU" jobs one at a time: let two share the cores
     command = snakemake_command(workdir, *TARGETS, "--cores", str(args.cores), *options,
                                 *([] if args.gpu else ["--resources", "gpu=2"]))
-    start = time.perf_counter()
-    proc = subprocess.run(command, capture_output=True, text=True)
-    wall = time.perf_counter() - start
-    if proc.returncode != 0:
-        sys.exit(f"rehearsal failed after {wall:.0f} s:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
+    record = workdir / "rehearsal.json"
+    if args.table_only:
+        # the plan of the finished run, as the current code computes it (memory_plan reruns when its code changed)
+        subprocess.run(snakemake_command(workdir, f"results/{RUN}/plan.json", "--cores", "1", *options),
+                       capture_output=True, text=True, check=True)
+        wall = json.loads(record.read_text())["wall_seconds"]
+    else:
+        start = time.perf_counter()
+        proc = subprocess.run(command, capture_output=True, text=True)
+        wall = time.perf_counter() - start
+        if proc.returncode != 0:
+            sys.exit(f"rehearsal failed after {wall:.0f} s:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
+        record.write_text(json.dumps({"wall_seconds": wall, "date": time.strftime("%Y-%m-%d")}))
     header = (f"{machine_line()}, {time.strftime('%Y-%m-%d')}\n"
               f"`uv run python bench/rehearsal.py{' --gpu' if args.gpu else ''}` (workdir {workdir.name})")
     text = table(read_benchmarks(workdir), plan_estimates(workdir, "cuda" if args.gpu else "cpu"), wall, header)

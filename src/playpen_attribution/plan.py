@@ -158,6 +158,25 @@ def _completion_positions(lengths: dict, batch: int) -> int:
     return batch * min(batch * completion, lengths["longest_sequence"])
 
 
+def _fitting_peak(tracked: list[tuple[int, int]], strategies: list[str], base: dict, covariance_batch: dict,
+                  lambda_batch: dict) -> dict:
+    """The largest of Kronfluence's three fitting stages: covariances (a batch through the model), their
+    eigendecomposition (covariances, eigenvectors, and float64 work for the largest module), and the
+    eigenvalue corrections (eigenvectors, lambda matrices, a batch)."""
+    covariances = sum(i * i + o * o for i, o in tracked) * 4 / GB
+    lambdas = sum(i * o for i, o in tracked) * 4 / GB
+    eigen = any(s in ("kfac", "ekfac") for s in strategies)
+    stages = [{**base, "covariances": covariances if eigen else 0.0, **covariance_batch}]
+    if eigen:
+        largest = max(max(i, o) for i, o in tracked)
+        stages.append({**base, "covariances": covariances, "eigenvectors": covariances,
+                       "eigendecomposition work (float64)": 3 * largest * largest * 8 / GB})
+        stages.append({**base, "eigenvectors": covariances, "lambda matrices": lambdas, **lambda_batch})
+    else:
+        stages.append({**base, "lambda matrices": lambdas, **lambda_batch})
+    return max(stages, key=lambda parts: sum(parts.values()))
+
+
 def stage_estimates(run: dict, arch: dict, lengths: dict, device: str) -> dict[str, dict[str, float]]:
     """Per job kind, the named parts of its peak memory in GB."""
     n_params = parameter_count(arch)
@@ -196,12 +215,12 @@ def stage_estimates(run: dict, arch: dict, lengths: dict, device: str) -> dict[s
         strategies = [m for m in attribution["methods"] if not m.startswith("bergson_")]
         factors = max(factor_floats(tracked, s) for s in strategies) * 4 / GB
         gradient_floats = sum(i * o for i, o in tracked)
-        plans["fit_factors"] = {
-            "runtime": runtime, "weights": weights, "factors (and their statistics)": 2 * factors,
-            "activations": _activations_gb(arch, kf["covariance_batch_size"] * seq, kf_bytes),
-            "logits": _logits_gb(arch, _completion_positions(lengths, kf["covariance_batch_size"]),
-                                 copies["kronfluence"]),
-        }
+        def batch(size: int) -> dict:
+            return {"activations": _activations_gb(arch, size * seq, kf_bytes),
+                    "logits": _logits_gb(arch, _completion_positions(lengths, size), copies["kronfluence"])}
+
+        plans["fit_factors"] = _fitting_peak(tracked, strategies, {"runtime": runtime, "weights": weights},
+                                             batch(kf["covariance_batch_size"]), batch(kf["lambda_batch_size"]))
         queries = lengths["queries"]
         query_batch = min(kf["query_batch_size"] or queries, queries)
         rows_per_shard = math.ceil(lengths["train_rows"] / attribution["shards"])
@@ -273,7 +292,9 @@ def smallest_fix(job: str, plan: dict, run: dict) -> str:
     else:
         lever = {
             "factors": f"raise attribution.kronfluence.layer_stride (now {kf['layer_stride']}) or use diagonal",
-            "factors (and their statistics)": f"raise attribution.kronfluence.layer_stride (now {kf['layer_stride']})",
+            "covariances": f"raise attribution.kronfluence.layer_stride (now {kf['layer_stride']})",
+            "eigenvectors": f"raise attribution.kronfluence.layer_stride (now {kf['layer_stride']})",
+            "eigendecomposition work (float64)": f"raise attribution.kronfluence.layer_stride (now {kf['layer_stride']})",
             "preconditioner": f"lower attribution.bergson.projection_dim (now {bg['projection_dim']})",
             "per-token scores": "turn off attribution.kronfluence.per_token_scores or raise attribution.shards",
             "preconditioned query gradients": "lower attribution.kronfluence.query_batch_size or set "

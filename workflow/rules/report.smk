@@ -27,6 +27,8 @@ rule report:
         "logs/{run}/report.log",
     benchmark:
         "benchmarks/{run}/report.tsv"
+    resources:
+        mem_mb=table_mem_mb,
     conda:
         CONDA_ENV
     script:

@@ -85,6 +85,8 @@ rule planted_audit:
         "logs/{run}/planted_audit.log",
     benchmark:
         "benchmarks/{run}/planted_audit.tsv"
+    resources:
+        mem_mb=table_mem_mb,
     conda:
         CONDA_ENV
     script:
@@ -167,6 +169,8 @@ rule lds:
         "logs/{run}/lds.log",
     benchmark:
         "benchmarks/{run}/lds.tsv"
+    resources:
+        mem_mb=table_mem_mb,
     conda:
         CONDA_ENV
     script:
