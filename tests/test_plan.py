@@ -70,8 +70,13 @@ def test_dry_run_prints_the_plan_takes_mem_mb_from_it_and_refuses_what_will_not_
     assert "Memory plan of run taboo: 1000M parameters, 26 layers, vocabulary 262,144" in proc.stderr
     run = CONFIG["runs"]["taboo"]
     plan = build_plan(run, arch_of("taboo"), lengths_of(run, None, None), 80)
-    train = proc.stdout.split("rule train_adapter:")[1].split("rule ")[0]
-    assert f"mem_mb={math.ceil(plan['cpu_jobs']['train_adapter']['total_gb'] * 1.2 * 1000)}," in train
+    for rule, floor in (("train_adapter", run["resources"]["train_mem_mb"]),
+                        ("fit_factors", run["attribution"]["score_mem_mb"])):
+        job = proc.stdout.split(f"rule {rule}:")[1].split("rule ")[0]
+        estimate = math.ceil(plan["cpu_jobs"][rule]["total_gb"] * 1.2 * 1000)
+        assert f"mem_mb={max(estimate, floor)}," in job, rule
+    # the fit is the job the plan raises above the configured floor
+    assert math.ceil(plan["cpu_jobs"]["fit_factors"]["total_gb"] * 1.2 * 1000) > run["attribution"]["score_mem_mb"]
     small = tmp_path / "small-gpu.yaml"
     small.write_text(yaml.safe_dump({"runs": {"taboo": {"resources": {"gpu_mem_gb": 16}}}}))
     refused = snakemake(tmp_path, "results/taboo/influences.csv", "-n", "--configfile", str(small), check=False)
