@@ -164,3 +164,18 @@ def test_adapter_records_its_base_relative_to_itself_inside_the_project(tmp_path
     assert adapter_base_path(tmp_path / "results/r/adapter") == str(tmp_path / "results/r/base_model")
     outside = tmp_path.parent / f"{tmp_path.name}-models" / "base"
     assert portable_base_path(outside, "results/r/adapter") == str(outside)
+
+
+def test_code_hash_covers_the_modules_a_stage_imports(tmp_path, monkeypatch):
+    from playpen_attribution import provenance
+
+    (tmp_path / "stage.py").write_text("from playpen_attribution.helper import f\n")
+    (tmp_path / "helper.py").write_text("def f():\n    return 1\n")
+    (tmp_path / "other.py").write_text("x = 1\n")
+    monkeypatch.setattr(provenance, "PACKAGE_DIR", tmp_path)
+    assert provenance.module_closure(["stage"]) == {"stage", "helper"}
+    before = provenance.code_hash("stage")
+    (tmp_path / "other.py").write_text("x = 2\n")  # not imported: no rerun
+    assert provenance.code_hash("stage") == before
+    (tmp_path / "helper.py").write_text("def f():\n    return 2\n")  # imported: the stage reruns
+    assert provenance.code_hash("stage") != before

@@ -110,18 +110,18 @@ def make_task(tracked_modules: list[str], fisher: str = "empirical"):
     return CompletionLossTask()
 
 
-def _unpadded(row: dict, index: int, has_labels: bool) -> dict:
+def _unpadded(row: dict, index: int, has_labels: bool, source: Path) -> dict:
     """A row without its padding: the attended tokens (one contiguous run, padding on either side), labels from
     input_ids where the set has none."""
     ids = row["input_ids"]
     mask = row.get("attention_mask") or [1] * len(ids)
     attended = [i for i, m in enumerate(mask) if m]
     if not attended:
-        raise ValueError(f"row {index}: attention_mask is all zeros; drop the row")
+        raise ValueError(f"{source}, row {index}: attention_mask is all zeros; drop the row")
     first, last = attended[0], attended[-1] + 1
     if len(attended) != last - first:
-        raise ValueError(f"row {index}: attention_mask has gaps (packed sequences?); give one sequence per row, "
-                         f"padded on the left or the right")
+        raise ValueError(f"{source}, row {index}: attention_mask has gaps (packed sequences?); give one sequence "
+                         f"per row, padded on the left or the right")
     labels = row["labels"][first:last] if has_labels else ids[first:last]
     return {"input_ids": ids[first:last], "labels": labels}
 
@@ -156,7 +156,7 @@ def load_token_dataset(path: str | Path, split: str = "train"):
     if has_labels and not _has_padding(dataset):  # the workflow's own tokens: nothing to strip
         return dataset.remove_columns([c for c in ("attention_mask",) if c in columns])
     # in memory: a cache file would be written into the input folder
-    return dataset.map(lambda row, index: _unpadded(row, index, has_labels), with_indices=True,
+    return dataset.map(lambda row, index: _unpadded(row, index, has_labels, path), with_indices=True,
                        remove_columns=[c for c in ("attention_mask",) if c in columns], keep_in_memory=True,
                        desc="unpadding")
 

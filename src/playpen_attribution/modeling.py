@@ -17,10 +17,10 @@ from pathlib import Path
 from typing import Iterator
 
 from playpen_attribution.io import atomic_path, write_json_atomic
+from playpen_attribution.tokenization import IGNORE_INDEX
 
 log = logging.getLogger(__name__)
 
-IGNORE_INDEX = -100  # label of a token that carries no loss (prompt, padding); the same as tokenization's
 # Weights, configs and tokenizer files; no original checkpoints or GGUF copies.
 MODEL_FILE_PATTERNS = ["*.json", "*.safetensors", "*.jinja", "tokenizer*", "*.model", "*.txt"]
 ADAPTER_CONFIG = "adapter_config.json"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.metadata
+import re
 from pathlib import Path
 
 PACKAGE_DIR = Path(__file__).resolve().parent
@@ -25,14 +26,32 @@ def tree_hash(path: str | Path) -> str:
     return digest.hexdigest()[:16]
 
 
+_PACKAGE_IMPORT = re.compile(r"playpen_attribution\.(\w+)")
+
+
+def module_closure(modules) -> set[str]:
+    """The named package modules and every package module they import, directly or not (read from the source)."""
+    seen: set[str] = set()
+    stack = list(modules)
+    while stack:
+        module = stack.pop()
+        path = PACKAGE_DIR / f"{module}.py"
+        if module in seen or not path.is_file():
+            continue
+        seen.add(module)
+        stack += _PACKAGE_IMPORT.findall(path.read_text())
+    return seen
+
+
 def code_hash(*modules: str) -> str:
-    """Hash of the named package modules (e.g. "data", "tokenization"), for Snakemake `params:`.
+    """Hash of the named package modules (e.g. "data", "tokenization") and of all they import, for Snakemake
+    `params:`.
 
     Snakemake reruns a rule when its params change, but it does not track the modules a script
     imports; putting this hash in `params:` makes a change to the stage's code rerun the stage.
     """
     digest = hashlib.sha256()
-    for module in sorted(set(modules)):
+    for module in sorted(module_closure(modules)):
         digest.update(module.encode())
         digest.update((PACKAGE_DIR / f"{module}.py").read_bytes())
     return digest.hexdigest()[:16]
