@@ -215,6 +215,7 @@ def stage_estimates(run: dict, arch: dict, lengths: dict, device: str) -> dict[s
         strategies = [m for m in attribution["methods"] if not m.startswith("bergson_")]
         factors = max(factor_floats(tracked, s) for s in strategies) * 4 / GB
         gradient_floats = sum(i * o for i, o in tracked)
+
         def batch(size: int) -> dict:
             return {"activations": _activations_gb(arch, size * seq, kf_bytes),
                     "logits": _logits_gb(arch, _completion_positions(lengths, size), copies["kronfluence"])}
@@ -242,14 +243,14 @@ def stage_estimates(run: dict, arch: dict, lengths: dict, device: str) -> dict[s
         grad_floats = modules * p * p if p else lora_params
         bergson_bytes = dtype_bytes(bg["precision"])
         tokens = bg["token_batch_size"]  # Bergson packs rows into batches of this many tokens
-        batch = {"runtime": runtime, "weights": n_params * bergson_bytes / GB,
-                 "activations": _activations_gb(arch, tokens, bergson_bytes),
-                 "logits": _logits_gb(arch, tokens, copies["bergson"])}
+        token_batch = {"runtime": runtime, "weights": n_params * bergson_bytes / GB,
+                       "activations": _activations_gb(arch, tokens, bergson_bytes),
+                       "logits": _logits_gb(arch, tokens, copies["bergson"])}
         preconditioner = (modules * (p * p) ** 2 * 4 / GB) if p else 0.0
-        plans["bergson_query_gradients"] = {**batch, "gradients": lengths["queries"] * grad_floats * 4 / GB}
-        plans["bergson_hessian"] = {**batch, "preconditioner": 2 * preconditioner}
-        plans["bergson_reduce"] = {**batch, "preconditioner": 2 * preconditioner}
-        plans["bergson_scores"] = {**batch, "preconditioner": 2 * preconditioner,
+        plans["bergson_query_gradients"] = {**token_batch, "gradients": lengths["queries"] * grad_floats * 4 / GB}
+        plans["bergson_hessian"] = {**token_batch, "preconditioner": 2 * preconditioner}
+        plans["bergson_reduce"] = {**token_batch, "preconditioner": 2 * preconditioner}
+        plans["bergson_scores"] = {**token_batch, "preconditioner": 2 * preconditioner,
                                    "query gradients": 2 * lengths["queries"] * grad_floats * 4 / GB}
         plans["planted_bergson_scores"] = plans["bergson_scores"]
     return plans
