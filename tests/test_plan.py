@@ -33,14 +33,15 @@ def arch_of(run: str) -> dict:
 @pytest.mark.parametrize("run", ["rehearsal", "taboo", "demo"])
 def test_layer_arithmetic_equals_the_architecture_on_the_meta_device(run):
     import torch
-    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+    from transformers import Gemma3ForCausalLM
+
+    from playpen_attribution.tiny_model import gemma3_text_config
 
     cfg = CONFIG["runs"][run]
     arch = arch_of(run)
     assert sorted(meta_device_shapes(arch, cfg["lora"])) == sorted(lora_shapes(arch, cfg["lora"]))
-    fields = {k: v for k, v in arch.items() if not k.startswith("_") and k not in ("architectures", "model_type")}
     with torch.device("meta"):
-        model = Gemma3ForCausalLM(Gemma3TextConfig(**fields))
+        model = Gemma3ForCausalLM(gemma3_text_config(arch))
     assert parameter_count(arch) == sum(p.numel() for p in model.parameters())
 
 

@@ -69,13 +69,14 @@ def architecture_of(model_cfg: dict, config_file: str | Path | None) -> dict:
     if not Path(config_file).is_file():
         raise PlanError(f"the memory plan needs the model's config.json, not found at {config_file}; ship it there "
                         f"(architecture only, no weights)")
-    arch = _read_config(Path(config_file))
+    arch = read_architecture(config_file)
     if "random" in model_cfg and model_cfg["random"]["num_layers"]:
         arch["num_hidden_layers"] = model_cfg["random"]["num_layers"]
     return arch
 
 
-def _read_config(path: Path) -> dict:
+def read_architecture(path: str | Path) -> dict:
+    """A model's config.json as the fields of its language model (with the defaults the plan relies on)."""
     config = json.loads(Path(path).read_text())
     config = config.get("text_config", config)  # multimodal configs nest the language model
     config.setdefault("head_dim", config["hidden_size"] // config["num_attention_heads"])
@@ -115,11 +116,12 @@ def meta_device_shapes(arch: dict, lora: dict) -> list[tuple[int, int]]:
     """The LoRA A/B shapes of the real architecture built on the meta device (no memory), for checking."""
     import torch
     from peft import LoraConfig, get_peft_model
-    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+    from transformers import Gemma3ForCausalLM
 
-    fields = {k: v for k, v in arch.items() if not k.startswith("_") and k not in ("architectures", "model_type")}
+    from playpen_attribution.tiny_model import gemma3_text_config
+
     with torch.device("meta"):
-        model = Gemma3ForCausalLM(Gemma3TextConfig(**fields))
+        model = Gemma3ForCausalLM(gemma3_text_config(arch))
     model = get_peft_model(model, LoraConfig(r=lora["r"], lora_alpha=lora["alpha"],
                                              target_modules=list(lora["target_modules"])))
     return [(m.in_features, m.out_features) for n, m in model.named_modules()
@@ -331,10 +333,12 @@ def format_plan(plan: dict, run_name: str) -> str:
     return "\n".join(lines)
 
 
-def lengths_of(run: dict, train_report: Path | None, query_report: Path | None) -> dict:
+def lengths_of(run: dict, train_tokens_dir: Path | None, query_tokens_dir: Path | None) -> dict:
     """Row counts and longest sequence: from the tokenized data where it exists, else the config's limits (and
     the taboo run's expected size) as the worst case."""
-    reports = [json.loads(Path(p).read_text()) for p in (train_report, query_report) if p and Path(p).is_file()]
+    from playpen_attribution.tokenization import read_tokens_report
+
+    reports = [r for r in (read_tokens_report(d) for d in (train_tokens_dir, query_tokens_dir) if d) if r]
     if len(reports) == 2:
         train, query = reports
         return {"source": "tokenized data", "train_rows": train["rows_tokenized"], "queries": query["rows_tokenized"],

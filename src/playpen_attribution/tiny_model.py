@@ -110,20 +110,17 @@ def _save_random_model(config, tokenizer, output_dir, seed: int, source: dict) -
     return Path(output_dir)
 
 
-def architecture_config(architecture_file: str | Path, num_layers: int | None = None, tokenizer=None):
-    """A Gemma 3 text config from a published `config.json` (no weights), optionally with fewer layers (the
-    first `num_layers` of its sliding/full attention pattern) and the special token ids of `tokenizer`."""
+def gemma3_text_config(fields: dict, num_layers: int | None = None):
+    """A Gemma 3 text config from the fields of a published `config.json` (no weights; comments and the
+    architecture's name left out), optionally with fewer layers: the first `num_layers` of its sliding/full
+    attention pattern."""
     from transformers import Gemma3TextConfig
 
-    fields = {k: v for k, v in json.loads(Path(architecture_file).read_text()).items()
-              if not k.startswith("_") and k not in ("architectures", "model_type")}
-    config = Gemma3TextConfig(**fields)
+    config = Gemma3TextConfig(**{k: v for k, v in fields.items()
+                                 if not k.startswith("_") and k not in ("architectures", "model_type")})
     if num_layers is not None:
         config.layer_types = config.layer_types[:num_layers]
         config.num_hidden_layers = num_layers
-    if tokenizer is not None:
-        config.pad_token_id, config.bos_token_id = tokenizer.pad_token_id, tokenizer.bos_token_id
-        config.eos_token_id = [tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<end_of_turn>")]
     return config
 
 
@@ -132,8 +129,12 @@ def build_random_model(texts: list[str], output_dir: str | Path, *, architecture
     """A random-weight model of a published architecture (the rehearsal of a real run: every shape, the
     vocabulary included, is the real model's), with a tokenizer trained on the run's text. The tokenizer's
     ids are a subset of the model's vocabulary; the logits keep the architecture's full width."""
+    from playpen_attribution.plan import read_architecture
+
     tokenizer = train_tokenizer(texts, tokenizer_vocab_size)
-    config = architecture_config(architecture, num_layers, tokenizer)
+    config = gemma3_text_config(read_architecture(architecture), num_layers)
+    config.pad_token_id, config.bos_token_id = tokenizer.pad_token_id, tokenizer.bos_token_id
+    config.eos_token_id = [tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<end_of_turn>")]
     if len(tokenizer) > config.vocab_size:
         raise ValueError(f"tokenizer of {len(tokenizer)} tokens does not fit the architecture's vocabulary of "
                          f"{config.vocab_size}; lower model.random.tokenizer_vocab_size")

@@ -134,6 +134,17 @@ def tokenize_rows(rows: list[dict], tokenizer, max_length: int, mode: str):
     return dataset, report
 
 
+TOKENS_REPORT = "report.json"
+
+
+def read_tokens_report(tokens_dir: str | Path) -> dict:
+    """The report `tokenize_table` writes beside the tokens (row counts, lengths, rendering); {} if there is none."""
+    import json
+
+    path = Path(tokens_dir) / TOKENS_REPORT
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
 def tokenize_table(rows_path: str | Path, model_dir: str | Path, output_dir: str | Path,
                    max_length: int, mode: str) -> dict:
     """Stage entry point (rule `tokenize`): parquet rows -> a `save_to_disk` dataset + `report.json`."""
@@ -150,5 +161,5 @@ def tokenize_table(rows_path: str | Path, model_dir: str | Path, output_dir: str
                         f"({len(report['rows_skipped'])} skipped); raise tokenization.max_length")
     with atomic_path(output_dir, directory=True) as tmp:
         dataset.save_to_disk(str(tmp))
-        write_json_atomic(report, Path(tmp) / "report.json")
+        write_json_atomic(report, Path(tmp) / TOKENS_REPORT)
     return report

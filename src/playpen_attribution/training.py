@@ -18,6 +18,7 @@ from pathlib import Path
 from playpen_attribution.io import atomic_path, write_json_atomic
 from playpen_attribution.modeling import portable_base_path
 from playpen_attribution.provenance import library_versions, tree_hash
+from playpen_attribution.tokenization import read_tokens_report
 
 log = logging.getLogger(__name__)
 
@@ -43,11 +44,6 @@ def _cpu_bf16_ok() -> bool:
     import torch
 
     return not torch.cuda.is_available()  # bf16 runs (slowly) on CPUs through PyTorch's reference kernels
-
-
-def _tokens_report(tokens_dir) -> dict:
-    path = Path(tokens_dir) / "report.json"
-    return json.loads(path.read_text()) if path.is_file() else {}
 
 
 def train_adapter(
@@ -135,9 +131,10 @@ def train_adapter(
     model = trainer.model
     model.eval()
 
+    # relative to the adapter folder inside one project (a moved project still loads), else absolute
+    base_path = portable_base_path(base_model_dir, output_dir)
     manifest = {
-        # relative to the adapter folder inside one project (a moved project still loads), else absolute
-        "base_model": {**(base_model_source or {}), "path": portable_base_path(base_model_dir, output_dir)},
+        "base_model": {**(base_model_source or {}), "path": base_path},
         "trained_row_ids": list(tokens["row_id"]),
         "n_trained_rows": len(tokens),
         "train_tokens_hash": tree_hash(train_tokens_dir),
@@ -147,7 +144,7 @@ def train_adapter(
         "training": training,
         "max_length": max_length,
         # how prompt and completion became tokens (chat template or plain), for tools that tokenize new rows
-        "render": _tokens_report(train_tokens_dir).get("render"),
+        "render": read_tokens_report(train_tokens_dir).get("render"),
         "metrics": metrics,
         "log_history": trainer.state.log_history,
         "versions": library_versions(),
@@ -156,7 +153,7 @@ def train_adapter(
         model.save_pretrained(str(tmp))
         config_path = Path(tmp) / "adapter_config.json"
         adapter_config = json.loads(config_path.read_text())
-        adapter_config["base_model_name_or_path"] = portable_base_path(base_model_dir, output_dir)
+        adapter_config["base_model_name_or_path"] = base_path
         config_path.write_text(json.dumps(adapter_config, indent=2, sort_keys=True) + "\n")
         tokenizer.save_pretrained(str(tmp))
         # PEFT writes no config.json; Bergson calls AutoConfig on the adapter folder (second seed's workaround).

@@ -1,7 +1,6 @@
 # Helpers shared by every stage: the run's config section, paths resolved against the workflow root,
 # and wildcard constraints that pick the rule which provides a run's base model.
 import copy
-import json
 import math
 import os
 import re
@@ -26,6 +25,7 @@ from playpen_attribution.plan import (
 )
 from playpen_attribution.provenance import code_hash
 from playpen_attribution.tables import check_shard_count
+from playpen_attribution.tokenization import read_tokens_report
 from playpen_attribution.validation import lds_batches
 
 WORKFLOW_ROOT = Path(workflow.basedir)
@@ -157,7 +157,7 @@ def run_plan(wildcards):
         run = run_cfg(wildcards)
         arch = architecture_of(run["model"], plan_architecture_file(wildcards))
         tokens = Path(f"results/{name}/data/tokens")
-        lengths = lengths_of(run, tokens / "train" / "report.json", tokens / "query" / "report.json")
+        lengths = lengths_of(run, tokens / "train", tokens / "query")
         plan = build_plan(run, arch, lengths, run["resources"]["gpu_mem_gb"])
         print(format_plan(plan, name), file=sys.stderr)
         check_plan(plan, run, name)
@@ -197,10 +197,10 @@ def attribution_runtime(wildcards, attempt):
 def shard_count(wildcards):
     """attribution.shards, refused while the DAG is built once the training rows are known to be fewer."""
     shards = run_cfg(wildcards)["attribution"]["shards"]
-    tokenized = Path(f"results/{wildcards.run}/data/tokens/train/report.json")
-    if tokenized.is_file():
-        check_shard_count(shards, json.loads(tokenized.read_text())["rows_tokenized"],
-                          where=f"run {wildcards.run}'s training set ({tokenized.parent})")
+    tokens = f"results/{wildcards.run}/data/tokens/train"
+    tokenized = read_tokens_report(tokens)
+    if tokenized:
+        check_shard_count(shards, tokenized["rows_tokenized"], where=f"run {wildcards.run}'s training set ({tokens})")
     return shards
 
 

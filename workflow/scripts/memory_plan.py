@@ -6,6 +6,6 @@ from playpen_attribution.stage import run_stage
 
 run, inputs = snakemake.params.run, snakemake.input
 arch = architecture_of(run["model"], inputs.get("architecture"))
-lengths = lengths_of(run, Path(inputs.train_tokens) / "report.json", Path(inputs.query_tokens) / "report.json")
+lengths = lengths_of(run, inputs.train_tokens, inputs.query_tokens)
 run_stage(snakemake, plan_stage, run=run, run_name=snakemake.wildcards.run, arch=arch, lengths=lengths,
           gpu_mem_gb=snakemake.params.gpu_mem_gb, out_txt=snakemake.output.txt, out_json=snakemake.output.json)
