@@ -5,6 +5,7 @@ import os
 from snakemake.utils import min_version
 
 from playpen_attribution.config import validate_config
+from playpen_attribution.plan import local_gpu_count
 
 min_version("9.0")
 
@@ -14,6 +15,13 @@ configfile: os.path.join(workflow.basedir, "config", "config.yaml")
 
 # Defaults filled in, unknown keys refused with their path named (a typo never trains with a default).
 validate_config(config, source="the workflow config (config/config.yaml and any --configfile/--config)")
+
+
+# Run here, the `gpu=1` rules share this machine's GPUs: one such job at a time where it has one (two models on one
+# GPU can run out of memory; jobs do not pick a device). With no GPU they are CPU jobs, limited only by --cores.
+# `--resources gpu=N` overrides; on a cluster each job gets its own GPU from the scheduler.
+if workflow.local_exec and "gpu" not in workflow.global_resources and local_gpu_count():
+    workflow.register_resource("gpu", 1)
 
 
 include: "workflow/rules/common.smk"

@@ -3,9 +3,10 @@
 On the demo's adapter and tokens, the median of --repeats runs of:
   bare        `bergson reduce` (mean of unit-normalized query gradients) then `bergson score` of every training
               row against it: two processes, as a user of the command line would run them
-  workflow    `snakemake --forcerun bergson_reduce bergson_scores` for the same variant (cosine), --cores 1:
-              one reduce job and one job per score shard; each score job also scores every query on its own
-              (for influences.csv), which the bare run does not
+  workflow    `snakemake --forcerun bergson_reduce bergson_index bergson_scores` for the same variant (cosine),
+              --cores 1: one reduce job, one index job per shard (the gradients, kept for every variant) and one
+              score job per shard (no model); each score job also scores every query on its own (for
+              influences.csv), which the bare run does not
 Ratios are against `bare`, measured in one run (the machine is shared: compare ratios, not seconds).
 
     uv run python bench/bergson_overhead.py [--workdir DIR] [--repeats 3]
@@ -48,7 +49,8 @@ def main() -> None:
                                "--query_path", str(scratch / "query"), *common]
         timings["bare"].append(timed(reduce) + timed(score))
         timings["workflow"].append(timed(snakemake_command(
-            workdir, "--cores", "1", "--forcerun", "bergson_reduce", "bergson_scores", "--", *targets)))
+            workdir, "--cores", "1", "--forcerun", "bergson_reduce", "bergson_index", "bergson_scores", "--",
+            *targets)))
     shutil.rmtree(scratch, ignore_errors=True)
 
     import datasets

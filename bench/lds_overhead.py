@@ -32,7 +32,7 @@ def inside_seconds(workdir: Path) -> tuple[float, float, int]:
 def main() -> None:
     args, workdir = bench_arguments(__doc__, 1, "bench-lds-")
     print(f"preparing the demo in {workdir} ...", flush=True)
-    snakemake(workdir, TARGET, "--cores", "2", "--resources", "gpu=2")  # (--resources takes every word after it)
+    snakemake(workdir, TARGET, "--cores", "2")
     rows = []
     for repeat in range(args.repeats):
         print(f"repeat {repeat + 1}/{args.repeats}", flush=True)

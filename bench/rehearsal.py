@@ -105,9 +105,7 @@ def main() -> None:
         overlay = workdir / "gpu.yaml"
         overlay.write_text(yaml.safe_dump(GPU_OVERLAY))
         options = ["--configfile", str(overlay)]
-    # on a CPU the profile's gpu counter would run the "GPU" jobs one at a time: let two share the cores
-    command = snakemake_command(workdir, *TARGETS, "--cores", str(args.cores), *options,
-                                *([] if args.gpu else ["--resources", "gpu=2"]))
+    command = snakemake_command(workdir, *TARGETS, "--cores", str(args.cores), *options)
     record = workdir / "rehearsal.json"
     if args.table_only:
         # the plan of the finished run, as the current code computes it (memory_plan reruns when its code changed)

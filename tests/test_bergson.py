@@ -1,5 +1,6 @@
-"""Bergson attribution: cosines equal independent gradients, reduced = mean of per-query, shards, planted
-copies, preconditioners that change the scores, and a crashed score job that leaves nothing behind."""
+"""Bergson attribution: cosines equal independent gradients, index-based scores equal Bergson's own `score`
+command, reduced = mean of per-query, shards, planted copies, preconditioners that change the scores, and a
+crashed score job that leaves nothing behind."""
 
 import datasets
 import numpy as np
@@ -39,15 +40,58 @@ def prepared(demo_adapter, small, tmp_path_factory):
 
 
 def score(demo_adapter, small, prepared, variant, out, shard=0, shards=1):
-    """Reduce (once per variant) and score one shard; returns the shard file's path."""
+    """Reduce and index (each once), then score one shard from its index; returns the shard file's path."""
     _, side = ba.parse_variant(variant)
     hessian = prepared / "hessian" / side if side else None
     reduced = prepared / "reduced" / variant
     if not reduced.exists():
         ba.reduce_stage(demo_adapter, small / "query", reduced, variant, hessian, SETTINGS)
-    ba.score_shard_stage(demo_adapter, small / "train", small / "query", reduced, prepared / "per_query", hessian,
-                         out, variant=variant, shard=shard, shards=shards, settings=SETTINGS)
+    index = prepared / "index" / f"{shard}-of-{shards}"
+    if not index.exists():
+        ba.index_stage(demo_adapter, small / "train", index, shard=shard, shards=shards, settings=SETTINGS)
+    ba.score_shard_stage(index, small / "query", reduced, prepared / "per_query", hessian, out, variant=variant,
+                         settings=SETTINGS)
     return out
+
+
+def split_preconditioner(hessians, modules, device, dtype):
+    """Bergson 2.5.1's `score` stacks the per-module H^-1/2 of a dense preconditioner into one tensor for cosine
+    scoring, which fails when modules differ in size (LoRA A/B of q vs k/v under grouped-query attention): the
+    same product one module at a time. (The workflow's index path never calls it.)"""
+    matrices = {m: hessians[m].to(device, dtype) for m in modules}
+    return lambda grads: {m: grads[m].to(device, dtype) @ matrices[m] for m in modules}
+
+
+def bergson_score_command(demo_adapter, small, query_dir, variant, hessian, run_path):
+    """Bergson's own `score` command on the model (gradients collected again, preprocessed its way): [rows, q]."""
+    import bergson.score.score as bergson_score
+    from bergson.cli.commands import Score
+    from bergson.config.config import ScoreConfig
+    from bergson.data import load_scores
+
+    unit_normalize, _ = ba.parse_variant(variant)
+    bergson_score._make_split_hessian = split_preconditioner
+    Score(score_cfg=ScoreConfig(query_path=str(query_dir), precision="fp32"),
+          index_cfg=ba._index_config(run_path, demo_adapter.resolve(), small / "train", SETTINGS),
+          preprocess_cfg=ba._preprocess(SETTINGS, unit_normalize, hessian)).execute()
+    stored = load_scores(run_path)
+    return np.asarray(stored[:], dtype=np.float64)
+
+
+@pytest.mark.parametrize("variant", ["dot", "dot_query", "cosine_train"])
+def test_index_scores_equal_bergsons_own_score_command(demo_adapter, small, prepared, tmp_path, variant):
+    """The index path (gradients once, every variant from them, no model) gives the numbers Bergson's one-shot
+    `score` gives, per query and against the reduced query."""
+    _, side = ba.parse_variant(variant)
+    hessian = prepared / "hessian" / side if side else None
+    result = load_shards([score(demo_adapter, small, prepared, variant, tmp_path / "s.npz")])
+    per_query = bergson_score_command(demo_adapter, small, prepared / "per_query", variant, hessian,
+                                      tmp_path / "per_query")
+    reduced = bergson_score_command(demo_adapter, small, prepared / "reduced" / variant, variant, hessian,
+                                    tmp_path / "reduced")
+    scale = np.abs(per_query).max()
+    np.testing.assert_allclose(result["scores"], per_query.T, rtol=1e-4, atol=1e-5 * scale)
+    np.testing.assert_allclose(result["reduced"], reduced[:, 0], rtol=1e-4, atol=1e-5 * scale)
 
 
 def test_cosine_scores_equal_independent_gradient_cosines(demo_adapter, small, prepared, tmp_path):

@@ -86,3 +86,20 @@ def test_dry_run_prints_the_plan_takes_mem_mb_from_it_and_refuses_what_will_not_
     assert re.search(r"fit_factors: [\d.]+ GB > resources.gpu_mem_gb 16 GB; lower "
                      r"attribution.kronfluence.covariance_batch_size", refused.stdout + refused.stderr)
     assert not (tmp_path / "results").exists()
+
+
+def test_local_gpus_are_counted_from_the_environment_or_nvidia_smi(tmp_path, monkeypatch):
+    from playpen_attribution.plan import local_gpu_count
+
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1")
+    assert local_gpu_count() == 2
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")  # set and empty: CUDA sees no device
+    assert local_gpu_count() == 0
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
+    fake = tmp_path / "nvidia-smi"
+    fake.write_text("#!/bin/sh\necho 'GPU 0: NVIDIA H200 (UUID: GPU-1)'\necho 'GPU 1: NVIDIA H200 (UUID: GPU-2)'\n")
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}:/usr/bin:/bin")
+    assert local_gpu_count() == 2
+    monkeypatch.setenv("PATH", "/nonexistent")
+    assert local_gpu_count() == 0

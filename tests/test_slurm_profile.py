@@ -122,7 +122,8 @@ def test_slurm_profile_dry_run_plans_gpu_rules_on_gpu_partition(tmp_path):
             planned.setdefault(rule, set()).add(match.group(1))
     gpu_rules = {rule for rule, res in planned.items() if any(re.search(r"\bgpu=1\b", r) for r in res)}
     assert {"fetch_base_model", "prepare_data", "tokenize"} <= set(planned) - gpu_rules
-    assert {"train_adapter", "fit_factors", "kronfluence_scores", "bergson_scores"} <= gpu_rules
+    assert {"train_adapter", "fit_factors", "kronfluence_scores", "bergson_index"} <= gpu_rules
+    assert "bergson_scores" not in gpu_rules  # scored from the index on a CPU node: no model, no GPU queue
     # every GPU rule, and only those, goes to the GPU partition
     assert gpu_rules == set(settings["set-resources"])
     for rule, resources in planned.items():

@@ -7,17 +7,19 @@ Preconditioned `dot` applies H^-1 to the query; preconditioned `cosine` applies 
 so the same Hessian is given to the reduce and the score step. Scores are <query, train> of gradients
 of the summed completion loss: positive = helpful, as for the influence functions.
 
-Every step runs in-process through Bergson's own commands (`Build`, `Reduce`, `Hessian`, `Mix`,
-`Score`) on the adapter folder, with its LoRA layers tracked, and writes its output atomically.
+Bergson's build-then-query workflow: the training rows' gradients are collected once per shard into a Bergson
+index (`Build`, the only pass over the training tokens besides a `_train`/`_mixed` preconditioner's fit), and every
+variant's scores come from that index through Bergson's `Attributor`, with no model: a new variant, or a new
+preconditioner, reuses the index. The query side runs Bergson's own commands (`Build` for the per-query gradients,
+`Reduce`, `Hessian`, `Mix`) on the adapter folder, with its LoRA layers tracked. Every output is written atomically.
 """
 
 from __future__ import annotations
 
+import json
 import logging
-import os
 import re
 import shutil
-import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -25,10 +27,12 @@ import numpy as np
 
 from playpen_attribution.io import atomic_path, write_csv_atomic, write_json_atomic
 from playpen_attribution.modeling import adapter_view_with_absolute_base, is_adapter
+from playpen_attribution.stage import log_gradient_pass, token_count
 
 log = logging.getLogger(__name__)
 
 VARIANT_PATTERN = r"(dot|cosine)(_(train|query|mixed))?"
+INDEX_ROWS = "row_ids.json"  # beside Bergson's files in an index: the training rows it holds, in order
 METHOD_PREFIX = "bergson_"
 
 
@@ -47,24 +51,6 @@ def is_bergson_method(method: str) -> bool:
 
 def variant_of(method: str) -> str:
     return method.removeprefix(METHOD_PREFIX)
-
-
-def _patch_split_preconditioner() -> None:
-    """Bergson 2.5.1 stacks the per-module H^-1/2 matrices of a dense preconditioner into one tensor for
-    cosine scoring, which fails when modules differ in gradient size (LoRA A/B of q vs k/v projections under
-    grouped-query attention, with projection_dim 0). Apply each module's matrix on its own instead: the
-    same product, without the equal-size requirement."""
-    import bergson.score.score as bergson_score
-
-    def split_transform(hessians, modules, device, dtype):
-        matrices = {m: hessians[m].to(device, dtype) for m in modules}
-
-        def transform(grads):
-            return {m: grads[m].to(device, dtype, non_blocking=True) @ matrices[m] for m in modules}
-
-        return transform
-
-    bergson_score._make_split_hessian = split_transform
 
 
 @contextmanager
@@ -105,7 +91,8 @@ def _preprocess(settings: dict, unit_normalize: bool, hessian_dir, aggregation: 
     return PreprocessConfig(
         unit_normalize=unit_normalize,
         hessian_path=str(Path(hessian_dir).resolve()) if hessian_dir else None,
-        inversion_cfg=InversionConfig(damping_factor=settings["damping_factor"]),
+        # damping matters only where a preconditioner is inverted (the gradient collections do not read it)
+        inversion_cfg=InversionConfig(damping_factor=settings["damping_factor"]) if hessian_dir else InversionConfig(),
         aggregation=aggregation,
     )
 
@@ -118,6 +105,13 @@ def _bergson_output(out_dir):
             yield tmp
         finally:
             shutil.rmtree(f"{tmp}.part", ignore_errors=True)
+
+
+def _log_pass(tokens_dir, purpose: str) -> None:
+    import datasets
+
+    data = datasets.load_from_disk(str(tokens_dir))
+    log_gradient_pass(tokens_dir, len(data), token_count(data), purpose)
 
 
 def _seed(settings: dict) -> None:
@@ -138,6 +132,7 @@ def query_gradients_stage(model_dir, query_tokens_dir, out_dir, settings: dict) 
     with _bergson_output(out_dir) as run_path, _bergson_model(model_dir) as model:
         Build(index_cfg=_index_config(run_path, model, query_tokens_dir, settings),
               preprocess_cfg=_preprocess(settings, False, None)).execute()
+    _log_pass(query_tokens_dir, "bergson per-query gradients")
 
 
 def hessian_stage(model_dir, tokens_dir, out_dir, settings: dict) -> None:
@@ -150,6 +145,7 @@ def hessian_stage(model_dir, tokens_dir, out_dir, settings: dict) -> None:
         Hessian(hessian_cfg=HessianConfig(method="autocorrelation",
                                           use_dataset_labels=settings["fisher"] == "empirical"),
                 index_cfg=_index_config(run_path, model, tokens_dir, settings)).execute()
+    _log_pass(tokens_dir, "bergson preconditioner")
 
 
 def mix_stage(query_hessian_dir, train_hessian_dir, out_dir, settings: dict) -> None:
@@ -167,59 +163,91 @@ def reduce_stage(model_dir, query_tokens_dir, out_dir, variant: str, hessian_dir
     from bergson.cli.commands import Reduce
 
     unit_normalize, _ = parse_variant(variant)
-    _patch_split_preconditioner()
     _seed(settings)
     with _bergson_output(out_dir) as run_path, _bergson_model(model_dir) as model:
         Reduce(index_cfg=_index_config(run_path, model, query_tokens_dir, settings),
                preprocess_cfg=_preprocess(settings, unit_normalize, hessian_dir,
                                           aggregation=settings["aggregation"])).execute()
+    _log_pass(query_tokens_dir, f"bergson reduced query, {variant}")
 
 
-def _score(model_dir, train_tokens_dir, query_dir, split: str, preprocess, settings: dict) -> np.ndarray:
-    """Bergson scores [rows, queries] of a slice of the training rows; NaN where Bergson wrote nothing
-    (rows with fewer than two tokens get no gradient: reported, never given a fake score)."""
-    from bergson.cli.commands import Score
-    from bergson.config.config import ScoreConfig
-    from bergson.data import load_scores
-
-    with tempfile.TemporaryDirectory(prefix="bergson-score-", dir=os.environ.get("TMPDIR")) as scratch, \
-            _bergson_model(model_dir) as model:
-        run_path = Path(scratch) / "scores"
-        # scores accumulate in fp32 whatever precision the model runs in
-        Score(score_cfg=ScoreConfig(query_path=str(Path(query_dir).resolve()), precision="fp32"),
-              index_cfg=_index_config(run_path, model, train_tokens_dir, settings, split=split),
-              preprocess_cfg=preprocess).execute()
-        stored = load_scores(run_path)
-        scores = np.asarray(stored[:], dtype=np.float32).copy()
-        written = np.stack([np.asarray(stored.mmap[f"written_{i}"]) for i in range(stored.num_scores)], axis=1)
-    scores[~written] = np.nan
-    return scores
+def _shard_split(rows) -> str:
+    return f"train[{int(rows[0])}:{int(rows[-1]) + 1}]" if len(rows) else "train[0:0]"
 
 
-def score_shard_stage(model_dir, train_tokens_dir, query_tokens_dir, reduced_dir, query_gradients_dir, hessian_dir,
-                      out_path, *, variant: str, shard: int, shards: int, settings: dict) -> None:
-    """Rule `bergson_scores`: one contiguous slice of the training rows against the reduced query (one score per
-    row) and against every query on its own ([queries, rows], for influences.csv)."""
+def index_stage(model_dir, train_tokens_dir, out_dir, *, shard: int, shards: int, settings: dict) -> None:
+    """Rule `bergson_index`: the raw (projected) gradient of every training row of one contiguous shard, in
+    Bergson's index format (no normalization, no preconditioner: those belong to the variants), with the rows'
+    ids beside it. The one pass over these rows' tokens that every variant shares."""
     import datasets
+    from bergson.cli.commands import Build
 
-    from playpen_attribution.tables import save_shard, shard_indices
+    from playpen_attribution.tables import shard_indices
+
+    train = datasets.load_from_disk(str(train_tokens_dir))
+    rows = shard_indices(len(train), shards, shard)
+    _seed(settings)
+    with _bergson_output(out_dir) as run_path, _bergson_model(model_dir) as model:
+        Build(index_cfg=_index_config(run_path, model, train_tokens_dir, settings, split=_shard_split(rows)),
+              preprocess_cfg=_preprocess(settings, False, None)).execute()
+        write_json_atomic({"row_ids": list(train.select(rows)["row_id"]), "shard": shard, "shards": shards},
+                          Path(run_path) / INDEX_ROWS)
+    shard_rows = train.select(rows)
+    log_gradient_pass(train_tokens_dir, len(shard_rows), token_count(shard_rows), f"bergson index, shard {shard}")
+
+
+def _stored_gradients(path, dtype) -> dict:
+    """A Bergson gradient folder (index, per-query gradients, reduced query) as {module: [rows, dim]} tensors."""
+    from bergson.data import column_offsets, load_gradients
+    from bergson.utils.utils import numpy_to_tensor
+
+    grads = load_gradients(path)
+    sizes = json.loads((Path(path) / "info.json").read_text())["grad_sizes"]
+    # copied out of the read-only memory map: Bergson's search normalizes the queries in place
+    return {name: numpy_to_tensor(np.array(grads[:, lo:hi])).to(dtype)
+            for name, (lo, hi) in column_offsets(sizes).items()}
+
+
+def score_shard_stage(index_dir, query_tokens_dir, reduced_dir, query_gradients_dir, hessian_dir, out_path, *,
+                      variant: str, settings: dict) -> None:
+    """Rule `bergson_scores`: one shard's index scored against the reduced query (one score per row) and against
+    every query on its own ([queries, rows], for influences.csv), with Bergson's `Attributor` (no model, no
+    gradients computed). `dot` applies H^-1 to the queries; `cosine` H^-1/2 to both sides, then unit norms."""
+    import datasets
+    import torch
+    from bergson.config.config import InversionConfig
+    from bergson.data import load_gradients
+    from bergson.query.attributor import Attributor
+
+    from playpen_attribution.tables import save_shard
 
     unit_normalize, _ = parse_variant(variant)
-    _patch_split_preconditioner()
-    _seed(settings)
-    train = datasets.load_from_disk(str(train_tokens_dir))
-    query_ids = datasets.load_from_disk(str(query_tokens_dir))["row_id"]
-    rows = shard_indices(len(train), shards, shard)
-    split = f"train[{int(rows[0])}:{int(rows[-1]) + 1}]" if len(rows) else "train[0:0]"
-    # the reduced query already carries its preprocessing; the score step applies the same Hessian to the
-    # training side for cosine (H^-1/2 on both sides), as Bergson requires
-    preprocess = _preprocess(settings, unit_normalize, hessian_dir)
-    reduced = _score(model_dir, train_tokens_dir, reduced_dir, split, preprocess, settings)[:, 0]
-    per_query = _score(model_dir, train_tokens_dir, query_gradients_dir, split, preprocess, settings)
-    if per_query.shape != (len(rows), len(query_ids)):
-        raise RuntimeError(f"Bergson returned scores of shape {per_query.shape} for {len(rows)} training rows and "
-                           f"{len(query_ids)} queries")
-    save_shard(out_path, per_query.T, query_ids, train.select(rows)["row_id"], reduced=reduced)
+    index_dir, dtype = Path(index_dir), torch.float32  # scores in fp32 whatever precision the gradients were kept in
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    query_ids = list(datasets.load_from_disk(str(query_tokens_dir))["row_id"])
+    train_ids = json.loads((index_dir / INDEX_ROWS).read_text())["row_ids"]
+    attributor = Attributor(index_dir, device=device, dtype=dtype, unit_norm=unit_normalize,
+                            inversion_cfg=InversionConfig(damping_factor=settings["damping_factor"]),
+                            hessian_path=str(Path(hessian_dir).resolve()) if hessian_dir else None)
+    for folder, what in ((query_gradients_dir, "The per-query gradients"), (reduced_dir, "The reduced query")):
+        attributor.processor.check_saved_projection(Path(folder), what)
+    with torch.inference_mode():
+        # the per-query gradients are raw: search preconditions and normalizes them as this variant says
+        values, order = attributor.search(_stored_gradients(query_gradients_dir, dtype), k=None)
+        per_query = torch.empty_like(values).scatter_(1, order, values)
+        # the reduced query already carries its preprocessing (from `bergson_reduce`): only the index side's applies
+        reduced_query = _stored_gradients(reduced_dir, dtype)
+        reduced = sum(reduced_query[m].to(device) @ attributor.grads[m].T for m in attributor.ordered_modules)[0]
+    per_query, reduced = per_query.float().cpu().numpy(), reduced.float().cpu().numpy()
+    # Bergson gives no gradient to a row with fewer than two tokens: its index row stays zero. Such a row is
+    # reported as unscored (NaN), never given a score of 0.
+    raw = load_gradients(index_dir)
+    unscored = ~np.any(raw.view(np.uint8).reshape(len(raw), -1), axis=1)
+    per_query[:, unscored], reduced[unscored] = np.nan, np.nan
+    if per_query.shape != (len(query_ids), len(train_ids)):
+        raise RuntimeError(f"Bergson returned scores of shape {per_query.shape} for {len(query_ids)} queries and "
+                           f"{len(train_ids)} training rows in {index_dir}")
+    save_shard(out_path, per_query, query_ids, train_ids, reduced=reduced)
 
 
 def merge_train_scores_stage(train_rows, train_tokens_dir, shards_by_method: dict, out_csv, out_report) -> None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import re
 import tempfile
@@ -27,6 +28,7 @@ from playpen_attribution.modeling import (
     pad_token_id,
 )
 from playpen_attribution.provenance import tree_hash
+from playpen_attribution.stage import log_gradient_pass, token_count
 
 log = logging.getLogger(__name__)
 
@@ -232,6 +234,7 @@ def fit_factors(
     """
     import torch
     from kronfluence.arguments import FactorArguments
+    from kronfluence.factor.config import FactorConfig
 
     if strategy not in STRATEGIES:
         raise ValueError(f"unknown strategy {strategy!r}; choose one of {list(STRATEGIES)}")
@@ -257,6 +260,10 @@ def fit_factors(
                                                     overwrite_output_dir=True)
             getattr(analyzer, stage)(factors_name=name, dataset=TokenRows(dataset), per_device_batch_size=batch_size,
                                      dataloader_kwargs=loader, factor_args=factor_args, overwrite_output_dir=True)
+            config = FactorConfig.CONFIGS[strategy]
+            if (config.requires_covariance_matrices if stage == "fit_covariance_matrices"
+                    else config.requires_lambda_matrices):
+                log_gradient_pass(dataset_dir, len(dataset), token_count(dataset), f"kronfluence {stage}")
         metadata = {
             **model_identity(model_ref, revision),
             "factors_name": name,
@@ -410,4 +417,7 @@ def score_shard_stage(model_dir, factors_dir, query_tokens_dir, train_tokens_dir
                          query_batch_size=query_batch_size, query_gradient_rank=query_gradient_rank,
                          per_token=per_token, per_token_max_gb=per_token_max_gb, dtype=dtype,
                          damping_factor=damping_factor)
+    # Kronfluence recomputes the training gradients once per query batch
+    for _ in range(math.ceil(len(query) / min(query_batch_size or len(query), len(query)))):
+        log_gradient_pass(train_tokens_dir, len(train), token_count(train), f"kronfluence scores, shard {shard}")
     save_shard(out_path, result["scores"], query["row_id"], train["row_id"], result["per_token"])

@@ -16,6 +16,9 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import shutil
+import subprocess
 from pathlib import Path
 
 GB = 1e9
@@ -31,6 +34,21 @@ LOGIT_COPIES = {
 }
 ADAM_BYTES_PER_PARAM = 16  # fp32 master weight, gradient, two moments
 ACTIVATION_FLOATS_PER_TOKEN_LAYER = 4 + 3  # x hidden (attention inputs/outputs, norms); x intermediate (gate/up/act)
+
+
+def local_gpu_count() -> int:
+    """NVIDIA GPUs this process may use, without importing torch: CUDA_VISIBLE_DEVICES where set, else
+    `nvidia-smi -L`; 0 without either."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None:
+        return len([d for d in visible.split(",") if d.strip() and d.strip() != "-1"])
+    if not shutil.which("nvidia-smi"):
+        return 0
+    try:
+        listing = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=20, check=True).stdout
+    except (OSError, subprocess.SubprocessError):
+        return 0
+    return sum(line.startswith("GPU ") for line in listing.splitlines())
 
 
 class PlanError(ValueError):
@@ -252,8 +270,15 @@ def stage_estimates(run: dict, arch: dict, lengths: dict, device: str) -> dict[s
         plans["bergson_query_gradients"] = {**token_batch, "gradients": lengths["queries"] * grad_floats * 4 / GB}
         plans["bergson_hessian"] = {**token_batch, "preconditioner": 2 * preconditioner}
         plans["bergson_reduce"] = {**token_batch, "preconditioner": 2 * preconditioner}
-        plans["bergson_scores"] = {**token_batch, "preconditioner": 2 * preconditioner,
-                                   "query gradients": 2 * lengths["queries"] * grad_floats * 4 / GB}
+        rows_per_shard = math.ceil(lengths["train_rows"] / attribution["shards"])
+        # the index is written to disk as it is collected: the job holds the model and one token batch
+        plans["bergson_index"] = plans["planted_bergson_index"] = token_batch
+        # no model: the shard's index twice in fp32 (as stored, then preconditioned/normalized), the queries, the
+        # preconditioner, the [queries, rows] scores and their sort
+        plans["bergson_scores"] = {"runtime": runtime, "preconditioner": 2 * preconditioner,
+                                   "index": 2 * rows_per_shard * grad_floats * 4 / GB,
+                                   "query gradients": 2 * lengths["queries"] * grad_floats * 4 / GB,
+                                   "scores": 3 * lengths["queries"] * rows_per_shard * 8 / GB}
         plans["planted_bergson_scores"] = plans["bergson_scores"]
     return plans
 

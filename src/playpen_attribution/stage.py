@@ -10,6 +10,18 @@ import sys
 import traceback
 
 PEAK_RSS_LINE = "peak resident memory (getrusage): {:.0f} MB"
+# One line per forward+backward pass over a tokenized dataset (or a slice of it), for bench/gradient_passes.py.
+GRADIENT_PASS_LINE = "gradient pass: {rows} rows, {tokens} tokens of {dataset} ({purpose})"
+
+
+def log_gradient_pass(dataset_dir, rows: int, tokens: int, purpose: str) -> None:
+    """Record a pass in the job's log (stderr: the libraries raise the logging level)."""
+    print(GRADIENT_PASS_LINE.format(rows=rows, tokens=tokens, dataset=dataset_dir, purpose=purpose), file=sys.stderr,
+          flush=True)
+
+
+def token_count(dataset) -> int:
+    return sum(map(len, dataset["input_ids"]))
 
 
 def run_stage(snakemake, function, **kwargs):

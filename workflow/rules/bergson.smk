@@ -1,5 +1,6 @@
-# Bergson: the query set reduced to one gradient per variant, optional dense preconditioners, and every
-# training row scored in contiguous shards against the reduced query and against each query on its own.
+# Bergson: the training rows' gradients collected once per contiguous shard (an index), the query set reduced to one
+# gradient per variant, optional dense preconditioners, and every variant's scores computed from the index (no model):
+# each row against the reduced query and against each query on its own.
 
 
 rule bergson_query_gradients:
@@ -9,7 +10,7 @@ rule bergson_query_gradients:
     output:
         directory("results/{run}/bergson/query/per_query"),
     params:
-        bergson=lambda wc: bergson_cfg(wc),
+        bergson=bergson_settings(*BERGSON_GRADIENT_KEYS),
         code=code_hash("bergson_attribution", "modeling", "io"),
     log:
         "logs/{run}/bergson_query_gradients.log",
@@ -34,7 +35,7 @@ rule bergson_hessian:
     wildcard_constraints:
         side="train|query",
     params:
-        bergson=lambda wc: bergson_cfg(wc),
+        bergson=bergson_settings(*BERGSON_GRADIENT_KEYS, "fisher"),
         code=code_hash("bergson_attribution", "modeling", "io"),
     log:
         "logs/{run}/bergson_hessian_{side}.log",
@@ -57,7 +58,7 @@ rule bergson_mix:
     output:
         directory("results/{run}/bergson/hessian/mixed"),
     params:
-        bergson=lambda wc: bergson_cfg(wc),
+        bergson=bergson_settings("mix_downweight_components"),
         code=code_hash("bergson_attribution", "modeling", "io"),
     log:
         "logs/{run}/bergson_mix.log",
@@ -79,7 +80,7 @@ rule bergson_reduce:
     wildcard_constraints:
         variant=VARIANT_PATTERN,
     params:
-        bergson=lambda wc: bergson_cfg(wc),
+        bergson=bergson_settings(*BERGSON_GRADIENT_KEYS, "damping_factor", "aggregation"),
         code=code_hash("bergson_attribution", "modeling", "io"),
     log:
         "logs/{run}/bergson_reduce_{variant}.log",
@@ -95,10 +96,37 @@ rule bergson_reduce:
         "../scripts/bergson_reduce.py"
 
 
-rule bergson_scores:
+# The one pass over a shard's training tokens: every variant (and a new one) is scored from this index.
+rule bergson_index:
     input:
         model="results/{run}/adapter",
         train="results/{run}/data/tokens/train",
+    output:
+        directory("results/{run}/bergson/index/shard-{shard}"),
+    wildcard_constraints:
+        shard=r"\d+",
+    params:
+        shards=shard_count,
+        bergson=bergson_settings(*BERGSON_GRADIENT_KEYS),
+        code=code_hash("bergson_attribution", "modeling", "tables", "io"),
+    log:
+        "logs/{run}/bergson_index_{shard}.log",
+    benchmark:
+        "benchmarks/{run}/bergson_index_{shard}.tsv"
+    resources:
+        gpu=1,
+        mem_mb=score_mem("bergson_index"),
+        runtime=attribution_runtime,
+    conda:
+        CONDA_ENV
+    script:
+        "../scripts/bergson_index.py"
+
+
+# Matrix products on stored gradients: a CPU job (no model, no GPU).
+rule bergson_scores:
+    input:
+        index="results/{run}/bergson/index/shard-{shard}",
         query="results/{run}/data/tokens/query",
         reduced="results/{run}/bergson/query/{variant}",
         per_query="results/{run}/bergson/query/per_query",
@@ -109,15 +137,13 @@ rule bergson_scores:
         variant=VARIANT_PATTERN,
         shard=r"\d+",
     params:
-        shards=shard_count,
-        bergson=lambda wc: bergson_cfg(wc),
-        code=code_hash("bergson_attribution", "modeling", "tables", "io"),
+        bergson=bergson_settings("damping_factor"),
+        code=code_hash("bergson_attribution", "tables", "io"),
     log:
         "logs/{run}/bergson_scores_{variant}_{shard}.log",
     benchmark:
         "benchmarks/{run}/bergson_scores_{variant}_{shard}.tsv"
     resources:
-        gpu=1,
         mem_mb=score_mem("bergson_scores"),
         runtime=attribution_runtime,
     conda:

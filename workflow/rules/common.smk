@@ -226,6 +226,15 @@ def bergson_cfg(wildcards):
     return run_cfg(wildcards)["attribution"]["bergson"]
 
 
+# What every Bergson gradient collection reads; each rule adds the keys its own step uses, so a change to one key
+# reruns only the stages that read it.
+BERGSON_GRADIENT_KEYS = ("precision", "projection_dim", "seed", "token_batch_size")
+
+
+def bergson_settings(*keys):
+    return lambda wildcards: {key: bergson_cfg(wildcards)[key] for key in keys}
+
+
 def bergson_hessian(wildcards):
     """The preconditioner folder a variant uses, or none."""
     _, side = parse_variant(wildcards.variant)

@@ -43,10 +43,27 @@ use rule kronfluence_scores as planted_kronfluence_scores with:
         "benchmarks/{run}/planted_kronfluence_scores_{strategy}_{shard}.tsv"
 
 
-use rule bergson_scores as planted_bergson_scores with:
+use rule bergson_index as planted_bergson_index with:
     input:
         model="results/{run}/adapter",
         train="results/{run}/validation/planted/tokens",
+    output:
+        directory("results/{run}/validation/planted/bergson/index/shard-{shard}"),
+    wildcard_constraints:
+        shard="0",
+    params:
+        shards=1,
+        bergson=bergson_settings(*BERGSON_GRADIENT_KEYS),
+        code=code_hash("bergson_attribution", "modeling", "tables", "io"),
+    log:
+        "logs/{run}/planted_bergson_index_{shard}.log",
+    benchmark:
+        "benchmarks/{run}/planted_bergson_index_{shard}.tsv"
+
+
+use rule bergson_scores as planted_bergson_scores with:
+    input:
+        index="results/{run}/validation/planted/bergson/index/shard-{shard}",
         query="results/{run}/data/tokens/query",
         reduced="results/{run}/bergson/query/{variant}",
         per_query="results/{run}/bergson/query/per_query",
@@ -57,9 +74,8 @@ use rule bergson_scores as planted_bergson_scores with:
         variant=VARIANT_PATTERN,
         shard="0",
     params:
-        shards=1,
-        bergson=lambda wc: bergson_cfg(wc),
-        code=code_hash("bergson_attribution", "modeling", "tables", "io"),
+        bergson=bergson_settings("damping_factor"),
+        code=code_hash("bergson_attribution", "tables", "io"),
     log:
         "logs/{run}/planted_bergson_scores_{variant}_{shard}.log",
     benchmark:
