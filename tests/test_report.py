@@ -144,7 +144,8 @@ def test_per_token_scores_are_drawn_on_the_tokens(tmp_path):
     datasets.Dataset.from_dict({"row_id": [f"t{i}" for i in range(8)],
                                 "input_ids": [[1, 2, 3]] * 8}).save_to_disk(str(tmp_path / "tokens"))
     influences = pd.read_csv(paths["influences"])
-    influences["per_token_scores"] = [json.dumps([0.0, -s, 2 * s]) if m == "ekfac" else None
+    # positions 0, 1, 2: position t's loss predicts token t+1, and nothing follows the last token
+    influences["per_token_scores"] = [json.dumps([2 * s, -s, 0.0]) if m == "ekfac" else None
                                       for m, s in zip(influences.method, influences.influence_score)]
     influences.to_csv(paths["influences"], index=False)
     out = build_report(query_csv=paths["query"], train_csv=paths["train"], influences_csv=paths["influences"],
@@ -153,7 +154,10 @@ def test_per_token_scores_are_drawn_on_the_tokens(tmp_path):
     page = out["index.html"].read_text()
     # three top rows for each of three queries, each drawn as its three tokens
     assert page.count("Per-token scores of") == 9
-    assert re.search(r'<span class="tok" style="background:rgba\(0,150,60,1.00\)" title="[^"]+">honey</span>', page)
+    # each score drawn on the token its position predicts: ":" (position 0's), "honey" (position 1's)
+    assert re.search(r'<span class="tok" title="first token: no prediction">GUESS</span>'
+                     r'<span class="tok" style="background:rgba\(\d+,\d+,\d+,1.00\)" title="[^"]+">:</span>'
+                     r'<span class="tok" style="background:rgba\(\d+,\d+,\d+,0.50\)" title="[^"]+">honey</span>', page)
     assert "per-token scores</td><td>ekfac" in page
 
 

@@ -66,3 +66,31 @@ def test_no_row_fits_is_an_error_and_leaves_nothing(demo_tables, tiny_model_dir,
     with pytest.raises(DataError, match="no row fits in max_length=4"):
         tokenize_table(out / "query.parquet", tiny_model_dir, tmp_path / "tokens", max_length=4, mode="chat")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_duplicates_are_found_on_text_and_on_tokens_whatever_their_metadata(demo_tables, demo_tokens):
+    """The demo's training rows repeat episodes under other metadata (the planted copy's text is a query's; the
+    synthetic games repeat clue pairs): both stages report the same groups, counted independently here."""
+    import json
+
+    import datasets
+    import pandas as pd
+
+    from playpen_attribution.tokenization import read_tokens_report
+
+    out, report = demo_tables
+    frame = pd.read_parquet(out / "train.parquet")
+    as_text = lambda value: json.dumps(value if isinstance(value, str) else list(map(dict, value)))  # noqa: E731
+    text = frame.prompt.map(as_text) + "\x00" + frame.completion.map(as_text)
+    expected = int(text.duplicated().sum())
+    assert expected > 0  # the check can fail: the sample has rows whose text repeats
+    assert report["train"]["duplicates"]["rows_repeating_an_earlier_row"] == expected
+    groups = {tuple(g) for g in report["train"]["duplicates"]["groups"]}
+    for group in groups:  # every group really is one text, under different row ids
+        assert text[frame.row_id.isin(group)].nunique() == 1
+    # the tokens: the same rows, found from input ids and labels alone
+    tokens = datasets.load_from_disk(str(demo_tokens / "train"))
+    pairs = pd.Series([json.dumps([i, l]) for i, l in zip(tokens["input_ids"], tokens["labels"])])
+    tokenized = read_tokens_report(demo_tokens / "train")["duplicates"]
+    assert tokenized["rows_repeating_an_earlier_row"] == int(pairs.duplicated().sum()) == expected
+    assert {tuple(g) for g in tokenized["groups"]} == groups

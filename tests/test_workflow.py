@@ -344,3 +344,13 @@ def test_bad_filter_fails_clearly_and_leaves_no_output(tmp_path):
 def test_lint_is_clean(tmp_path):
     proc = snakemake(tmp_path, "--lint")
     assert "Congratulations, your workflow is in a good condition!" in proc.stdout + proc.stderr
+
+
+def test_a_bergson_key_reruns_only_the_stages_that_read_it(demo_workdir):
+    """Each Bergson rule is given exactly the keys it reads: damping acts where a preconditioner is inverted (the
+    mixed variant's reduce and scores), never on the gradients, the preconditioners' fit, the index or the plain
+    cosine variant."""
+    path = overlay(demo_workdir, "damping", {"demo": {"attribution": {"bergson": {"damping_factor": 0.2}}}})
+    jobs = planned_jobs(snakemake(demo_workdir, *DEMO_TARGETS, "-n", "--configfile", path))
+    assert jobs == {"bergson_reduce": 1, "bergson_scores": 2, "planted_bergson_scores": 1, "merge_influences": 1,
+                    "merge_train_scores": 1, "planted_audit": 1, "lds": 1, "memory_plan": 1, "report": 1}

@@ -227,7 +227,8 @@ def score_shard_stage(index_dir, query_tokens_dir, reduced_dir, query_gradients_
     query_ids = list(datasets.load_from_disk(str(query_tokens_dir))["row_id"])
     train_ids = json.loads((index_dir / INDEX_ROWS).read_text())["row_ids"]
     attributor = Attributor(index_dir, device=device, dtype=dtype, unit_norm=unit_normalize,
-                            inversion_cfg=InversionConfig(damping_factor=settings["damping_factor"]),
+                            inversion_cfg=InversionConfig(damping_factor=settings["damping_factor"]) if hessian_dir
+                            else None,
                             hessian_path=str(Path(hessian_dir).resolve()) if hessian_dir else None)
     for folder, what in ((query_gradients_dir, "The per-query gradients"), (reduced_dir, "The reduced query")):
         attributor.processor.check_saved_projection(Path(folder), what)

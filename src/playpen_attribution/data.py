@@ -264,11 +264,24 @@ def prepare_split(cfg: dict, out_rows: str | Path, out_report: str | Path) -> di
     """Write one split's table as parquet and a report of what each step kept (`cfg` from `split_config`)."""
     prepare = prepare_json if cfg["source"]["kind"] == "json" else prepare_playpen
     frame, report = prepare(cfg)
-    report["duplicate_content"] = int(frame["content_hash"].duplicated().sum())
+    # the same episode text under other metadata (another experiment, model or task id) is still a duplicate
+    # for attribution: compare what is trained on, prompt and completion, not the whole row
+    report["duplicates"] = duplicate_groups(frame["row_id"], [content_hash([p, c]) for p, c in
+                                                              zip(frame["prompt"], frame["completion"])])
     write_parquet_atomic(frame, out_rows)
     write_json_atomic(report, out_report)
     log.info("%s: %s", out_rows, report["counts"])
     return report
+
+
+def duplicate_groups(row_ids, keys) -> dict:
+    """Rows whose key (a hash of their text or tokens) repeats another row's: the groups of ids (first 100) and the
+    number of rows that repeat an earlier one."""
+    groups: dict = collections.defaultdict(list)
+    for row_id, key in zip(row_ids, keys):
+        groups[key].append(row_id)
+    repeated = [ids for ids in groups.values() if len(ids) > 1]
+    return {"rows_repeating_an_earlier_row": sum(len(ids) - 1 for ids in repeated), "groups": repeated[:100]}
 
 
 def read_rows(path: str | Path) -> list[dict]:

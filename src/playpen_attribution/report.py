@@ -278,10 +278,15 @@ def token_strings(train_tokens_dir, tokenizer_file, train_ids: set[str]) -> dict
 
 
 def _token_html(tokens: list[str], scores: list[float]) -> str:
-    """Tokens tinted by score: green helpful, red harmful, scaled to the row's largest magnitude."""
+    """Tokens tinted by score: green helpful, red harmful, scaled to the row's largest magnitude.
+
+    The score at position t comes from the gradients at t, whose loss term predicts token t+1: it is drawn on
+    token t+1 (the token whose prediction it is about). The first token is predicted by nothing and stays
+    untinted; the last position has no next token, and its score (about 0: no loss flows through it) is not drawn.
+    """
     scale = max((abs(s) for s in scores), default=0.0) or 1.0
-    spans = []
-    for token, score in zip(tokens, scores):
+    spans = [f'<span class="tok" title="first token: no prediction">{html.escape(tokens[0])}</span>'] if tokens else []
+    for token, score in zip(tokens[1:], scores):
         alpha = min(1.0, abs(score) / scale)
         colour = f"rgba(0,150,60,{alpha:.2f})" if score >= 0 else f"rgba(200,30,30,{alpha:.2f})"
         spans.append(f'<span class="tok" style="background:{colour}" title="{score:.3g}">'

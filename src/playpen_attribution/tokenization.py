@@ -89,6 +89,8 @@ def tokenize_rows(rows: list[dict], tokenizer, max_length: int, mode: str):
     """Tokenize rows ({row_id, prompt, completion}) into a `datasets.Dataset`, plus a report of skips."""
     import datasets
 
+    from playpen_attribution.data import content_hash, duplicate_groups
+
     columns: dict[str, list] = {k: [] for k in ("row_id", "input_ids", "attention_mask", "labels",
                                                 "n_prompt_tokens", "n_completion_tokens",
                                                 "n_prompt_tokens_truncated")}
@@ -127,7 +129,13 @@ def tokenize_rows(rows: list[dict], tokenizer, max_length: int, mode: str):
         "render": mode,
         "longest_sequence": max(lengths, default=0),
         "longest_completion": max(columns["n_completion_tokens"], default=0),
+        # token-identical rows (input ids and labels): what every method sees as the same example
+        "duplicates": duplicate_groups(columns["row_id"], [content_hash([i, l]) for i, l in
+                                                           zip(columns["input_ids"], columns["labels"])]),
     }
+    if report["duplicates"]["groups"]:
+        log.warning("%d row(s) are token-identical to an earlier row, e.g. %s",
+                    report["duplicates"]["rows_repeating_an_earlier_row"], report["duplicates"]["groups"][:3])
     if skipped:
         log.warning("%d row(s) skipped because their completion does not fit in max_length=%d: %s",
                     len(skipped), max_length, [s["row_id"] for s in skipped[:10]])

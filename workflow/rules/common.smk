@@ -232,7 +232,15 @@ BERGSON_GRADIENT_KEYS = ("precision", "projection_dim", "seed", "token_batch_siz
 
 
 def bergson_settings(*keys):
-    return lambda wildcards: {key: bergson_cfg(wildcards)[key] for key in keys}
+    """The named keys of the run's Bergson settings; `damping_factor` only for a variant with a preconditioner
+    (nothing else inverts one)."""
+
+    def settings(wildcards):
+        variant = getattr(wildcards, "variant", None)
+        unused = {"damping_factor"} if variant and parse_variant(variant)[1] is None else set()
+        return {key: bergson_cfg(wildcards)[key] for key in keys if key not in unused}
+
+    return settings
 
 
 def bergson_hessian(wildcards):
