@@ -26,6 +26,15 @@ VARIANT = "cosine"
 
 
 def main() -> None:
+    from contextlib import ExitStack
+
+    with ExitStack() as stack:
+        run(stack)
+
+
+def run(stack) -> None:
+    from playpen_attribution.modeling import adapter_view_with_absolute_base
+
     args, workdir = bench_arguments(__doc__, 3, "bench-bergson-")
     paths = demo_paths(workdir)
     settings = demo_settings()
@@ -35,7 +44,9 @@ def main() -> None:
     snakemake(workdir, "--cores", "2", *targets)
 
     bergson_cli = [str(Path(sys.executable).parent / "bergson")]
-    common = ["--model", str(paths["adapter"].resolve()), "--token_batch_size", str(bergson["token_batch_size"]),
+    # the adapter names its base relative to itself (a portable run); Bergson resolves it from the working directory
+    view = stack.enter_context(adapter_view_with_absolute_base(paths["adapter"]))
+    common = ["--model", str(view), "--token_batch_size", str(bergson["token_batch_size"]),
               "--projection_dim", str(bergson["projection_dim"]),
               "--nodrop_columns", "--unit_normalize", "True", "--overwrite", "True"]
     scratch = Path(tempfile.mkdtemp(prefix="bench-bergson-cli-"))

@@ -101,6 +101,8 @@ with tempfile.TemporaryDirectory() as out:
 
 
 def main() -> None:
+    from playpen_attribution.modeling import adapter_view_with_absolute_base
+
     args, workdir = bench_arguments(__doc__, 3, "bench-kronfluence-", extra=lambda parser: parser.add_argument(
         "--strategy", default="ekfac", choices=["diagonal", "kfac", "ekfac"]))
     paths = demo_paths(workdir)
@@ -120,9 +122,11 @@ def main() -> None:
     timings = {"bare": [], "package": [], "workflow": []}
     for repeat in range(args.repeats):
         print(f"repeat {repeat + 1}/{args.repeats}", flush=True)
-        timings["bare"].append(timed(
-            [sys.executable, "-c", BARE, str(adapter), str(train_dir), str(query_dir), args.strategy,
-             str(kf["covariance_batch_size"]), str(kf["lambda_batch_size"]), str(kf["train_batch_size"])]))
+        # the adapter names its base relative to itself (a portable run); PEFT's loader wants a path it can open
+        with adapter_view_with_absolute_base(adapter) as view:
+            timings["bare"].append(timed(
+                [sys.executable, "-c", BARE, str(view), str(train_dir), str(query_dir), args.strategy,
+                 str(kf["covariance_batch_size"]), str(kf["lambda_batch_size"]), str(kf["train_batch_size"])]))
         timings["package"].append(timed(
             [sys.executable, "-c", PACKAGE, str(adapter), str(train_dir), str(query_dir), args.strategy,
              json.dumps(settings)]))
