@@ -24,7 +24,7 @@ def tokens(demo_tokens):
 def factors(demo_adapter, demo_tokens, tmp_path_factory):
     root = tmp_path_factory.mktemp("factors")
     return {s: fit_factors(str(demo_adapter), demo_tokens / "train", root / s, strategy=s, modules="lora") and root / s
-            for s in ("identity", "ekfac")}
+            for s in ("identity", "kfac", "ekfac")}
 
 
 def test_identity_scores_are_exact_gradient_dot_products(demo_adapter, factors, tokens):
@@ -36,6 +36,26 @@ def test_identity_scores_are_exact_gradient_dot_products(demo_adapter, factors, 
     expected = (g_query.double() @ g_train.double().T).numpy()
     assert scores.shape == (4, 10)
     np.testing.assert_allclose(scores, expected, rtol=2e-3, atol=1e-3 * np.abs(expected).max())
+
+
+@pytest.mark.parametrize("strategy", ["kfac", "ekfac"])
+def test_kfac_and_ekfac_tend_to_gradient_dot_products_over_damping_as_damping_grows(demo_adapter, factors, tokens,
+                                                                                    strategy):
+    """(F + lambda I)^-1 -> I / lambda: with damping far above every factor eigenvalue, damping x score equals the exact
+    gradient dot product; with the fitted curvature (small damping) it does not, so the factors are applied."""
+    query, train = tokens
+    query, train = query.select(range(4)), train.select(range(10))
+    g_query, _, _ = independent_gradients(demo_adapter, query)
+    g_train, _, _ = independent_gradients(demo_adapter, train)
+    expected = (g_query.double() @ g_train.double().T).numpy()
+    # 1e5 x the largest squared per-row gradient norm: far above the factors' eigenvalues
+    damping = 1e5 * float(g_train.double().pow(2).sum(dim=1).max())
+    large = score_pairs(str(demo_adapter), factors[strategy], query, train, damping_factor=damping)["scores"]
+    np.testing.assert_allclose(large * damping, expected, rtol=1e-3, atol=1e-4 * np.abs(expected).max())
+    small = score_pairs(str(demo_adapter), factors[strategy], query, train, damping_factor=None)["scores"]
+    cosine = (small * expected).sum() / np.linalg.norm(small) / np.linalg.norm(expected)
+    # (0.68 for K-FAC, 0.63 for EK-FAC here) the curvature changes the scores' direction, not only their scale
+    assert cosine < 0.95, cosine
 
 
 def test_sign_one_sgd_step_on_the_top_row_lowers_the_query_loss(demo_adapter, factors, tokens):
