@@ -60,3 +60,22 @@ def test_shipped_config_is_valid_and_roles_are_separate():
     assert "tiny" in cfg["runs"]["demo"]["model"] and "path" in cfg["runs"]["demo"]["data"]["source"]
     raw = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
     assert raw["runs"]["demo"]["data"]["source"]["path"] == "resources/playpen-sample"
+
+
+def test_conda_environment_lists_exactly_the_pyproject_dependencies():
+    """`--sdm conda` jobs run in envs/playpen-attribution.yaml: the same requirements as the uv environment."""
+    import tomllib
+
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
+    env = yaml.safe_load((REPO / "envs" / "playpen-attribution.yaml").read_text())
+    pip = next(item["pip"] for item in env["dependencies"] if isinstance(item, dict))
+    assert sorted(r for r in pip if not r.startswith("-e")) == sorted(r.replace(" ", "") for r in project)
+
+
+def test_the_package_carries_its_schema():
+    """Validation works from an installed package, not only from this checkout."""
+    from pathlib import Path
+
+    from playpen_attribution import config
+
+    assert config.SCHEMA_PATH.parent == Path(config.__file__).resolve().parent and config.SCHEMA_PATH.is_file()
