@@ -10,7 +10,7 @@ the wall time is process starts, imports, model loading for training, data copie
 
 from __future__ import annotations
 
-import json
+import re
 import statistics
 import sys
 from pathlib import Path
@@ -22,10 +22,14 @@ TARGET = f"results/{RUN}/validation/lds.csv"
 
 
 def inside_seconds(workdir: Path) -> tuple[float, float, int]:
-    lds = workdir / "results" / RUN / "validation" / "lds"
-    train = [s for folder in sorted(lds.glob("retrain-*"))
-             for s in json.loads((folder / "subsets.json").read_text())["train_seconds"].values()]
-    losses = json.loads((lds / "query_losses.json").read_text())["loss_seconds"].values()
+    """Trainer and query-loss seconds, from the `time: ...` lines the LDS stages write into their logs."""
+    logs = workdir / "logs" / RUN
+    times = {}
+    for log in [*logs.glob("lds_retrain_*.log"), logs / "lds_losses.log"]:
+        for what, seconds in re.findall(r"time: (.*): ([\d.]+) s", log.read_text()):
+            times[what] = float(seconds)
+    train = [s for what, s in times.items() if what.startswith("training subset")]
+    losses = [s for what, s in times.items() if what.startswith("query losses subset")]
     return sum(train), sum(losses), len(train)
 
 

@@ -177,6 +177,7 @@ def test_ekfac_lds_beats_random_scores_by_more_than_twice_the_intervals(demo_wor
     for batch in (0, 1):
         folder = validation / "lds" / f"retrain-{batch}"
         record = json.loads((folder / "subsets.json").read_text())
+        assert set(record) == {"fraction", "seed", "subsets"}  # no timings: the same inputs give the same bytes
         subsets.update(record["subsets"])
         # only the adapters and their record: no trainer scratch or token copies left behind
         assert {p.name for p in folder.iterdir()} - {".snakemake_timestamp"} == {

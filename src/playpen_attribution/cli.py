@@ -1,4 +1,4 @@
-"""The first seed's command-line tools, `fit-hessians` and `run-query`, on the package's functions.
+"""The if-query command-line tools, `fit-hessians` and `run-query`, on the package's functions.
 
 Flags and defaults are the seed README's. `--model` takes a hub id or a local folder, a LoRA adapter
 folder included (then the adapter's LoRA layers are tracked; otherwise the seed's MLP rule applies).

@@ -3,7 +3,7 @@
 Two kinds of source:
 - playpen: `colab-potsdam/playpen-data` (config `interactions`) from the hub at a revision, or a local
   folder of the same shape; rows have `messages` and `meta`.
-- json: the first seed's `train.json` / `query.json` (pair_id, prompt, completion, extra fields).
+- json: the if-query tools' `train.json` / `query.json` (pair_id, prompt, completion, extra fields).
 
 Row ids are assigned on the raw split before any filter (`train-000042`), so they do not change
 when a filter changes; a content hash beside each id tells when the upstream data drifted.
@@ -201,7 +201,7 @@ def prepare_playpen(cfg: dict) -> tuple[pd.DataFrame, dict]:
 
 
 # ----------------------------------------------------------------------------------------------
-# the first seed's JSON source
+# the if-query tools' JSON source
 # ----------------------------------------------------------------------------------------------
 def load_pair_json(path: str | Path) -> pd.DataFrame:
     """Read the seed's train.json/query.json: a list of {pair_id, prompt, completion, ...extra}."""

@@ -5,7 +5,7 @@ summed completion cross-entropy with respect to the tracked modules and H the st
 approximation (identity, diagonal, K-FAC, EK-FAC). Positive = helpful: a gradient step on t lowers q's loss.
 
 Factors live in `<factors_dir>/influence/factors_<strategy>_<n>/` beside `<factors_dir>/metadata.json`
-(the first seed's layout). The metadata says which model, adapter weights, modules and data they were
+(the if-query tools' layout). The metadata says which model, adapter weights, modules and data they were
 fitted on; scoring with factors from another model is refused with the differences named.
 """
 
@@ -34,7 +34,7 @@ log = logging.getLogger(__name__)
 
 STRATEGIES = ("identity", "diagonal", "kfac", "ekfac")
 ANALYSIS_NAME = "influence"
-MLP_MODULE_PATTERN = re.compile(r".*mlp.*(proj|dense|fc).*")  # the first seed's rule
+MLP_MODULE_PATTERN = re.compile(r".*mlp.*(proj|dense|fc).*")  # the if-query tools' rule
 LAYER_PATTERN = re.compile(r"\.layers\.(\d+)\.")
 
 
@@ -60,7 +60,7 @@ def model_identity(model_ref: str, revision: str | None) -> dict:
 def select_modules(model, kind: str, layer_stride: int = 1) -> list[str]:
     """Names of the Linear modules to track.
 
-    `lora`: the adapter's lora_A/lora_B layers. `mlp`: the first seed's rule, every Linear whose name
+    `lora`: the adapter's lora_A/lora_B layers. `mlp`: the if-query tools' rule, every Linear whose name
     matches `.*mlp.*(proj|dense|fc).*` (LoRA sublayers excluded). Either way a module whose name holds
     a layer index is kept when index % layer_stride == 0; one without an index is always kept.
     """

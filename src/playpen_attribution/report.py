@@ -227,7 +227,7 @@ def plain_counterpart(method: str, methods) -> str | None:
 
 
 def preconditioner_stability(agree: pd.DataFrame, methods) -> pd.DataFrame:
-    """The second seed's question in one table: how stable are rankings with and without the preconditioner."""
+    """The playpen guide's question in one table: how stable are rankings with and without the preconditioner."""
     pairs = [(m, plain_counterpart(m, methods)) for m in methods]
     rows = []
     for with_, without in pairs:

@@ -1,5 +1,5 @@
 """Everything after the score shards, for every method family: the queries' losses (the one stage here that
-loads a model, a GPU rule of its own) and the merge of the shards into the first seed's three CSVs.
+loads a model, a GPU rule of its own) and the merge of the shards into the if-query tools' three CSVs.
 
 The merge reads tables and arrays only and never imports torch, so it runs as a small CPU job. It is written
 for the real size (300 queries x 2,000 rows x several methods, optional per-token scores): `influences.csv`

@@ -20,6 +20,15 @@ def log_gradient_pass(dataset_dir, rows: int, tokens: int, purpose: str) -> None
           flush=True)
 
 
+# Times a benchmark wants to tell apart (training, losses) go to the log, never into an artifact: artifacts stay
+# byte-identical between runs of the same inputs.
+TIME_LINE = "time: {what}: {seconds:.3f} s"
+
+
+def log_time(what: str, seconds: float) -> None:
+    print(TIME_LINE.format(what=what, seconds=seconds), file=sys.stderr, flush=True)
+
+
 def token_count(dataset) -> int:
     return sum(map(len, dataset["input_ids"]))
 

@@ -1,4 +1,4 @@
-"""Scores in shards, and the first seed's three CSVs: query.csv, train.csv, influences.csv.
+"""Scores in shards, and the if-query tools' three CSVs: query.csv, train.csv, influences.csv.
 
 `query.csv`: query_id, prompt, completion, loss, extra fields. `train.csv`: train_id, prompt, completion,
 extra fields. `influences.csv`: query_id, train_id, influence_score (positive = helpful), optional

@@ -5,7 +5,7 @@ end-of-turn marker). Two renderings behind one function:
 - `chat`: the model's chat template, exactly as TRL's SFTTrainer renders a conversational
   prompt/completion pair (prompt with the generation prompt, then prompt + completion; the completion
   starts where the two diverge). A string prompt/completion is wrapped as one user and one assistant turn.
-- `plain`: the first seed's form: prompt tokens + completion tokens + EOS, no special tokens.
+- `plain`: the if-query tools' form: prompt tokens + completion tokens + EOS, no special tokens.
 
 Over-long rows lose tokens from the left of the prompt (a leading BOS is kept). A row whose completion
 alone cannot fit is not tokenized; it is listed in the report with its lengths.

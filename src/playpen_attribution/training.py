@@ -56,8 +56,6 @@ def train_adapter(
     max_length: int,
     dtype: str = "auto",
     base_model_source: dict | None = None,
-    query_tokens_dir: str | Path | None = None,
-    work_dir: str | Path | None = None,
 ):
     """Train a LoRA adapter and write it atomically to `output_dir`; return the trained PEFT model."""
     import datasets
@@ -76,9 +74,6 @@ def train_adapter(
                                                  attn_implementation="eager")
     tokens = datasets.load_from_disk(str(train_tokens_dir))
     train_dataset = tokens.select_columns(["input_ids", "labels"])
-    eval_dataset = None
-    if query_tokens_dir is not None:
-        eval_dataset = datasets.load_from_disk(str(query_tokens_dir)).select_columns(["input_ids", "labels"])
 
     peft_config = LoraConfig(
         r=lora["r"],
@@ -88,13 +83,13 @@ def train_adapter(
         task_type="CAUSAL_LM",
     )
     output_dir = Path(output_dir)
-    scratch = Path(work_dir) if work_dir else output_dir.parent / f".{output_dir.name}.trainer"
+    # the trainer's own folder (checkpoints are off): a hidden sibling, removed once the adapter is written
+    scratch = output_dir.parent / f".{output_dir.name}.trainer"
     args = SFTConfig(
         output_dir=str(scratch),
         num_train_epochs=training["epochs"],
         learning_rate=training["learning_rate"],
         per_device_train_batch_size=training["batch_size"],
-        per_device_eval_batch_size=training["batch_size"],
         gradient_accumulation_steps=training["gradient_accumulation"],
         warmup_steps=float(training["warmup_ratio"]),  # transformers 5: a float in [0, 1) is a ratio
         weight_decay=training["weight_decay"],
@@ -116,7 +111,6 @@ def train_adapter(
         model=model,
         args=args,
         train_dataset=train_dataset,
-        eval_dataset=eval_dataset,
         processing_class=tokenizer,
         peft_config=peft_config,
     )
@@ -126,8 +120,6 @@ def train_adapter(
                            "the tokenization should have made every row fit")
     result = trainer.train()
     metrics = dict(result.metrics)
-    if eval_dataset is not None:
-        metrics.update(trainer.evaluate())
     model = trainer.model
     model.eval()
 
@@ -156,12 +148,11 @@ def train_adapter(
         adapter_config["base_model_name_or_path"] = base_path
         config_path.write_text(json.dumps(adapter_config, indent=2, sort_keys=True) + "\n")
         tokenizer.save_pretrained(str(tmp))
-        # PEFT writes no config.json; Bergson calls AutoConfig on the adapter folder (second seed's workaround).
+        # PEFT writes no config.json; Bergson calls AutoConfig on the adapter folder (the playpen guide's workaround).
         model.get_base_model().config.save_pretrained(str(tmp))
         write_json_atomic(manifest, Path(tmp) / "manifest.json")
-    if not work_dir:
-        import shutil
+    import shutil
 
-        shutil.rmtree(scratch, ignore_errors=True)
+    shutil.rmtree(scratch, ignore_errors=True)
     log.info("adapter written to %s; metrics %s", output_dir, metrics)
     return model

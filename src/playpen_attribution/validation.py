@@ -15,6 +15,7 @@ import numpy as np
 import pandas as pd
 
 from playpen_attribution.io import atomic_path, write_csv_atomic, write_json_atomic
+from playpen_attribution.stage import log_time
 
 log = logging.getLogger(__name__)
 
@@ -137,7 +138,7 @@ def lds_retrain_stage(base_model_dir, train_tokens_dir, out_dir, *, subsets: lis
     ids = list(train["row_id"])
     index = {row_id: i for i, row_id in enumerate(ids)}
     with atomic_path(out_dir, directory=True) as tmp:
-        record = {"fraction": fraction, "seed": seed, "subsets": {}, "train_seconds": {}}
+        record = {"fraction": fraction, "seed": seed, "subsets": {}}
         for subset in subsets:
             rows = lds_subset_rows(ids, subset, fraction, seed)
             tokens = Path(tmp) / f".tokens-{subset}"
@@ -148,7 +149,7 @@ def lds_retrain_stage(base_model_dir, train_tokens_dir, out_dir, *, subsets: lis
             record["subsets"][str(subset)] = rows
             # the trainer's own time, so a benchmark can tell training from process start and I/O
             manifest = json.loads((Path(tmp) / f"subset-{subset}" / "manifest.json").read_text())
-            record["train_seconds"][str(subset)] = manifest["metrics"]["train_runtime"]
+            log_time(f"training subset {subset}", manifest["metrics"]["train_runtime"])
             log.info("subset %d: adapter trained on %d of %d rows", subset, len(rows), len(ids))
         write_json_atomic(record, Path(tmp) / "subsets.json")
 
@@ -160,13 +161,13 @@ def lds_losses_stage(retrain_dirs: list, query_tokens_dir, out_json, *, dtype: s
     from playpen_attribution.scores import query_losses
 
     query = datasets.load_from_disk(str(query_tokens_dir))
-    result = {"query_ids": list(query["row_id"]), "subsets": {}, "loss_seconds": {}}
+    result = {"query_ids": list(query["row_id"]), "subsets": {}}
     for folder in retrain_dirs:
         record = json.loads((Path(folder) / "subsets.json").read_text())
         for subset, rows in record["subsets"].items():
             start = time.perf_counter()
             losses = query_losses(str(Path(folder) / f"subset-{subset}"), query, dtype=dtype)
-            result["loss_seconds"][subset] = time.perf_counter() - start
+            log_time(f"query losses subset {subset}", time.perf_counter() - start)
             result["subsets"][subset] = {"row_ids": rows, "query_losses": losses}
     write_json_atomic(result, out_json)
 

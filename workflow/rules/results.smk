@@ -1,4 +1,4 @@
-# The user-facing tables: every method's shards merged into the first seed's three CSVs, and Bergson's
+# The user-facing tables: every method's shards merged into the if-query tools' three CSVs, and Bergson's
 # reduced-query scores into one ranked score per training row and variant.
 
 
