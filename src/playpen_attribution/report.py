@@ -169,13 +169,13 @@ def top_and_bottom(methods: dict[str, MethodScores], query_ids: list[str], train
 
 def spearman(a: np.ndarray, b: np.ndarray) -> float:
     """Spearman correlation over the rows both methods scored (NaN if fewer than 3 or constant)."""
+    from scipy.stats import spearmanr
+
     both = ~(np.isnan(a) | np.isnan(b))
-    if both.sum() < 3:
+    a, b = a[both], b[both]
+    if len(a) < 3 or np.ptp(a) == 0 or np.ptp(b) == 0:  # scipy warns and returns NaN on constant input
         return float("nan")
-    ra, rb = pd.Series(a[both]).rank().to_numpy(), pd.Series(b[both]).rank().to_numpy()
-    if ra.std() == 0 or rb.std() == 0:
-        return float("nan")
-    return float(np.corrcoef(ra, rb)[0, 1])
+    return float(spearmanr(a, b).statistic)
 
 
 def topk_overlap(a: np.ndarray, b: np.ndarray, k: int) -> float:
@@ -192,7 +192,9 @@ def mean_and_halfwidth(values: list[float]) -> tuple[float, float]:
     x = np.asarray([v for v in values if np.isfinite(v)])
     if len(x) == 0:
         return float("nan"), float("nan")
-    half = 1.96 * x.std(ddof=1) / np.sqrt(len(x)) if len(x) > 1 else float("nan")
+    from scipy.stats import sem
+
+    half = 1.96 * sem(x) if len(x) > 1 else float("nan")
     return float(x.mean()), float(half)
 
 
