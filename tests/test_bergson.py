@@ -39,13 +39,21 @@ def prepared(demo_adapter, small, tmp_path_factory):
     return root
 
 
+def reduced_query(demo_adapter, small, prepared, variant):
+    """The variant's reduced query, built once."""
+    _, side = ba.parse_variant(variant)
+    reduced = prepared / "reduced" / variant
+    if not reduced.exists():
+        ba.reduce_stage(demo_adapter, small / "query", reduced, variant, prepared / "hessian" / side if side else None,
+                        SETTINGS)
+    return reduced
+
+
 def score(demo_adapter, small, prepared, variant, out, shard=0, shards=1):
     """Reduce and index (each once), then score one shard from its index; returns the shard file's path."""
     _, side = ba.parse_variant(variant)
     hessian = prepared / "hessian" / side if side else None
-    reduced = prepared / "reduced" / variant
-    if not reduced.exists():
-        ba.reduce_stage(demo_adapter, small / "query", reduced, variant, hessian, SETTINGS)
+    reduced = reduced_query(demo_adapter, small, prepared, variant)
     index = prepared / "index" / f"{shard}-of-{shards}"
     if not index.exists():
         ba.index_stage(demo_adapter, small / "train", index, shard=shard, shards=shards, settings=SETTINGS)
@@ -200,3 +208,20 @@ def test_preconditioned_variants_equal_an_explicit_computation_from_exact_gradie
     if kind == "cosine":  # H^-1 on both sides where H^-1/2 belongs is told apart
         wrong = explicit_preconditioned_scores(g_query, g_train, sizes, "cosine", SETTINGS["damping_factor"], -1.0)
         assert np.abs(result["scores"] - wrong).max() > 50 * 2e-4 * scale
+
+
+def test_a_row_bergson_gives_no_gradient_is_reported_unscored_not_zero(demo_adapter, small, prepared, tmp_path):
+    """A one-token row has no next-token loss: its index row stays zero, and the scores say NaN for it."""
+    rows = datasets.load_from_disk(str(small / "train")).select(range(3))
+    short = rows.select([0]).map(lambda r: {"row_id": "one-token", "input_ids": r["input_ids"][:1],
+                                            "attention_mask": r["attention_mask"][:1],
+                                            "labels": r["input_ids"][:1]})
+    tokens = tmp_path / "tokens"
+    datasets.concatenate_datasets([rows, short]).save_to_disk(str(tokens))
+    ba.index_stage(demo_adapter, tokens, tmp_path / "index", shard=0, shards=1, settings=SETTINGS)
+    ba.score_shard_stage(tmp_path / "index", small / "query", reduced_query(demo_adapter, small, prepared, "cosine"),
+                         prepared / "per_query", None, tmp_path / "s.npz", variant="cosine", settings=SETTINGS)
+    result = load_shards([tmp_path / "s.npz"])
+    assert result["train_ids"][-1] == "one-token"
+    assert np.isnan(result["scores"][:, -1]).all() and np.isnan(result["reduced"][-1])
+    assert np.isfinite(result["scores"][:, :-1]).all() and np.isfinite(result["reduced"][:-1]).all()
