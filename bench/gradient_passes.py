@@ -23,6 +23,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 from common import RUN, bench_arguments, machine_line, snakemake  # noqa: E402
 
+from playpen_attribution.stage import token_count  # noqa: E402
+
 PASS = re.compile(r"gradient pass: (\d+) rows, (\d+) tokens of (\S+) \((.*)\)")
 ONE = ["ekfac", "bergson_cosine"]
 FOUR = ["ekfac", "bergson_cosine", "bergson_dot", "bergson_cosine_train", "bergson_cosine_mixed"]
@@ -70,7 +72,7 @@ def main() -> None:
     snakemake(workdir, "--cores", "2", f"results/{RUN}/adapter", f"results/{RUN}/data/tokens/train",
               f"results/{RUN}/data/tokens/query")
     train = datasets.load_from_disk(str(workdir / "results" / RUN / "data/tokens/train"))
-    train_tokens = sum(map(len, train["input_ids"]))
+    train_tokens = token_count(train)
     steps = [step(workdir, "fresh, 1 variant", ONE, train_tokens), step(workdir, "+ 3 variants", FOUR, train_tokens)]
     results = workdir / "results" / RUN
     for folder in ("bergson", "kronfluence"):
@@ -83,10 +85,11 @@ def main() -> None:
     print(f"\n{machine_line()}, {time.strftime('%Y-%m-%d')}")
     print(f"demo run: {len(train)} training rows ({train_tokens} tokens), {query_count(workdir)} queries, 2 shards; "
           f"passes over the training rows in units of the whole training set")
-    print(f"| step | wall s | " + " | ".join(purposes) + " |")
+    print("| step | wall s | " + " | ".join(purposes) + " |")
     print("|---|---:|" + "---:|" * len(purposes))
     for name, wall, counts in steps:
         print(f"| {name} | {wall:.1f} | " + " | ".join(f"{counts.get(p, 0):.2f}" for p in purposes) + " |")
+
 
 if __name__ == "__main__":
     main()

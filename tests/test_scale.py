@@ -5,7 +5,6 @@ refused before anything runs, logits only where the loss needs them, Bergson in 
 import json
 import subprocess
 import sys
-import textwrap
 
 import datasets
 import numpy as np

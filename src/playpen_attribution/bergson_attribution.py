@@ -85,14 +85,21 @@ def _index_config(run_path: Path, model, tokens_dir, settings: dict, split: str 
     )
 
 
+def _inversion(settings: dict, hessian_dir):
+    """How a preconditioner is inverted; damping is read only where there is one (gradient collections and plain
+    variants are not given it)."""
+    from bergson.config.config import InversionConfig
+
+    return InversionConfig(damping_factor=settings["damping_factor"]) if hessian_dir else InversionConfig()
+
+
 def _preprocess(settings: dict, unit_normalize: bool, hessian_dir, aggregation: str = "none"):
-    from bergson.config.config import InversionConfig, PreprocessConfig
+    from bergson.config.config import PreprocessConfig
 
     return PreprocessConfig(
         unit_normalize=unit_normalize,
         hessian_path=str(Path(hessian_dir).resolve()) if hessian_dir else None,
-        # damping matters only where a preconditioner is inverted (the gradient collections do not read it)
-        inversion_cfg=InversionConfig(damping_factor=settings["damping_factor"]) if hessian_dir else InversionConfig(),
+        inversion_cfg=_inversion(settings, hessian_dir),
         aggregation=aggregation,
     )
 
@@ -186,13 +193,13 @@ def index_stage(model_dir, train_tokens_dir, out_dir, *, shard: int, shards: int
 
     train = datasets.load_from_disk(str(train_tokens_dir))
     rows = shard_indices(len(train), shards, shard)
+    shard_rows = train.select(rows)
     _seed(settings)
     with _bergson_output(out_dir) as run_path, _bergson_model(model_dir) as model:
         Build(index_cfg=_index_config(run_path, model, train_tokens_dir, settings, split=_shard_split(rows)),
               preprocess_cfg=_preprocess(settings, False, None)).execute()
-        write_json_atomic({"row_ids": list(train.select(rows)["row_id"]), "shard": shard, "shards": shards},
+        write_json_atomic({"row_ids": list(shard_rows["row_id"]), "shard": shard, "shards": shards},
                           Path(run_path) / INDEX_ROWS)
-    shard_rows = train.select(rows)
     log_gradient_pass(train_tokens_dir, len(shard_rows), token_count(shard_rows), f"bergson index, shard {shard}")
 
 
@@ -215,7 +222,6 @@ def score_shard_stage(index_dir, query_tokens_dir, reduced_dir, query_gradients_
     gradients computed). `dot` applies H^-1 to the queries; `cosine` H^-1/2 to both sides, then unit norms."""
     import datasets
     import torch
-    from bergson.config.config import InversionConfig
     from bergson.data import load_gradients
     from bergson.query.attributor import Attributor
 
@@ -227,8 +233,7 @@ def score_shard_stage(index_dir, query_tokens_dir, reduced_dir, query_gradients_
     query_ids = list(datasets.load_from_disk(str(query_tokens_dir))["row_id"])
     train_ids = json.loads((index_dir / INDEX_ROWS).read_text())["row_ids"]
     attributor = Attributor(index_dir, device=device, dtype=dtype, unit_norm=unit_normalize,
-                            inversion_cfg=InversionConfig(damping_factor=settings["damping_factor"]) if hessian_dir
-                            else None,
+                            inversion_cfg=_inversion(settings, hessian_dir),
                             hessian_path=str(Path(hessian_dir).resolve()) if hessian_dir else None)
     for folder, what in ((query_gradients_dir, "The per-query gradients"), (reduced_dir, "The reduced query")):
         attributor.processor.check_saved_projection(Path(folder), what)

@@ -253,6 +253,7 @@ def fit_factors(
         analyzer = _analyzer(model, task, tmp)
         loader = _dataloader_kwargs(tokenizer)
         torch.manual_seed(seed)  # the true Fisher samples labels; seeded, the same inputs give the same factors
+        config, tokens = FactorConfig.CONFIGS[strategy], token_count(dataset)
         for stage, batch_size in (("fit_covariance_matrices", covariance_batch_size),
                                   ("fit_lambda_matrices", lambda_batch_size)):
             if stage == "fit_lambda_matrices":
@@ -260,10 +261,9 @@ def fit_factors(
                                                     overwrite_output_dir=True)
             getattr(analyzer, stage)(factors_name=name, dataset=TokenRows(dataset), per_device_batch_size=batch_size,
                                      dataloader_kwargs=loader, factor_args=factor_args, overwrite_output_dir=True)
-            config = FactorConfig.CONFIGS[strategy]
             if (config.requires_covariance_matrices if stage == "fit_covariance_matrices"
                     else config.requires_lambda_matrices):
-                log_gradient_pass(dataset_dir, len(dataset), token_count(dataset), f"kronfluence {stage}")
+                log_gradient_pass(dataset_dir, len(dataset), tokens, f"kronfluence {stage}")
         metadata = {
             **model_identity(model_ref, revision),
             "factors_name": name,
@@ -418,6 +418,7 @@ def score_shard_stage(model_dir, factors_dir, query_tokens_dir, train_tokens_dir
                          per_token=per_token, per_token_max_gb=per_token_max_gb, dtype=dtype,
                          damping_factor=damping_factor)
     # Kronfluence recomputes the training gradients once per query batch
+    tokens = token_count(train)
     for _ in range(math.ceil(len(query) / min(query_batch_size or len(query), len(query)))):
-        log_gradient_pass(train_tokens_dir, len(train), token_count(train), f"kronfluence scores, shard {shard}")
+        log_gradient_pass(train_tokens_dir, len(train), tokens, f"kronfluence scores, shard {shard}")
     save_shard(out_path, result["scores"], query["row_id"], train["row_id"], result["per_token"])

@@ -209,6 +209,7 @@ def stage_estimates(run: dict, arch: dict, lengths: dict, device: str) -> dict[s
     lora_params = sum(i * o for i, o in lora_shapes(arch, lora))
     runtime, copies = RUNTIME_GB[device], LOGIT_COPIES[device]
     seq = lengths["longest_sequence"]
+    rows_per_shard = math.ceil(lengths["train_rows"] / run["attribution"]["shards"])
     train = run["training"]
     attribution = run["attribution"]
     kf, bg = attribution["kronfluence"], attribution["bergson"]
@@ -244,7 +245,6 @@ def stage_estimates(run: dict, arch: dict, lengths: dict, device: str) -> dict[s
                                              batch(kf["covariance_batch_size"]), batch(kf["lambda_batch_size"]))
         queries = lengths["queries"]
         query_batch = min(kf["query_batch_size"] or queries, queries)
-        rows_per_shard = math.ceil(lengths["train_rows"] / attribution["shards"])
         score = {
             "runtime": runtime, "weights": weights, "factors": factors,
             "preconditioned query gradients": query_batch * gradient_floats * 4 * 2 / GB,
@@ -270,7 +270,6 @@ def stage_estimates(run: dict, arch: dict, lengths: dict, device: str) -> dict[s
         plans["bergson_query_gradients"] = {**token_batch, "gradients": lengths["queries"] * grad_floats * 4 / GB}
         plans["bergson_hessian"] = {**token_batch, "preconditioner": 2 * preconditioner}
         plans["bergson_reduce"] = {**token_batch, "preconditioner": 2 * preconditioner}
-        rows_per_shard = math.ceil(lengths["train_rows"] / attribution["shards"])
         # the index is written to disk as it is collected: the job holds the model and one token batch
         plans["bergson_index"] = plans["planted_bergson_index"] = token_batch
         # no model: the shard's index twice in fp32 (as stored, then preconditioned/normalized), the queries, the

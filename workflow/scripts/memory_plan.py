@@ -1,6 +1,4 @@
 # Thin adapter: rule memory_plan -> playpen_attribution.plan.plan_stage
-from pathlib import Path
-
 from playpen_attribution.plan import architecture_of, lengths_of, plan_stage
 from playpen_attribution.stage import run_stage
 
