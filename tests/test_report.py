@@ -9,16 +9,9 @@ import pandas as pd
 import pytest
 from scipy.stats import spearmanr
 
-from playpen_attribution.report import (
-    OVERALL,
-    agreement,
-    build_report,
-    load_method_scores,
-    plain_counterpart,
-    spearman,
-    target_word,
-    topk_overlap,
-)
+from playpen_attribution.report import OVERALL, build_report
+from playpen_attribution.scores import agreement, load_method_scores, plain_counterpart, spearman, topk_overlap
+from playpen_attribution.taboo import target_word
 
 DESCRIBER_PROMPT = ("Rules ...\n\nThis is the target word that you need to describe and that the other player needs "
                     "to guess:\n\nHoney\n\nRelated words are:\n\n- bee")

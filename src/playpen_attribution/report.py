@@ -13,131 +13,44 @@ import html
 import io
 import json
 import logging
-import re
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
 from playpen_attribution.io import atomic_path, write_csv_atomic
+from playpen_attribution.scores import (
+    MethodScores,
+    agreement,
+    load_method_scores,
+    preconditioner_stability,
+    read_run_tables,
+)
+from playpen_attribution.tables import readable
+from playpen_attribution.taboo import with_target_words
 
 log = logging.getLogger(__name__)
 
 OVERALL = "all queries"
 # Methods without a preconditioner, and the plain counterpart of each preconditioned method.
-KRONFLUENCE_PRECONDITIONED = ("diagonal", "kfac", "ekfac")
 METADATA_COLUMNS = ["game", "game_role", "outcome", "experiment", "task_id", "target_word"]
 
-_DESCRIBER_TARGET = re.compile(r"target word that you need to describe and that the other player needs to guess:"
-                               r"\s*\n\s*(\S[^\n]*?)\s*\n")
-_GUESS = re.compile(r"^\s*GUESS:\s*(.+?)\s*$")
 
 
-def messages_of(value) -> list[dict] | None:
-    """The message list of a prompt/completion cell (the tables store chat turns as JSON), or None for text."""
-    if isinstance(value, str) and value.startswith("[{"):
-        try:
-            messages = json.loads(value)
-        except json.JSONDecodeError:
-            return None
-        if isinstance(messages, list) and all(isinstance(m, dict) and "content" in m for m in messages):
-            return messages
-    return None
 
 
-def readable(value) -> str:
-    """A cell as a person reads it: chat turns as "[role] content" paragraphs, plain text as it is."""
-    messages = messages_of(value)
-    if messages is None:
-        return value if isinstance(value, str) else ""
-    return "\n\n".join(f"[{m.get('role', '?')}] {m['content']}" for m in messages)
 
 
-def _last_content(value) -> str:
-    messages = messages_of(value)
-    if messages is None:
-        return value if isinstance(value, str) else ""
-    return messages[-1]["content"] if messages else ""
 
 
-def target_word(prompt, completion, role: str | None, outcome: str | None) -> str | None:
-    """The taboo target word where the episode reveals it: in the describer's prompt, or as the guesser's
-    last guess in a successful episode. None where it cannot be recovered (a failed guesser episode)."""
-    found = _DESCRIBER_TARGET.search(readable(prompt))
-    if found:
-        return found.group(1).strip().lower()
-    if role == "WordGuesser" and outcome == "success":
-        guess = _GUESS.match(_last_content(completion))
-        if guess:
-            return guess.group(1).strip().lower()
-    return None
 
 
-def with_target_words(rows: pd.DataFrame) -> pd.DataFrame:
-    rows = rows.copy()
-    rows["target_word"] = [target_word(r["prompt"], r["completion"], r.get("game_role"), r.get("outcome"))
-                           for r in rows.to_dict("records")]
-    return rows
 
 
-def read_run_tables(query_csv, train_csv) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """`query.csv` and `train.csv` with string ids; ids must be unique (scores are matched to rows by id)."""
-    tables = []
-    for path, column in ((query_csv, "query_id"), (train_csv, "train_id")):
-        frame = pd.read_csv(path, dtype={column: str})
-        if frame[column].duplicated().any():
-            dup = frame.loc[frame[column].duplicated(), column].iloc[0]
-            raise ValueError(f"{path}: {column} {dup} appears twice; ids must be unique (rebuild {Path(path).name})")
-        tables.append(frame)
-    return tables[0], tables[1]
 
 
-@dataclass
-class MethodScores:
-    """One method's scores: `per_query` [queries, train rows] (NaN where a pair was not scored) and `overall`
-    [train rows], the score against the whole query set."""
-
-    method: str
-    per_query: np.ndarray
-    overall: np.ndarray
-    overall_source: str
 
 
-def load_method_scores(influences_csv, query_ids: list[str], train_ids: list[str],
-                       train_scores_csv=None) -> dict[str, MethodScores]:
-    """Every method's score matrix, in the order of `query.csv` and `train.csv`.
-
-    Against the whole query set: a Bergson variant's score against the reduced query gradient
-    (`train_scores.csv`); for the influence functions, the mean of the per-query scores.
-    The seed's single-method `influences.csv` (no `method` column) reads as method "influence".
-    """
-    header = pd.read_csv(influences_csv, nrows=0).columns
-    columns = ["query_id", "train_id", "influence_score"] + (["method"] if "method" in header else [])
-    frame = pd.read_csv(influences_csv, usecols=columns, dtype={"query_id": str, "train_id": str})
-    if "method" not in frame:
-        frame["method"] = "influence"
-    reduced = {}
-    if train_scores_csv is not None and Path(train_scores_csv).exists():
-        bergson = pd.read_csv(train_scores_csv, usecols=["train_id", "method", "score"], dtype={"train_id": str})
-        reduced = {m: g.set_index("train_id")["score"].reindex(train_ids).to_numpy(float)
-                   for m, g in bergson.groupby("method", sort=False)}
-    methods = {}
-    for method, group in frame.groupby("method", sort=False):
-        unknown = set(group.train_id) - set(train_ids)
-        if unknown:
-            raise ValueError(f"{influences_csv}: method {method} scores train ids missing from train.csv, e.g. "
-                             f"{sorted(unknown)[:3]}; the tables come from different runs: rebuild them together")
-        matrix = (group.pivot(index="query_id", columns="train_id", values="influence_score")
-                  .reindex(index=query_ids, columns=train_ids).to_numpy(float))
-        if method in reduced:
-            overall, source = reduced[method], "score against the reduced (mean) query gradient (train_scores.csv)"
-        else:
-            scored = (~np.isnan(matrix)).sum(axis=0)  # a row no query scored stays NaN
-            overall = np.where(scored > 0, np.nansum(matrix, axis=0) / np.maximum(scored, 1), np.nan)
-            source = "mean of the per-query scores"
-        methods[method] = MethodScores(method, matrix, overall, source)
-    return methods
 
 
 def descending_ranks(scores: np.ndarray) -> np.ndarray:
@@ -167,79 +80,16 @@ def top_and_bottom(methods: dict[str, MethodScores], query_ids: list[str], train
     return table.merge(train[keep], on="train_id", how="left")
 
 
-def spearman(a: np.ndarray, b: np.ndarray) -> float:
-    """Spearman correlation over the rows both methods scored (NaN if fewer than 3 or constant)."""
-    from scipy.stats import spearmanr
-
-    both = ~(np.isnan(a) | np.isnan(b))
-    a, b = a[both], b[both]
-    if len(a) < 3 or np.ptp(a) == 0 or np.ptp(b) == 0:  # scipy warns and returns NaN on constant input
-        return float("nan")
-    return float(spearmanr(a, b).statistic)
 
 
-def topk_overlap(a: np.ndarray, b: np.ndarray, k: int) -> float:
-    """Fraction of A's k most helpful rows that are also among B's k most helpful."""
-    def top(x):
-        scored = np.flatnonzero(~np.isnan(x))
-        return set(scored[np.argsort(-x[scored], kind="stable")][:k])
-    ta, tb = top(a), top(b)
-    return len(ta & tb) / max(1, min(k, len(ta), len(tb)))
 
 
-def mean_and_halfwidth(values: list[float]) -> tuple[float, float]:
-    """Mean and the 95% interval half-width (normal approximation) of the finite values."""
-    x = np.asarray([v for v in values if np.isfinite(v)])
-    if len(x) == 0:
-        return float("nan"), float("nan")
-    from scipy.stats import sem
-
-    half = 1.96 * sem(x) if len(x) > 1 else float("nan")
-    return float(x.mean()), float(half)
 
 
-def agreement(methods: dict[str, MethodScores], k: int) -> pd.DataFrame:
-    """Every ordered pair of methods (itself included): mean per-query Spearman with its 95% interval, mean
-    per-query top-k overlap, and the same two against the whole query set."""
-    records = []
-    for a, ma in methods.items():
-        for b, mb in methods.items():
-            rhos = [spearman(x, y) for x, y in zip(ma.per_query, mb.per_query)]
-            overlaps = [topk_overlap(x, y, k) for x, y in zip(ma.per_query, mb.per_query)]
-            rho, half = mean_and_halfwidth(rhos)
-            records.append({"method_a": a, "method_b": b, "queries": int(np.isfinite(rhos).sum()),
-                            "mean_query_spearman": rho, "query_spearman_ci95": half,
-                            f"mean_query_top{k}_overlap": float(np.mean(overlaps)) if overlaps else float("nan"),
-                            "overall_spearman": spearman(ma.overall, mb.overall),
-                            f"overall_top{k}_overlap": topk_overlap(ma.overall, mb.overall, k)})
-    return pd.DataFrame.from_records(records)
 
 
-def plain_counterpart(method: str, methods) -> str | None:
-    """The same method without a preconditioner, where the run has it: bergson_<n>_<side> -> bergson_<n>;
-    a Kronfluence strategy -> identity (raw gradient dot products)."""
-    found = re.fullmatch(r"(bergson_(?:dot|cosine))_(?:train|query|mixed)", method)
-    if found:
-        plain = found.group(1)
-    elif method in KRONFLUENCE_PRECONDITIONED:
-        plain = "identity"
-    else:
-        return None
-    return plain if plain in methods else None
 
 
-def preconditioner_stability(agree: pd.DataFrame, methods) -> pd.DataFrame:
-    """The playpen guide's question in one table: how stable are rankings with and without the preconditioner."""
-    pairs = [(m, plain_counterpart(m, methods)) for m in methods]
-    rows = []
-    for with_, without in pairs:
-        if without is None:
-            continue
-        row = agree[(agree.method_a == with_) & (agree.method_b == without)].iloc[0]
-        rows.append({"with_preconditioner": with_, "without": without,
-                     **{c: row[c] for c in agree.columns if c not in ("method_a", "method_b")}})
-    columns = ["with_preconditioner", "without"] + [c for c in agree.columns if c not in ("method_a", "method_b")]
-    return pd.DataFrame(rows, columns=columns)
 
 
 # ---------------------------------------------------------------------------------------------------------

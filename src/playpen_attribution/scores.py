@@ -9,12 +9,15 @@ is streamed a block of queries at a time, and per-token scores are held one shar
 from __future__ import annotations
 
 import contextlib
+import re
 import json
 import logging
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 
 from playpen_attribution.io import atomic_path, write_json_atomic
 
@@ -154,3 +157,143 @@ def merge_influences_stage(query_rows, train_rows, query_tokens_dir, train_token
                 unscored = _write_method(handle, method, list(paths), query_ids, train_ids, lengths, with_per_token)
                 if unscored:  # Bergson gives no gradient to a row under two tokens
                     log.warning("%s: %d (query, train) pairs have no score and are left out", method, unscored)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the merged tables read back: every method's score matrix, and how far two methods agree
+# ---------------------------------------------------------------------------------------------------------
+KRONFLUENCE_PRECONDITIONED = ("diagonal", "kfac", "ekfac")
+
+
+def read_run_tables(query_csv, train_csv) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """`query.csv` and `train.csv` with string ids; ids must be unique (scores are matched to rows by id)."""
+    tables = []
+    for path, column in ((query_csv, "query_id"), (train_csv, "train_id")):
+        frame = pd.read_csv(path, dtype={column: str})
+        if frame[column].duplicated().any():
+            dup = frame.loc[frame[column].duplicated(), column].iloc[0]
+            raise ValueError(f"{path}: {column} {dup} appears twice; ids must be unique (rebuild {Path(path).name})")
+        tables.append(frame)
+    return tables[0], tables[1]
+
+
+@dataclass
+class MethodScores:
+    """One method's scores: `per_query` [queries, train rows] (NaN where a pair was not scored) and `overall`
+    [train rows], the score against the whole query set."""
+
+    method: str
+    per_query: np.ndarray
+    overall: np.ndarray
+    overall_source: str
+
+
+def load_method_scores(influences_csv, query_ids: list[str], train_ids: list[str],
+                       train_scores_csv=None) -> dict[str, MethodScores]:
+    """Every method's score matrix, in the order of `query.csv` and `train.csv`.
+
+    Against the whole query set: a Bergson variant's score against the reduced query gradient
+    (`train_scores.csv`); for the influence functions, the mean of the per-query scores.
+    The seed's single-method `influences.csv` (no `method` column) reads as method "influence".
+    """
+    header = pd.read_csv(influences_csv, nrows=0).columns
+    columns = ["query_id", "train_id", "influence_score"] + (["method"] if "method" in header else [])
+    frame = pd.read_csv(influences_csv, usecols=columns, dtype={"query_id": str, "train_id": str})
+    if "method" not in frame:
+        frame["method"] = "influence"
+    reduced = {}
+    if train_scores_csv is not None and Path(train_scores_csv).exists():
+        bergson = pd.read_csv(train_scores_csv, usecols=["train_id", "method", "score"], dtype={"train_id": str})
+        reduced = {m: g.set_index("train_id")["score"].reindex(train_ids).to_numpy(float)
+                   for m, g in bergson.groupby("method", sort=False)}
+    methods = {}
+    for method, group in frame.groupby("method", sort=False):
+        unknown = set(group.train_id) - set(train_ids)
+        if unknown:
+            raise ValueError(f"{influences_csv}: method {method} scores train ids missing from train.csv, e.g. "
+                             f"{sorted(unknown)[:3]}; the tables come from different runs: rebuild them together")
+        matrix = (group.pivot(index="query_id", columns="train_id", values="influence_score")
+                  .reindex(index=query_ids, columns=train_ids).to_numpy(float))
+        if method in reduced:
+            overall, source = reduced[method], "score against the reduced (mean) query gradient (train_scores.csv)"
+        else:
+            scored = (~np.isnan(matrix)).sum(axis=0)  # a row no query scored stays NaN
+            overall = np.where(scored > 0, np.nansum(matrix, axis=0) / np.maximum(scored, 1), np.nan)
+            source = "mean of the per-query scores"
+        methods[method] = MethodScores(method, matrix, overall, source)
+    return methods
+
+
+def spearman(a: np.ndarray, b: np.ndarray) -> float:
+    """Spearman correlation over the rows both methods scored (NaN if fewer than 3 or constant)."""
+    from scipy.stats import spearmanr
+
+    both = ~(np.isnan(a) | np.isnan(b))
+    a, b = a[both], b[both]
+    if len(a) < 3 or np.ptp(a) == 0 or np.ptp(b) == 0:  # scipy warns and returns NaN on constant input
+        return float("nan")
+    return float(spearmanr(a, b).statistic)
+
+
+def topk_overlap(a: np.ndarray, b: np.ndarray, k: int) -> float:
+    """Fraction of A's k most helpful rows that are also among B's k most helpful."""
+    def top(x):
+        scored = np.flatnonzero(~np.isnan(x))
+        return set(scored[np.argsort(-x[scored], kind="stable")][:k])
+    ta, tb = top(a), top(b)
+    return len(ta & tb) / max(1, min(k, len(ta), len(tb)))
+
+
+def mean_and_halfwidth(values: list[float]) -> tuple[float, float]:
+    """Mean and the 95% interval half-width (normal approximation) of the finite values."""
+    x = np.asarray([v for v in values if np.isfinite(v)])
+    if len(x) == 0:
+        return float("nan"), float("nan")
+    from scipy.stats import sem
+
+    half = 1.96 * sem(x) if len(x) > 1 else float("nan")
+    return float(x.mean()), float(half)
+
+
+def agreement(methods: dict[str, MethodScores], k: int) -> pd.DataFrame:
+    """Every ordered pair of methods (itself included): mean per-query Spearman with its 95% interval, mean
+    per-query top-k overlap, and the same two against the whole query set."""
+    records = []
+    for a, ma in methods.items():
+        for b, mb in methods.items():
+            rhos = [spearman(x, y) for x, y in zip(ma.per_query, mb.per_query)]
+            overlaps = [topk_overlap(x, y, k) for x, y in zip(ma.per_query, mb.per_query)]
+            rho, half = mean_and_halfwidth(rhos)
+            records.append({"method_a": a, "method_b": b, "queries": int(np.isfinite(rhos).sum()),
+                            "mean_query_spearman": rho, "query_spearman_ci95": half,
+                            f"mean_query_top{k}_overlap": float(np.mean(overlaps)) if overlaps else float("nan"),
+                            "overall_spearman": spearman(ma.overall, mb.overall),
+                            f"overall_top{k}_overlap": topk_overlap(ma.overall, mb.overall, k)})
+    return pd.DataFrame.from_records(records)
+
+
+def plain_counterpart(method: str, methods) -> str | None:
+    """The same method without a preconditioner, where the run has it: bergson_<n>_<side> -> bergson_<n>;
+    a Kronfluence strategy -> identity (raw gradient dot products)."""
+    found = re.fullmatch(r"(bergson_(?:dot|cosine))_(?:train|query|mixed)", method)
+    if found:
+        plain = found.group(1)
+    elif method in KRONFLUENCE_PRECONDITIONED:
+        plain = "identity"
+    else:
+        return None
+    return plain if plain in methods else None
+
+
+def preconditioner_stability(agree: pd.DataFrame, methods) -> pd.DataFrame:
+    """The playpen guide's question in one table: how stable are rankings with and without the preconditioner."""
+    pairs = [(m, plain_counterpart(m, methods)) for m in methods]
+    rows = []
+    for with_, without in pairs:
+        if without is None:
+            continue
+        row = agree[(agree.method_a == with_) & (agree.method_b == without)].iloc[0]
+        rows.append({"with_preconditioner": with_, "without": without,
+                     **{c: row[c] for c in agree.columns if c not in ("method_a", "method_b")}})
+    columns = ["with_preconditioner", "without"] + [c for c in agree.columns if c not in ("method_a", "method_b")]
+    return pd.DataFrame(rows, columns=columns)

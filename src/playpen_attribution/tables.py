@@ -106,3 +106,23 @@ def write_csvs(query: pd.DataFrame, train: pd.DataFrame, influences: pd.DataFram
         tmps = [stack.enter_context(atomic_path(p)) for p in (out_query, out_train, out_influences)]
         for frame, tmp in zip((query, train, influences), tmps):
             frame.to_csv(tmp, index=False)
+
+
+def messages_of(value) -> list[dict] | None:
+    """The message list of a prompt/completion cell (the tables store chat turns as JSON), or None for text."""
+    if isinstance(value, str) and value.startswith("[{"):
+        try:
+            messages = json.loads(value)
+        except json.JSONDecodeError:
+            return None
+        if isinstance(messages, list) and all(isinstance(m, dict) and "content" in m for m in messages):
+            return messages
+    return None
+
+
+def readable(value) -> str:
+    """A cell as a person reads it: chat turns as "[role] content" paragraphs, plain text as it is."""
+    messages = messages_of(value)
+    if messages is None:
+        return value if isinstance(value, str) else ""
+    return "\n\n".join(f"[{m.get('role', '?')}] {m['content']}" for m in messages)

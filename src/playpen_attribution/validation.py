@@ -77,7 +77,7 @@ def planted_audit_stage(query_csv, train_csv, influences_csv, copies_dir, shards
     """Rule `planted_audit`: the rank of every copy for every method, and recall@1 / recall@10 per method."""
     import datasets
 
-    from playpen_attribution.report import load_method_scores, read_run_tables
+    from playpen_attribution.scores import load_method_scores, read_run_tables
     from playpen_attribution.tables import load_shards
 
     queries, train = read_run_tables(query_csv, train_csv)
@@ -178,7 +178,7 @@ def lds_scores(per_query: np.ndarray, membership: np.ndarray, actual: np.ndarray
 
     per_query [queries, train rows]; membership [subsets, train rows] (1 = in the subset); actual [subsets, queries].
     """
-    from playpen_attribution.report import spearman
+    from playpen_attribution.scores import spearman
 
     predicted = membership @ np.nan_to_num(per_query).T  # [subsets, queries]
     return np.array([spearman(predicted[:, q], actual[:, q]) for q in range(per_query.shape[0])])
@@ -187,7 +187,7 @@ def lds_scores(per_query: np.ndarray, membership: np.ndarray, actual: np.ndarray
 def lds_stage(query_csv, train_csv, influences_csv, losses_json, out_csv, out_per_query, *, random_seed: int,
               train_scores_csv=None) -> None:
     """Rule `lds`: mean LDS over queries with a 95% interval, per method and for random scores."""
-    from playpen_attribution.report import load_method_scores, mean_and_halfwidth, read_run_tables
+    from playpen_attribution.scores import load_method_scores, mean_and_halfwidth, read_run_tables
 
     queries, train = read_run_tables(query_csv, train_csv)
     query_ids, train_ids = queries["query_id"].tolist(), train["train_id"].tolist()
