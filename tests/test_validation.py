@@ -1,6 +1,9 @@
 """The planted-copy audit's arithmetic on small matrices with known answers (no model)."""
 
+import json
+
 import numpy as np
+import pandas as pd
 
 from playpen_attribution.validation import choose_planted, copy_ranks
 
@@ -25,6 +28,13 @@ def test_verbatim_duplicates_already_in_training_are_left_out():
     assert plain[0]["rank"] == 2  # t0 is an existing copy of q0 and scores a hair higher
     fair = copy_ranks(per_query, QUERIES, TRAIN, copies, ["q0"], ["planted-q0"], {"q0": {"t0"}})
     assert fair[0]["rank"] == 1 and fair[0]["of"] == 4 and fair[0]["duplicates_left_out"] == 1
+
+
+def test_a_tie_is_not_a_win():
+    # a baseline that gives every row about the same word the copy's score must not get the copy "ranked first"
+    per_query = np.array([[1.0, 1.0, 0.0, 0.0], [0.0, 0.0, 0.0, 0.0]])
+    rows = copy_ranks(per_query, QUERIES, TRAIN, np.array([[1.0], [0.0]]), ["q0"], ["planted-q0"], {})
+    assert rows[0]["rank"] == 3
 
 
 def test_a_flipped_sign_shows_as_a_last_place_copy():
@@ -84,3 +94,80 @@ def test_lds_refuses_losses_of_other_queries(tmp_path):
         lds_stage(tmp_path / "query.csv", tmp_path / "train.csv", tmp_path / "influences.csv", tmp_path / "losses.json",
                   tmp_path / "lds.csv", tmp_path / "per_query.csv", random_seed=0)
     assert not (tmp_path / "lds.csv").exists()
+
+
+def test_cluster_bootstrap_counts_a_repeated_query_once_and_draws_whole_words():
+    from playpen_attribution.scores import mean_and_cluster_interval, query_groups
+
+    queries = pd.DataFrame({"prompt": ["a", "b", "c", "c", "d"], "completion": ["x"] * 5,
+                            "target_word": ["apple", "apple", "apple", "apple", None]})
+    counted, clusters = query_groups(queries)
+    assert counted.tolist() == [True, True, True, False, True]  # the 4th repeats the 3rd
+    assert clusters[:4] == ["word:apple"] * 4 and clusters[4] == "text:d\x00x"
+    values = [1.0, 1.0, 1.0, 1.0, 0.0]
+    mean, low, high = mean_and_cluster_interval(values, counted, clusters, seed=0)
+    # two clusters, {1, 1, 1} and {0}: a resample holds both (3/4), the word twice (1) or the other twice (0)
+    assert mean == 0.75 and (low, high) == (0.0, 1.0)
+    # treated as four independent queries, the same values would claim a far narrower interval
+    assert 1.96 * np.std([1, 1, 1, 0], ddof=1) / 2 < 0.5
+
+
+def _taboo_tables(tmp_path, rng):
+    words = ["apple", "river", "chair"]
+    train = pd.DataFrame({"train_id": [f"t{i}" for i in range(12)],
+                          "prompt": [f"CLUE: something about {words[i % 3]} number {i}" for i in range(12)],
+                          "completion": [f"GUESS: {words[i % 3]}" for i in range(12)],
+                          "game_role": "WordGuesser", "outcome": "success"})
+    queries = pd.DataFrame({"query_id": [f"q{i}" for i in range(7)],
+                            "prompt": [f"CLUE: a question on {words[i % 3]} {i}" for i in range(6)] + ["CLUE: a question on apple 0"],
+                            "completion": [f"GUESS: {words[i % 3]}" for i in range(6)] + ["GUESS: apple"],
+                            "game_role": "WordGuesser", "outcome": "success"})
+    train.to_csv(tmp_path / "train.csv", index=False)
+    queries.to_csv(tmp_path / "query.csv", index=False)
+    same = np.array([[float(q.split()[-1] == t.split()[-1]) for t in train.completion] for q in queries.completion])
+    return queries, train, same
+
+
+def test_lds_rows_for_baselines_and_each_methods_margin_over_the_best(tmp_path):
+    from playpen_attribution.validation import lds_stage
+
+    rng = np.random.default_rng(0)
+    queries, train, same = _taboo_tables(tmp_path, rng)
+    effects = same + 0.3 * rng.normal(size=same.shape)  # the word matters most, each pair a little
+    effects[6] = effects[0]  # q6 repeats q0
+    membership = (rng.random((16, 12)) < 0.5).astype(float)
+    actual = membership @ effects.T
+    subsets = {str(s): {"row_ids": [f"t{i}" for i in np.flatnonzero(m)], "query_losses": list(-actual[s])}
+               for s, m in enumerate(membership)}
+    (tmp_path / "losses.json").write_text(json.dumps({"query_ids": list(queries.query_id), "subsets": subsets}))
+    q, t = np.meshgrid(range(7), range(12), indexing="ij")
+    pd.DataFrame({"query_id": queries.query_id.to_numpy()[q.ravel()], "train_id": train.train_id.to_numpy()[t.ravel()],
+                  "method": "exact", "influence_score": effects.ravel()}).to_csv(tmp_path / "influences.csv", index=False)
+    lds_stage(tmp_path / "query.csv", tmp_path / "train.csv", tmp_path / "influences.csv", tmp_path / "losses.json",
+              tmp_path / "lds.csv", tmp_path / "per_query.csv", random_seed=0)
+    lds = pd.read_csv(tmp_path / "lds.csv").set_index("method")
+    assert set(lds.index) == {"exact", "exact_query_independent", "random", "tfidf", "same_completion",
+                              "same_target_word"}
+    assert lds.loc["exact", "kind"] == "method" and (lds.drop("exact").kind == "baseline").all()
+    assert (lds.queries == 6).all() and (lds.clusters == 3).all()  # q6 counted once; three words
+    np.testing.assert_allclose(lds.loc["exact", "lds"], 1.0)
+    per_query = pd.read_csv(tmp_path / "per_query.csv")
+    expected = {m: g[g.counted].lds.mean() for m, g in per_query.groupby("method")}
+    np.testing.assert_allclose(lds.lds.to_dict()["same_target_word"], expected["same_target_word"])
+    best = max(("random", "tfidf", "same_completion", "same_target_word", "exact_query_independent"),
+               key=lambda b: expected[b])
+    assert lds.loc["exact", "best_baseline"] == best
+    np.testing.assert_allclose(lds.loc["exact", "margin"], 1.0 - expected[best])
+    assert lds.loc["exact", "margin_ci95_low"] <= lds.loc["exact", "margin"] <= lds.loc["exact", "margin_ci95_high"]
+    assert lds.drop("exact").margin.isna().all()
+
+
+def test_a_baseline_that_cannot_tell_subsets_apart_scores_zero_not_nan():
+    from playpen_attribution.validation import lds_scores
+
+    rng = np.random.default_rng(1)
+    membership = (rng.random((8, 6)) < 0.5).astype(float)
+    actual = rng.normal(size=(8, 2))
+    values = lds_scores(np.zeros((2, 6)), membership, actual)
+    assert values.tolist() == [0.0, 0.0]
+    assert np.isnan(lds_scores(rng.normal(size=(2, 6)), membership, np.ones((8, 2)))).all()  # nothing to predict

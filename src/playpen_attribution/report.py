@@ -213,13 +213,16 @@ def plot_agreement(agree: pd.DataFrame, methods: list[str], path) -> None:
 
 
 def lds_chart(lds: pd.DataFrame) -> str:
-    """Bar chart of the mean LDS per method with its 95% interval, as an inline <img>."""
-    fig, ax = _pyplot().subplots(figsize=(1.6 + 1.3 * len(lds), 3.2))
-    colours = ["#bbbbbb" if m == "random" else "#4477aa" for m in lds.method]
-    ax.bar(lds.method, lds.lds, yerr=lds.ci95, capsize=4, color=colours)
+    """Bar chart of the mean LDS of every method (blue) and baseline (grey) with its 95% interval, inline <img>."""
+    fig, ax = _pyplot().subplots(figsize=(1.6 + 0.9 * len(lds), 3.4))
+    colours = ["#bbbbbb" if kind == "baseline" else "#4477aa" for kind in lds.kind]
+    errors = np.nan_to_num(np.vstack([lds.lds - lds.ci95_low, lds.ci95_high - lds.lds]))
+    ax.bar(lds.method, lds.lds, yerr=errors, capsize=4, color=colours)
     ax.axhline(0, color="grey", lw=0.8)
     ax.set_ylabel("mean LDS (Spearman)")
-    ax.tick_params(axis="x", labelrotation=25)
+    ax.tick_params(axis="x", labelrotation=35)
+    for label in ax.get_xticklabels():
+        label.set_horizontalalignment("right")
     fig.tight_layout()
     return _img(_png(fig), "lds")
 
@@ -304,14 +307,19 @@ def render_page(*, title: str, summary: dict, methods: dict[str, MethodScores], 
         parts.append("<h2 id='planted'>Planted copies</h2><p class='note'>Copies of some queries scored as training "
                      "rows by every method (validation/planted.csv): recall@1 is the share of copies ranked first "
                      "for their own query among all training rows. Below 1 for a cosine method points at a bug "
-                     "(ids, masking, sign); unnormalised scores can rank a long, high-gradient row above a copy.</p>")
+                     "(ids, masking, sign); unnormalised scores can rank a long, high-gradient row above a copy. A tie counts "
+                     "against the copy. Baselines: a copy is the query's own text, so TF-IDF finds it by construction; "
+                     "the audit tests the plumbing, the LDS tests the attribution.</p>")
         parts.append(_table(planted.round(4), text_columns=()))
     if lds is not None:
         parts.append(f"<h2 id='lds'>Linear datamodeling score</h2><p class='note'>{int(lds.subsets.max())} retrains on "
                      "random subsets of the training rows; per query, the Spearman correlation over subsets between a "
                      "method's predicted effect of the subset (the sum of its rows' scores) and the actual outcome "
-                     "(minus the query's loss after retraining). Mean over queries with 95% intervals; random scores "
-                     "computed the same way (validation/lds.csv).</p>")
+                     "(minus the query's loss after retraining). Mean over queries, a repeated query counted once, with 95% "
+                     "intervals from resampling whole target words (clusters). Baselines (grey) are scored the same way: "
+                     "random, TF-IDF text similarity, the same taboo target word, and each method's query-independent "
+                     "version (its mean score over all queries). <code>margin</code>: a method's LDS minus its best "
+                     "baseline's, paired per query, with its interval (validation/lds.csv).</p>")
         parts.append(lds_chart(lds))
         parts.append(_table(lds.round(4), text_columns=()))
     parts.append("<h2 id='distributions'>Score distributions</h2>")

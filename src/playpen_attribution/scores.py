@@ -297,3 +297,37 @@ def preconditioner_stability(agree: pd.DataFrame, methods) -> pd.DataFrame:
                      **{c: row[c] for c in agree.columns if c not in ("method_a", "method_b")}})
     columns = ["with_preconditioner", "without"] + [c for c in agree.columns if c not in ("method_a", "method_b")]
     return pd.DataFrame(rows, columns=columns)
+
+
+def query_groups(queries: pd.DataFrame) -> tuple[np.ndarray, list[str]]:
+    """Which queries count, and the cluster each belongs to, for intervals that respect the data.
+
+    A query whose prompt and completion repeat an earlier query's is not counted again (its scores and losses are
+    the same). Queries about one taboo target word are one cluster, resampled together; a query without a known
+    target word is a cluster of its own text. Returns (counted mask, cluster label per query)."""
+    texts = [f"{p}\x00{c}" for p, c in zip(queries["prompt"], queries["completion"])]
+    counted = ~pd.Series(texts).duplicated().to_numpy()
+    words = queries["target_word"] if "target_word" in queries else [None] * len(texts)
+    clusters = [f"word:{w}" if isinstance(w, str) else f"text:{t}" for w, t in zip(words, texts)]
+    return counted, clusters
+
+
+def mean_and_cluster_interval(values, counted, clusters, *, seed: int, resamples: int = 2000,
+                              ) -> tuple[float, float, float]:
+    """Mean of the counted, finite values and its 95% percentile interval from a cluster bootstrap: whole clusters
+    are drawn with replacement, so queries that share a target word do not pass for independent evidence."""
+    values = np.asarray(values, float)
+    keep = np.asarray(counted) & np.isfinite(values)
+    if not keep.any():
+        return float("nan"), float("nan"), float("nan")
+    labels = pd.Series(np.asarray(clusters, dtype=object)[keep])
+    codes, _ = pd.factorize(labels)
+    sums = np.bincount(codes, weights=values[keep])
+    sizes = np.bincount(codes).astype(float)
+    mean = float(sums.sum() / sizes.sum())
+    if len(sums) < 2:
+        return mean, float("nan"), float("nan")
+    draws = np.random.default_rng(seed).integers(0, len(sums), size=(resamples, len(sums)))
+    means = sums[draws].sum(axis=1) / sizes[draws].sum(axis=1)
+    low, high = np.percentile(means, [2.5, 97.5])
+    return mean, float(low), float(high)

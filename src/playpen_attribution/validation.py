@@ -47,7 +47,8 @@ def plant_copies_stage(query_tokens_dir, out_dir, *, count: int, seed: int) -> N
 
 def copy_ranks(per_query: np.ndarray, query_ids: list[str], train_ids: list[str], copy_scores: np.ndarray,
                copy_query_ids: list[str], copy_ids: list[str], duplicates: dict[str, set[str]]) -> list[dict]:
-    """Each copy's rank among the training rows for its own query: 1 + rows scoring strictly higher.
+    """Each copy's rank among the training rows for its own query: 1 + rows scoring at least as high (a tie is
+    not a win, so a baseline that gives many rows the copy's score does not rank it first).
 
     `per_query` [queries, train rows] are the run's scores; `copy_scores` [queries, copies] the copies' scores
     against the same queries. Training rows that already are verbatim copies of the query (`duplicates`) are
@@ -64,7 +65,7 @@ def copy_ranks(per_query: np.ndarray, query_ids: list[str], train_ids: list[str]
         score = float(copy_scores[q, c])
         best = int(np.flatnonzero(keep)[np.argmax(others)]) if len(others) else None
         records.append({"query_id": query_id, "copy_id": copy_id, "copy_score": score,
-                        "rank": int(1 + np.sum(others > score)) if np.isfinite(score) else None,
+                        "rank": int(1 + np.sum(others >= score)) if np.isfinite(score) else None,
                         "of": int(len(others) + 1),
                         "best_other_train_id": train_ids[best] if best is not None else None,
                         "best_other_score": float(per_query[q][best]) if best is not None else None,
@@ -72,33 +73,53 @@ def copy_ranks(per_query: np.ndarray, query_ids: list[str], train_ids: list[str]
     return records
 
 
+def with_baselines(methods: dict[str, np.ndarray], queries: pd.DataFrame, rows: pd.DataFrame, *, corpus: list[str],
+                   seed: int) -> dict[str, np.ndarray]:
+    """The methods' [queries, rows] scores, then each method's query-independent version and the model-free
+    baselines (playpen_attribution.baselines), computed for exactly these rows."""
+    from playpen_attribution.baselines import baseline_scores, query_independent, query_independent_name
+
+    scores = dict(methods)
+    scores.update({query_independent_name(m): query_independent(s) for m, s in methods.items()})
+    scores.update(baseline_scores(queries, rows, corpus=corpus, seed=seed))
+    return scores
+
+
 def planted_audit_stage(query_csv, train_csv, influences_csv, copies_dir, shards_by_method: dict, out_csv,
-                        out_summary, train_scores_csv=None) -> None:
-    """Rule `planted_audit`: the rank of every copy for every method, and recall@1 / recall@10 per method."""
+                        out_summary, *, random_seed: int, train_scores_csv=None) -> None:
+    """Rule `planted_audit`: the rank of every copy for every method and baseline, and recall@1 / recall@10."""
     import datasets
 
+    from playpen_attribution.baselines import is_baseline, run_corpus
     from playpen_attribution.scores import load_method_scores, read_run_tables
     from playpen_attribution.tables import load_shards
+    from playpen_attribution.taboo import with_target_words
 
-    queries, train = read_run_tables(query_csv, train_csv)
+    queries, train = (with_target_words(frame) for frame in read_run_tables(query_csv, train_csv))
     query_ids, train_ids = queries["query_id"].tolist(), train["train_id"].tolist()
     copies = datasets.load_from_disk(str(copies_dir))
     copy_ids = list(copies["row_id"])
     copy_query_ids = [c.removeprefix(PLANTED_PREFIX) for c in copy_ids]
-    text = {tuple(r) for r in queries.loc[queries.query_id.isin(copy_query_ids), ["query_id", "prompt", "completion"]]
-            .itertuples(index=False)}
+    copy_rows = queries.set_index("query_id").loc[copy_query_ids].reset_index()
+    text = {tuple(r) for r in copy_rows[["query_id", "prompt", "completion"]].itertuples(index=False)}
     duplicates = {q: set(train.train_id[(train.prompt == p) & (train.completion == c)]) for q, p, c in text}
-    methods = load_method_scores(influences_csv, query_ids, train_ids, train_scores_csv)
-    records = []
+    loaded = load_method_scores(influences_csv, query_ids, train_ids, train_scores_csv)
+    train_scores, copy_scores = {}, {}
     for method, paths in shards_by_method.items():
         planted = load_shards(paths)
         if planted["train_ids"] != copy_ids or planted["query_ids"] != query_ids:
             raise ValueError(f"{paths[0]}: scored other copies or queries than {copies_dir}; rerun its scoring")
-        for row in copy_ranks(methods[method].per_query, query_ids, train_ids, planted["scores"], copy_query_ids,
-                              copy_ids, duplicates):
-            records.append({"method": method, **row})
+        train_scores[method], copy_scores[method] = loaded[method].per_query, planted["scores"]
+    corpus = run_corpus(queries, train)
+    # the same seed for both: a random baseline's copy is just one more random row
+    train_scores = with_baselines(train_scores, queries, train, corpus=corpus, seed=random_seed)
+    copy_scores = with_baselines(copy_scores, queries, copy_rows, corpus=corpus, seed=random_seed + 1)
+    records = []
+    for name, scores in train_scores.items():
+        for row in copy_ranks(scores, query_ids, train_ids, copy_scores[name], copy_query_ids, copy_ids, duplicates):
+            records.append({"method": name, "kind": "baseline" if is_baseline(name) else "method", **row})
     table = pd.DataFrame.from_records(records)
-    summary = (table.groupby("method", sort=False)
+    summary = (table.groupby(["method", "kind"], sort=False)
                .agg(copies=("rank", "size"), recall_at_1=("rank", lambda r: float((r == 1).mean())),
                     recall_at_10=("rank", lambda r: float((r <= 10).mean())), median_rank=("rank", "median"),
                     worst_rank=("rank", "max"))
@@ -106,8 +127,8 @@ def planted_audit_stage(query_csv, train_csv, influences_csv, copies_dir, shards
     write_csv_atomic(table, out_csv)
     write_csv_atomic(summary, out_summary)
     for row in summary.itertuples(index=False):
-        log.info("%s: recall@1 %.2f, recall@10 %.2f, worst rank %s", row.method, row.recall_at_1, row.recall_at_10,
-                 row.worst_rank)
+        log.info("%s (%s): recall@1 %.2f, recall@10 %.2f, worst rank %s", row.method, row.kind, row.recall_at_1,
+                 row.recall_at_10, row.worst_rank)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -177,19 +198,37 @@ def lds_scores(per_query: np.ndarray, membership: np.ndarray, actual: np.ndarray
     scores; positive = helpful) and the actual outcome (minus the query's loss after retraining on it).
 
     per_query [queries, train rows]; membership [subsets, train rows] (1 = in the subset); actual [subsets, queries].
+    A constant prediction (a baseline that cannot tell the subsets apart) scores 0, not NaN, so every method is
+    averaged over the same queries; a query whose actual losses do not vary, or fewer than 3 subsets, stays NaN.
     """
     from playpen_attribution.scores import spearman
 
     predicted = membership @ np.nan_to_num(per_query).T  # [subsets, queries]
-    return np.array([spearman(predicted[:, q], actual[:, q]) for q in range(per_query.shape[0])])
+    values = []
+    for q in range(per_query.shape[0]):
+        flat = np.ptp(predicted[:, q]) == 0 and np.ptp(actual[:, q]) > 0 and len(actual) >= 3
+        values.append(0.0 if flat else spearman(predicted[:, q], actual[:, q]))
+    return np.array(values)
+
+
+def best_baseline(method: str, lds: dict[str, float]) -> str | None:
+    """The strongest baseline a method is measured against: the model-free ones and its own query-independent
+    version (the mean LDS decides; NaN never wins)."""
+    from playpen_attribution.baselines import BASELINE_NAMES, query_independent_name
+
+    rivals = [b for b in (*BASELINE_NAMES, query_independent_name(method)) if b in lds and np.isfinite(lds[b])]
+    return max(rivals, key=lambda b: lds[b]) if rivals else None
 
 
 def lds_stage(query_csv, train_csv, influences_csv, losses_json, out_csv, out_per_query, *, random_seed: int,
               train_scores_csv=None) -> None:
-    """Rule `lds`: mean LDS over queries with a 95% interval, per method and for random scores."""
-    from playpen_attribution.scores import load_method_scores, mean_and_halfwidth, read_run_tables
+    """Rule `lds`: mean LDS per method and baseline with a 95% cluster-bootstrap interval, and each method's
+    margin over its best baseline (paired per query, same interval)."""
+    from playpen_attribution.baselines import is_baseline, run_corpus
+    from playpen_attribution.scores import load_method_scores, mean_and_cluster_interval, query_groups, read_run_tables
+    from playpen_attribution.taboo import with_target_words
 
-    queries, train = read_run_tables(query_csv, train_csv)
+    queries, train = (with_target_words(frame) for frame in read_run_tables(query_csv, train_csv))
     query_ids, train_ids = queries["query_id"].tolist(), train["train_id"].tolist()
     losses = json.loads(Path(losses_json).read_text())
     if losses["query_ids"] != query_ids:
@@ -202,16 +241,32 @@ def lds_stage(query_csv, train_csv, influences_csv, losses_json, out_csv, out_pe
     actual = -np.array([losses["subsets"][s]["query_losses"] for s in order])  # lower loss = better
     methods = {m: ms.per_query for m, ms in load_method_scores(influences_csv, query_ids, train_ids,
                                                                train_scores_csv).items()}
-    methods["random"] = np.random.default_rng(random_seed).normal(size=(len(query_ids), len(train_ids)))
+    scores = with_baselines(methods, queries, train, corpus=run_corpus(queries, train), seed=random_seed)
+    counted, clusters = query_groups(queries)
+    values = {name: lds_scores(s, membership, actual) for name, s in scores.items()}
+
+    def interval(v):
+        return mean_and_cluster_interval(v, counted, clusters, seed=random_seed)
+
+    means = {name: interval(v)[0] for name, v in values.items()}
     rows, per_query = [], []
-    for method, scores in methods.items():
-        values = lds_scores(scores, membership, actual)
-        mean, half = mean_and_halfwidth(list(values))
-        rows.append({"method": method, "lds": mean, "ci95": half, "queries": int(np.isfinite(values).sum()),
-                     "subsets": len(order)})
-        per_query += [{"method": method, "query_id": q, "lds": v} for q, v in zip(query_ids, values)]
+    for name, v in values.items():
+        mean, low, high = interval(v)
+        row = {"method": name, "kind": "baseline" if is_baseline(name) else "method", "lds": mean,
+               "ci95_low": low, "ci95_high": high, "queries": int((counted & np.isfinite(v)).sum()),
+               "clusters": len({c for c, k in zip(clusters, counted & np.isfinite(v)) if k}), "subsets": len(order),
+               "best_baseline": None, "margin": np.nan, "margin_ci95_low": np.nan, "margin_ci95_high": np.nan}
+        rival = None if is_baseline(name) else best_baseline(name, means)
+        if rival is not None:
+            margin, m_low, m_high = interval(v - values[rival])
+            row.update(best_baseline=rival, margin=margin, margin_ci95_low=m_low, margin_ci95_high=m_high)
+        rows.append(row)
+        per_query += [{"method": name, "query_id": q, "lds": x, "counted": bool(k), "cluster": c}
+                      for q, x, k, c in zip(query_ids, v, counted, clusters)]
     write_csv_atomic(pd.DataFrame(rows), out_csv)
     write_csv_atomic(pd.DataFrame(per_query), out_per_query)
     for row in rows:
-        log.info("LDS %s: %.3f ± %.3f over %d queries, %d subsets", row["method"], row["lds"], row["ci95"],
-                 row["queries"], row["subsets"])
+        margin = (f"; {row['margin']:+.3f} [{row['margin_ci95_low']:+.3f}, {row['margin_ci95_high']:+.3f}] over "
+                  f"{row['best_baseline']}" if row["best_baseline"] else "")
+        log.info("LDS %s: %.3f [%.3f, %.3f] over %d queries in %d clusters, %d subsets%s", row["method"], row["lds"],
+                 row["ci95_low"], row["ci95_high"], row["queries"], row["clusters"], row["subsets"], margin)

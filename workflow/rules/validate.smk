@@ -96,7 +96,9 @@ rule planted_audit:
                        category="Validation", labels={"run": "{run}", "what": "planted-copy recall"}),
     params:
         methods=lambda wc: run_cfg(wc)["attribution"]["methods"],
-        code=code_hash("validation", "report", "tables", "io"),
+        # the random baseline's seed
+        seed=lambda wc: run_cfg(wc)["validation"]["planted"]["seed"],
+        code=code_hash("validation", "baselines", "scores", "taboo", "tables", "io"),
     log:
         "logs/{run}/planted_audit.log",
     benchmark:
@@ -110,7 +112,7 @@ rule planted_audit:
 
 
 # LDS: retrain on random subsets (one job per `subsets_per_job`), every query's loss under each retrain, then the
-# Spearman correlation over subsets between predicted and actual effects, per method and for random scores.
+# Spearman correlation over subsets between predicted and actual effects, per method and baseline.
 rule lds_retrain:
     input:
         model=base_model_dir,
@@ -179,8 +181,9 @@ rule lds:
                    labels={"run": "{run}", "what": "linear datamodeling score"}),
         per_query="results/{run}/validation/lds_per_query.csv",
     params:
+        # the random baseline's and the bootstrap's seed
         seed=lambda wc: lds_cfg(wc)["seed"],
-        code=code_hash("validation", "report", "io"),
+        code=code_hash("validation", "baselines", "scores", "taboo", "io"),
     log:
         "logs/{run}/lds.log",
     benchmark:

@@ -6,4 +6,4 @@ shards = {method: [snakemake.input[f"planted_{method}"]] for method in snakemake
 run_stage(snakemake, planted_audit_stage, query_csv=snakemake.input.query, train_csv=snakemake.input.train,
           influences_csv=snakemake.input.influences, copies_dir=snakemake.input.copies, shards_by_method=shards,
           out_csv=snakemake.output.planted, out_summary=snakemake.output.summary,
-          train_scores_csv=snakemake.input.get("train_scores"))
+          random_seed=snakemake.params.seed, train_scores_csv=snakemake.input.get("train_scores"))
