@@ -79,3 +79,30 @@ def test_the_package_carries_its_schema():
     from playpen_attribution import config
 
     assert config.SCHEMA_PATH.parent == Path(config.__file__).resolve().parent and config.SCHEMA_PATH.is_file()
+
+
+@pytest.mark.parametrize("sweep, message", [
+    ({"factors": [0.1], "methods": ["bergson_cosine"]}, r"validation\.damping\.methods: bergson_cosine has no "
+                                                        r"preconditioner, so damping does not change it"),
+    ({"factors": [0.1], "methods": ["kfac"]}, r"validation\.damping\.methods: kfac is not one of the run's methods"),
+])
+def test_a_damping_sweep_of_a_method_it_cannot_change_is_refused(sweep, message):
+    cfg = copy.deepcopy(MINIMAL)
+    cfg["runs"]["r"]["attribution"] = {"methods": ["ekfac", "bergson_cosine"]}
+    cfg["runs"]["r"]["validation"] = {"planted": {"queries": 2}, "damping": sweep}
+    with pytest.raises(ConfigError, match=message):
+        validate_config(cfg)
+
+
+def test_a_damping_sweep_without_an_audit_is_refused_and_defaults_to_the_preconditioned_methods():
+    from playpen_attribution.methods import damping_sweep_methods
+
+    cfg = copy.deepcopy(MINIMAL)
+    cfg["runs"]["r"]["attribution"] = {"methods": ["ekfac", "identity", "bergson_cosine", "bergson_dot_mixed"]}
+    cfg["runs"]["r"]["validation"] = {"damping": {"factors": [0.1, 1.0]}}
+    with pytest.raises(ConfigError, match=r"validation\.damping: a sweep needs something to measure"):
+        validate_config(copy.deepcopy(cfg))
+    cfg["runs"]["r"]["validation"]["lds"] = {"subsets": 4}
+    run = validate_config(cfg)["runs"]["r"]
+    assert damping_sweep_methods(run) == ["ekfac", "bergson_dot_mixed"]
+    assert run["attribution"]["kronfluence"]["damping_factor"] is None  # 0.1 x mean eigenvalue, as Bergson's 0.1

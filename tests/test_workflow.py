@@ -17,7 +17,8 @@ EVERY_STAGE = {"fetch_base_model", "prepare_data", "tokenize", "train_adapter", 
                "query_losses", "memory_plan",
                "bergson_query_gradients", "bergson_hessian", "bergson_mix", "bergson_reduce", "bergson_index",
                "bergson_scores", "merge_influences", "merge_train_scores", "report", "planted_copies", "planted_kronfluence_scores",
-               "planted_bergson_index", "planted_bergson_scores", "planted_audit", "lds_retrain", "lds_losses", "lds"}
+               "planted_bergson_index", "planted_bergson_scores", "planted_audit", "lds_retrain", "lds_losses", "lds",
+               "damping_sweep_bergson", "damping_sweep"}  # the taboo run sweeps only Bergson's (cheap) damping
 
 
 def planned_jobs(proc) -> dict[str, int]:
@@ -135,7 +136,7 @@ def test_demo_report_puts_the_planted_copy_first(demo_workdir):
     assert section.index(copy.train_id) < section.index("</tr>", section.index("<td"))  # first row of the table
     assert "Per-token scores of " + copy.train_id in section  # EK-FAC per-token scores on its text
     # agreement, score distributions and the LDS chart, inline
-    assert page.count("data:image/png;base64,") == 3 and "http" not in page.split("</style>")[0]
+    assert page.count("data:image/png;base64,") == 4 and "http" not in page.split("</style>")[0]
 
 
 def test_planted_copies_rank_first_for_every_method(demo_workdir):
@@ -167,7 +168,8 @@ def test_more_planted_copies_rescore_only_the_copies(demo_workdir):
     path = overlay(demo_workdir, "planted", {"demo": {"validation": {"planted": {"queries": 8}}}})
     jobs = planned_jobs(snakemake(demo_workdir, *DEMO_TARGETS, "-n", "--configfile", path))
     assert jobs == {"planted_copies": 1, "planted_kronfluence_scores": 1, "planted_bergson_index": 1,
-                    "planted_bergson_scores": 2, "planted_audit": 1, "report": 1}
+                    "planted_bergson_scores": 2, "planted_audit": 1, "damping_sweep_kronfluence": 1,
+                    "damping_sweep_bergson": 1, "damping_sweep": 1, "report": 1}
 
 
 def test_lds_has_every_baseline_and_each_methods_margin_over_the_best(demo_workdir):
@@ -207,10 +209,33 @@ def test_lds_has_every_baseline_and_each_methods_margin_over_the_best(demo_workd
     assert "<h2 id='lds'>Linear datamodeling score</h2>" in (demo_workdir / "results/demo/report/index.html").read_text()
 
 
+def test_damping_sweep_reproduces_the_runs_own_numbers_at_its_damping(demo_workdir):
+    import numpy as np
+    import pandas as pd
+
+    validation = demo_workdir / "results" / "demo" / "validation"
+    sweep = pd.read_csv(validation / "damping.csv")
+    factors = [0.001, 0.01, 0.1, 1.0, 10.0]
+    assert sweep.groupby("method", sort=False).damping.apply(list).to_dict() == {
+        "ekfac": factors, "bergson_cosine_mixed": factors}
+    # both families' configured damping is c = 0.1 (Kronfluence's null = 0.1 x mean eigenvalue): the sweep's
+    # rescoring at 0.1 must give the run's own LDS and planted recall
+    at_default = sweep[sweep.damping == 0.1].set_index("method")
+    lds = pd.read_csv(validation / "lds.csv").set_index("method")
+    planted = pd.read_csv(validation / "planted_summary.csv").set_index("method")
+    for method in ("ekfac", "bergson_cosine_mixed"):
+        np.testing.assert_allclose(at_default.loc[method, "lds"], lds.loc[method, "lds"], atol=1e-9)
+        assert at_default.loc[method, "recall_at_1"] == planted.loc[method, "recall_at_1"]
+    # and the damping changes the scores: the LDS is not the same at every factor
+    assert sweep.groupby("method").lds.nunique().min() > 1
+    page = (demo_workdir / "results/demo/report/index.html").read_text()
+    assert "<h2 id='damping'>Damping sweep</h2>" in page and "href='#damping'" in page
+
+
 def test_more_lds_subsets_reuse_the_retrains_already_done(demo_workdir):
     path = overlay(demo_workdir, "lds", {"demo": {"validation": {"lds": {"subsets": 15}}}})
     jobs = planned_jobs(snakemake(demo_workdir, *DEMO_TARGETS, "-n", "--configfile", path))
-    assert jobs == {"lds_retrain": 1, "lds_losses": 1, "lds": 1, "report": 1}
+    assert jobs == {"lds_retrain": 1, "lds_losses": 1, "lds": 1, "damping_sweep": 1, "report": 1}
 
 
 def test_snakemake_report_collects_the_report_files(demo_workdir, tmp_path):
@@ -253,8 +278,10 @@ def test_preconditioner_choice_rescores_only_what_depends_on_it(demo_workdir):
     jobs = planned_jobs(snakemake(demo_workdir, *DEMO_TARGETS, "-n", "--configfile", path))
     # the training gradients (bergson_index), the training-side preconditioner, the query gradients and every other
     # method are reused
+    # the new preconditioned variant joins the damping sweep (rescored from the same index)
     assert jobs == {"bergson_reduce": 1, "bergson_scores": 2, "merge_influences": 1, "merge_train_scores": 1,
-                    "planted_bergson_scores": 1, "planted_audit": 1, "lds": 1, "memory_plan": 1, "report": 1}
+                    "planted_bergson_scores": 1, "planted_audit": 1, "lds": 1, "damping_sweep_bergson": 1,
+                    "damping_sweep": 1, "memory_plan": 1, "report": 1}
 
 
 def test_new_query_set_rescores_without_refitting_or_retraining(demo_workdir):
@@ -266,8 +293,8 @@ def test_new_query_set_rescores_without_refitting_or_retraining(demo_workdir):
                     "bergson_hessian": 1, "bergson_mix": 1, "bergson_reduce": 2, "bergson_scores": 4,
                     "query_losses": 1, "merge_influences": 1, "merge_train_scores": 1, "planted_copies": 1,
                     "planted_kronfluence_scores": 1, "planted_bergson_index": 1, "planted_bergson_scores": 2,
-                    "planted_audit": 1,
-                    "lds_losses": 1, "lds": 1, "memory_plan": 1, "report": 1}
+                    "planted_audit": 1, "damping_sweep_kronfluence": 1, "damping_sweep_bergson": 1,
+                    "damping_sweep": 1, "lds_losses": 1, "lds": 1, "memory_plan": 1, "report": 1}
 
 
 def test_lora_rank_change_retrains_without_refiltering(demo_workdir):
@@ -277,7 +304,7 @@ def test_lora_rank_change_retrains_without_refiltering(demo_workdir):
                     "bergson_hessian": 2, "bergson_mix": 1, "bergson_reduce": 2, "bergson_index": 2,
                     "bergson_scores": 4, "query_losses": 1, "merge_influences": 1, "merge_train_scores": 1,
                     "planted_kronfluence_scores": 1, "planted_bergson_index": 1, "planted_bergson_scores": 2,
-                    "planted_audit": 1,
+                    "planted_audit": 1, "damping_sweep_kronfluence": 1, "damping_sweep_bergson": 1, "damping_sweep": 1,
                     "lds_retrain": 2, "lds_losses": 1, "lds": 1, "memory_plan": 1, "report": 1}
 
 
@@ -298,7 +325,9 @@ def test_real_runs_dry_run_builds_the_dag(tmp_path):
                                   "merge_train_scores": 2, "report": 2,
                                   "planted_copies": 2, "planted_kronfluence_scores": 2, "planted_bergson_index": 2,
                                   "planted_bergson_scores": 6,
-                                  "planted_audit": 2, "lds_retrain": 64, "lds_losses": 2, "lds": 2}
+                                  "planted_audit": 2, "lds_retrain": 64, "lds_losses": 2, "lds": 2,
+                                  # the two preconditioned Bergson variants' damping, rescored from the index
+                                  "damping_sweep_bergson": 4, "damping_sweep": 2}
     assert set(planned_jobs(proc)) == EVERY_STAGE
     assert "gpu=1" in proc.stdout
 
@@ -372,5 +401,7 @@ def test_a_bergson_key_reruns_only_the_stages_that_read_it(demo_workdir):
     cosine variant."""
     path = overlay(demo_workdir, "damping", {"demo": {"attribution": {"bergson": {"damping_factor": 0.2}}}})
     jobs = planned_jobs(snakemake(demo_workdir, *DEMO_TARGETS, "-n", "--configfile", path))
+    # the sweep scores at its own damping factors: only its table follows the new LDS
     assert jobs == {"bergson_reduce": 1, "bergson_scores": 2, "planted_bergson_scores": 1, "merge_influences": 1,
-                    "merge_train_scores": 1, "planted_audit": 1, "lds": 1, "memory_plan": 1, "report": 1}
+                    "merge_train_scores": 1, "planted_audit": 1, "lds": 1, "damping_sweep": 1, "memory_plan": 1,
+                    "report": 1}

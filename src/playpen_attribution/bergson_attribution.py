@@ -215,6 +215,31 @@ def _stored_gradients(path, dtype) -> dict:
             for name, (lo, hi) in column_offsets(sizes).items()}
 
 
+def _index_scores(index_dir, query_gradients_dir, hessian_dir, *, unit_normalize: bool, settings: dict):
+    """Bergson's `Attributor` on one index and every query's raw gradient, preconditioned and normalized as the
+    variant says: (attributor, [queries, rows] scores as numpy, mask of the rows Bergson gave no gradient)."""
+    import torch
+    from bergson.data import load_gradients
+    from bergson.query.attributor import Attributor
+
+    dtype = torch.float32  # scores in fp32 whatever precision the gradients were kept in
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    attributor = Attributor(index_dir, device=device, dtype=dtype, unit_norm=unit_normalize,
+                            inversion_cfg=_inversion(settings, hessian_dir),
+                            hessian_path=str(Path(hessian_dir).resolve()) if hessian_dir else None)
+    attributor.processor.check_saved_projection(Path(query_gradients_dir), "The per-query gradients")
+    with torch.inference_mode():
+        # the per-query gradients are raw: search preconditions and normalizes them as this variant says
+        values, order = attributor.search(_stored_gradients(query_gradients_dir, dtype), k=None)
+        per_query = torch.empty_like(values).scatter_(1, order, values).float().cpu().numpy()
+    # Bergson gives no gradient to a row with fewer than two tokens: its index row stays zero. Such a row is
+    # reported as unscored (NaN), never given a score of 0.
+    raw = load_gradients(index_dir)
+    unscored = ~np.any(raw.view(np.uint8).reshape(len(raw), -1), axis=1)
+    per_query[:, unscored] = np.nan
+    return attributor, per_query, unscored
+
+
 def score_shard_stage(index_dir, query_tokens_dir, reduced_dir, query_gradients_dir, hessian_dir, out_path, *,
                       variant: str, settings: dict) -> None:
     """Rule `bergson_scores`: one shard's index scored against the reduced query (one score per row) and against
@@ -222,38 +247,50 @@ def score_shard_stage(index_dir, query_tokens_dir, reduced_dir, query_gradients_
     gradients computed). `dot` applies H^-1 to the queries; `cosine` H^-1/2 to both sides, then unit norms."""
     import datasets
     import torch
-    from bergson.data import load_gradients
-    from bergson.query.attributor import Attributor
 
     from playpen_attribution.tables import save_shard
 
     unit_normalize, _ = parse_variant(variant)
-    index_dir, dtype = Path(index_dir), torch.float32  # scores in fp32 whatever precision the gradients were kept in
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    index_dir = Path(index_dir)
     query_ids = list(datasets.load_from_disk(str(query_tokens_dir))["row_id"])
     train_ids = json.loads((index_dir / INDEX_ROWS).read_text())["row_ids"]
-    attributor = Attributor(index_dir, device=device, dtype=dtype, unit_norm=unit_normalize,
-                            inversion_cfg=_inversion(settings, hessian_dir),
-                            hessian_path=str(Path(hessian_dir).resolve()) if hessian_dir else None)
-    for folder, what in ((query_gradients_dir, "The per-query gradients"), (reduced_dir, "The reduced query")):
-        attributor.processor.check_saved_projection(Path(folder), what)
+    attributor, per_query, unscored = _index_scores(index_dir, query_gradients_dir, hessian_dir,
+                                                    unit_normalize=unit_normalize, settings=settings)
+    attributor.processor.check_saved_projection(Path(reduced_dir), "The reduced query")
     with torch.inference_mode():
-        # the per-query gradients are raw: search preconditions and normalizes them as this variant says
-        values, order = attributor.search(_stored_gradients(query_gradients_dir, dtype), k=None)
-        per_query = torch.empty_like(values).scatter_(1, order, values)
         # the reduced query already carries its preprocessing (from `bergson_reduce`): only the index side's applies
-        reduced_query = _stored_gradients(reduced_dir, dtype)
+        device = next(iter(attributor.grads.values())).device
+        reduced_query = _stored_gradients(reduced_dir, torch.float32)
         reduced = sum(reduced_query[m].to(device) @ attributor.grads[m].T for m in attributor.ordered_modules)[0]
-    per_query, reduced = per_query.float().cpu().numpy(), reduced.float().cpu().numpy()
-    # Bergson gives no gradient to a row with fewer than two tokens: its index row stays zero. Such a row is
-    # reported as unscored (NaN), never given a score of 0.
-    raw = load_gradients(index_dir)
-    unscored = ~np.any(raw.view(np.uint8).reshape(len(raw), -1), axis=1)
-    per_query[:, unscored], reduced[unscored] = np.nan, np.nan
+    reduced = reduced.float().cpu().numpy()
+    reduced[unscored] = np.nan
     if per_query.shape != (len(query_ids), len(train_ids)):
         raise RuntimeError(f"Bergson returned scores of shape {per_query.shape} for {len(query_ids)} queries and "
                            f"{len(train_ids)} training rows in {index_dir}")
     save_shard(out_path, per_query, query_ids, train_ids, reduced=reduced)
+
+
+def damping_sweep_stage(index_dirs: list, query_tokens_dir, query_gradients_dir, hessian_dir, out_path, *,
+                        variant: str, damping: list[float], settings: dict) -> None:
+    """Rule `damping_sweep_bergson`: every query against every training row and planted copy (the index folders
+    in order), once per damping factor c (preconditioner inverse 1/(lambda + c mean lambda)); no model."""
+    import datasets
+
+    from playpen_attribution.tables import save_sweep
+
+    unit_normalize, side = parse_variant(variant)
+    if side is None:
+        raise ValueError(f"{variant} has no preconditioner: damping does not change it; leave it out of "
+                         "validation.damping.methods")
+    query_ids = list(datasets.load_from_disk(str(query_tokens_dir))["row_id"])
+    row_ids = [r for folder in index_dirs for r in json.loads((Path(folder) / INDEX_ROWS).read_text())["row_ids"]]
+    scores = []
+    for scale in damping:
+        blocks = [_index_scores(folder, query_gradients_dir, hessian_dir, unit_normalize=unit_normalize,
+                                settings={**settings, "damping_factor": scale})[1] for folder in index_dirs]
+        scores.append(np.concatenate(blocks, axis=1))
+        log.info("%s: damping %g scored", variant, scale)
+    save_sweep(out_path, np.stack(scores), damping, query_ids, row_ids)
 
 
 def merge_train_scores_stage(train_rows, train_tokens_dir, shards_by_method: dict, out_csv, out_report) -> None:

@@ -13,6 +13,8 @@ from typing import Any
 import jsonschema
 import yaml
 
+from playpen_attribution.methods import damping_sweep_methods, has_preconditioner
+
 # shipped inside the package, so an installed package validates configs wherever it runs
 SCHEMA_PATH = Path(__file__).resolve().parent / "config.schema.yaml"
 
@@ -68,6 +70,17 @@ def _check_run(name: str, run: dict[str, Any], source: str) -> None:
         raise ConfigError(f"{source}: at runs.{name}.attribution.shards: {shards} shards for at most {max_train} "
                           f"training rows (runs.{name}.data.max_rows.train); every shard needs a row: set shards to "
                           f"at most {max_train}")
+    validation = run["validation"]
+    for method in damping_sweep_methods(run):
+        where = f"{source}: at runs.{name}.validation.damping.methods: {method}"
+        if method not in run["attribution"]["methods"]:
+            raise ConfigError(f"{where} is not one of the run's methods ({run['attribution']['methods']}); sweep "
+                              "only methods the run scores")
+        if not has_preconditioner(method):
+            raise ConfigError(f"{where} has no preconditioner, so damping does not change it; leave it out")
+    if damping_sweep_methods(run) and not (validation["lds"]["subsets"] or validation["planted"]["queries"]):
+        raise ConfigError(f"{source}: at runs.{name}.validation.damping: a sweep needs something to measure: set "
+                          f"validation.lds.subsets or validation.planted.queries above 0")
 
 
 def load_config(*paths: str | Path) -> dict[str, Any]:

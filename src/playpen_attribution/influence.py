@@ -17,6 +17,7 @@ import math
 import os
 import re
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 
 from playpen_attribution.io import atomic_path, write_json_atomic
@@ -422,3 +423,45 @@ def score_shard_stage(model_dir, factors_dir, query_tokens_dir, train_tokens_dir
     for _ in range(math.ceil(len(query) / min(query_batch_size or len(query), len(query)))):
         log_gradient_pass(train_tokens_dir, len(train), tokens, f"kronfluence scores, shard {shard}")
     save_shard(out_path, result["scores"], query["row_id"], train["row_id"], result["per_token"])
+
+
+@contextmanager
+def relative_damping(scale: float):
+    """Damp with `scale` x each module's mean eigenvalue, as Bergson's damping factor does. Kronfluence takes an
+    absolute damping, or (given None) a fixed 0.1 x the mean eigenvalue from a module constant; the damping sweep
+    needs other multiples, so the constant is set for the duration of the block (restored after)."""
+    import kronfluence.factor.config as factor_config
+
+    previous = factor_config.HEURISTIC_DAMPING_SCALE
+    factor_config.HEURISTIC_DAMPING_SCALE = scale
+    try:
+        yield
+    finally:
+        factor_config.HEURISTIC_DAMPING_SCALE = previous
+
+
+def damping_sweep_stage(model_dir, factors_dir, query_tokens_dir, train_tokens_dir, copies_dir, out_path, *,
+                        damping: list[float], train_batch_size: int, query_batch_size: int | None,
+                        query_gradient_rank: int | None, dtype: str) -> None:
+    """Rule `damping_sweep_kronfluence`: every query against every training row and planted copy, once per
+    relative damping factor (one pass over the rows per factor and query batch). The model is loaded per factor:
+    Kronfluence wraps its modules in place, and a wrapped model no longer matches the factors' module names."""
+    import datasets
+    import numpy as np
+
+    from playpen_attribution.tables import save_sweep
+
+    query = datasets.load_from_disk(str(query_tokens_dir))
+    columns = ["row_id", "input_ids", "labels"]
+    parts = [datasets.load_from_disk(str(folder)) for folder in (train_tokens_dir, copies_dir) if folder]
+    rows = datasets.concatenate_datasets([part.select_columns(columns) for part in parts])
+    scores = []
+    for scale in damping:
+        with relative_damping(scale):
+            result = score_pairs(str(model_dir), factors_dir, query, rows, train_batch_size=train_batch_size,
+                                 query_batch_size=query_batch_size, query_gradient_rank=query_gradient_rank,
+                                 dtype=dtype, damping_factor=None)
+        scores.append(result["scores"])
+        for _ in range(math.ceil(len(query) / min(query_batch_size or len(query), len(query)))):
+            log_gradient_pass(train_tokens_dir, len(rows), token_count(rows), f"kronfluence damping {scale:g}")
+    save_sweep(out_path, np.stack(scores), damping, list(query["row_id"]), list(rows["row_id"]))

@@ -273,7 +273,8 @@ def _table(frame: pd.DataFrame, text_columns=("prompt", "completion"), highlight
 def render_page(*, title: str, summary: dict, methods: dict[str, MethodScores], agree: pd.DataFrame,
                 stability: pd.DataFrame, episodes: pd.DataFrame, queries: pd.DataFrame, query_ids: list[str],
                 plots: dict[str, Path], per_token_html: dict, k: int, queries_shown: int,
-                planted: pd.DataFrame | None = None, lds: pd.DataFrame | None = None) -> str:
+                planted: pd.DataFrame | None = None, lds: pd.DataFrame | None = None,
+                damping: pd.DataFrame | None = None, damping_png: bytes | None = None) -> str:
     shown_columns = ["rank", "of", "score", "train_id", *[c for c in METADATA_COLUMNS if c in episodes],
                      "prompt", "completion"]
     parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
@@ -287,6 +288,7 @@ def render_page(*, title: str, summary: dict, methods: dict[str, MethodScores], 
     parts.append("<p><a href='#agreement'>Agreement</a> · "
                  + ("<a href='#planted'>Planted copies</a> · " if planted is not None else "")
                  + ("<a href='#lds'>LDS</a> · " if lds is not None else "")
+                 + ("<a href='#damping'>Damping sweep</a> · " if damping is not None else "")
                  + "<a href='#distributions'>Score distributions</a> · "
                  "<a href='#overall'>Episodes against all queries</a> · <a href='#per-query'>Per query</a></p>")
     parts.append("<h2 id='agreement'>How far the methods agree</h2>")
@@ -322,6 +324,15 @@ def render_page(*, title: str, summary: dict, methods: dict[str, MethodScores], 
                      "baseline's, paired per query, with its interval (validation/lds.csv).</p>")
         parts.append(lds_chart(lds))
         parts.append(_table(lds.round(4), text_columns=()))
+    if damping is not None:
+        parts.append("<h2 id='damping'>Damping sweep</h2><p class='note'>Each method with a preconditioner rescored at "
+                     "relative damping factors c: the preconditioner is inverted as 1/(&lambda; + c &middot; mean "
+                     "&lambda;) per module, the same meaning for Kronfluence and Bergson. LDS (with its interval) and "
+                     "planted recall@1 against c; the dashed line is the best model-free baseline "
+                     "(validation/damping.csv). Large c tends to raw gradient dot products (or cosines).</p>")
+        if damping_png is not None:
+            parts.append(_img(damping_png, "damping sweep"))
+        parts.append(_table(damping.round(4), text_columns=()))
     parts.append("<h2 id='distributions'>Score distributions</h2>")
     parts.append(_img(Path(plots["distributions"]).read_bytes(), "score distributions"))
 
@@ -365,7 +376,7 @@ def render_page(*, title: str, summary: dict, methods: dict[str, MethodScores], 
 
 def build_report(*, query_csv, train_csv, influences_csv, out_dir, train_scores_csv=None, train_tokens_dir=None,
                  tokenizer_file=None, top_k: int = 10, queries_shown: int = 10, title: str = "Attribution report",
-                 planted_summary_csv=None, lds_csv=None):
+                 planted_summary_csv=None, lds_csv=None, damping_csv=None, damping_png=None):
     """Rule `report`: every file of `report/` from the merged tables; returns their paths."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -404,7 +415,9 @@ def build_report(*, query_csv, train_csv, influences_csv, out_dir, train_scores_
                        plots={"agreement": paths["agreement.png"], "distributions": paths["score_distributions.png"]},
                        per_token_html=per_token_html, k=top_k, queries_shown=queries_shown,
                        planted=pd.read_csv(planted_summary_csv) if planted_summary_csv else None,
-                       lds=pd.read_csv(lds_csv) if lds_csv else None)
+                       lds=pd.read_csv(lds_csv) if lds_csv else None,
+                       damping=pd.read_csv(damping_csv) if damping_csv else None,
+                       damping_png=Path(damping_png).read_bytes() if damping_png else None)
     with atomic_path(paths["index.html"]) as tmp:
         Path(tmp).write_text(page, encoding="utf-8")
     return paths

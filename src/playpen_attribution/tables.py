@@ -126,3 +126,19 @@ def readable(value) -> str:
     if messages is None:
         return value if isinstance(value, str) else ""
     return "\n\n".join(f"[{m.get('role', '?')}] {m['content']}" for m in messages)
+
+
+def save_sweep(path: str | Path, scores: np.ndarray, damping: list[float], query_ids: list[str],
+               row_ids: list[str]) -> None:
+    """A damping sweep's scores: `scores` [damping values, queries, rows] (the training rows, then the planted
+    copies), one slice per relative damping factor in `damping`."""
+    arrays = {"scores": scores.astype(np.float32), "damping": np.asarray(damping, dtype=np.float64),
+              "query_ids": np.asarray(query_ids, dtype=str), "row_ids": np.asarray(row_ids, dtype=str)}
+    with atomic_path(path) as tmp, open(tmp, "wb") as handle:
+        np.savez(handle, **arrays)
+
+
+def load_sweep(path: str | Path) -> dict:
+    with np.load(path) as data:
+        return {"scores": data["scores"], "damping": data["damping"].tolist(),
+                "query_ids": data["query_ids"].tolist(), "row_ids": data["row_ids"].tolist()}

@@ -270,3 +270,98 @@ def lds_stage(query_csv, train_csv, influences_csv, losses_json, out_csv, out_pe
                   f"{row['best_baseline']}" if row["best_baseline"] else "")
         log.info("LDS %s: %.3f [%.3f, %.3f] over %d queries in %d clusters, %d subsets%s", row["method"], row["lds"],
                  row["ci95_low"], row["ci95_high"], row["queries"], row["clusters"], row["subsets"], margin)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# damping sweep
+# ---------------------------------------------------------------------------------------------------------
+def damping_sweep_stage(query_csv, train_csv, sweeps: dict, out_csv, out_png, *, seed: int, losses_json=None,
+                        copies_dir=None, lds_csv=None) -> None:
+    """Rule `damping_sweep`: per method and relative damping factor, the LDS (with its interval) and the
+    planted copies' recall, from the scores the sweep jobs computed with the run's adapter, factors and
+    preconditioners; `damping.png` draws both against the damping factor, the best model-free baseline's
+    LDS beside them."""
+    import datasets
+
+    from playpen_attribution.baselines import BASELINE_NAMES
+    from playpen_attribution.scores import mean_and_cluster_interval, query_groups, read_run_tables
+    from playpen_attribution.tables import load_sweep
+    from playpen_attribution.taboo import with_target_words
+
+    queries, train = (with_target_words(frame) for frame in read_run_tables(query_csv, train_csv))
+    query_ids, train_ids = queries["query_id"].tolist(), train["train_id"].tolist()
+    counted, clusters = query_groups(queries)
+    losses = json.loads(Path(losses_json).read_text()) if losses_json else None
+    if losses is not None:
+        if losses["query_ids"] != query_ids:
+            raise ValueError(f"{losses_json} holds losses of other queries than {query_csv}; rerun lds_losses")
+        order = sorted(losses["subsets"], key=int)
+        column = {t: i for i, t in enumerate(train_ids)}
+        membership = np.zeros((len(order), len(train_ids)))
+        for s, subset in enumerate(order):
+            membership[s, [column[r] for r in losses["subsets"][subset]["row_ids"]]] = 1.0
+        actual = -np.array([losses["subsets"][s]["query_losses"] for s in order])
+    copy_ids = list(datasets.load_from_disk(str(copies_dir))["row_id"]) if copies_dir else []
+    copy_query_ids = [c.removeprefix(PLANTED_PREFIX) for c in copy_ids]
+    copy_rows = queries.set_index("query_id").loc[copy_query_ids].reset_index()
+    duplicates = {q: set(train.train_id[(train.prompt == p) & (train.completion == c)])
+                  for q, p, c in copy_rows[["query_id", "prompt", "completion"]].itertuples(index=False)}
+    records = []
+    for method, path in sweeps.items():
+        sweep = load_sweep(path)
+        if sweep["query_ids"] != query_ids or set(sweep["row_ids"]) != set(train_ids) | set(copy_ids):
+            raise ValueError(f"{path}: scored other queries or rows than {query_csv} / {train_csv} and the planted "
+                             "copies; rerun the damping sweep")
+        position = {r: i for i, r in enumerate(sweep["row_ids"])}
+        train_cols, copy_cols = [position[t] for t in train_ids], [position[c] for c in copy_ids]
+        for scale, scores in zip(sweep["damping"], sweep["scores"]):
+            row = {"method": method, "damping": scale}
+            if losses is not None:
+                values = lds_scores(scores[:, train_cols], membership, actual)
+                mean, low, high = mean_and_cluster_interval(values, counted, clusters, seed=seed)
+                row.update(lds=mean, ci95_low=low, ci95_high=high)
+            if copy_ids:
+                ranks = pd.Series([r["rank"] for r in copy_ranks(scores[:, train_cols], query_ids, train_ids,
+                                                                 scores[:, copy_cols], copy_query_ids, copy_ids,
+                                                                 duplicates)], dtype=float)
+                row.update(recall_at_1=float((ranks == 1).mean()), recall_at_10=float((ranks <= 10).mean()),
+                           median_rank=float(ranks.median()))
+            records.append(row)
+    table = pd.DataFrame.from_records(records)
+    write_csv_atomic(table, out_csv)
+    baseline = None
+    if lds_csv:
+        lds = pd.read_csv(lds_csv)
+        lds = lds[lds.method.isin(BASELINE_NAMES)]
+        if len(lds):
+            baseline = lds.loc[lds.lds.idxmax(), ["method", "lds"]].tolist()
+    plot_damping_sweep(table, out_png, baseline)
+    for row in records:
+        log.info("damping %s %g: %s", row["method"], row["damping"],
+                 ", ".join(f"{k} {v:.3f}" for k, v in row.items() if k not in ("method", "damping")))
+
+
+def plot_damping_sweep(table: pd.DataFrame, path, baseline=None) -> None:
+    """LDS and planted recall@1 against the relative damping factor (log scale), one line per method."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = [c for c in ("lds", "recall_at_1") if c in table]
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 3.4), squeeze=False)
+    for ax, column in zip(axes[0], panels):
+        for method, group in table.groupby("method", sort=False):
+            ax.plot(group.damping, group[column], marker="o", label=method)
+            if column == "lds":
+                ax.fill_between(group.damping, group.ci95_low, group.ci95_high, alpha=0.15)
+        if column == "lds" and baseline is not None:
+            ax.axhline(baseline[1], color="grey", ls="--", lw=1, label=f"best baseline ({baseline[0]})")
+        ax.set_xscale("log")
+        ax.set_xlabel("damping factor c (x mean eigenvalue)")
+        ax.set_ylabel({"lds": "mean LDS", "recall_at_1": "planted recall@1"}[column])
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+    plt.close(fig)

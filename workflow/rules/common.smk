@@ -14,6 +14,7 @@ from playpen_attribution.bergson_attribution import (
     variant_of,
 )
 from playpen_attribution.config import run_config
+from playpen_attribution.methods import damping_sweep_methods
 from playpen_attribution.data import split_config
 from playpen_attribution.plan import (
     architecture_file,
@@ -273,6 +274,9 @@ def report_inputs(wildcards):
         inputs["planted"] = f"results/{wildcards.run}/validation/planted_summary.csv"
     if lds_cfg(wildcards)["subsets"]:
         inputs["lds"] = f"results/{wildcards.run}/validation/lds.csv"
+    if damping_sweep_methods(run_cfg(wildcards)):
+        inputs["damping"] = f"results/{wildcards.run}/validation/damping.csv"
+        inputs["damping_plot"] = f"results/{wildcards.run}/validation/damping.png"
     return inputs
 
 
@@ -305,3 +309,42 @@ def lds_retrain_dirs(wildcards):
     cfg = lds_cfg(wildcards)
     return [f"results/{wildcards.run}/validation/lds/retrain-{b}"
             for b in range(len(lds_batches(cfg["subsets"], cfg["subsets_per_job"])))]
+
+
+# Damping sweep inputs by run.
+def sweep_factors(wildcards):
+    return run_cfg(wildcards)["validation"]["damping"]["factors"]
+
+
+def sweep_copies(wildcards):
+    """The planted copies, scored by the sweep beside the training rows where the run plants any."""
+    return [f"results/{wildcards.run}/validation/planted/tokens"] if planted_count(wildcards) else []
+
+
+def sweep_files(wildcards):
+    """One scores file per swept method, by method."""
+    files = {}
+    for method in damping_sweep_methods(run_cfg(wildcards)):
+        family, name = ("bergson", variant_of(method)) if is_bergson_method(method) else ("kronfluence", method)
+        files[f"sweep_{method}"] = f"results/{wildcards.run}/validation/damping/{family}/{name}.npz"
+    return files
+
+
+def sweep_index_dirs(wildcards):
+    """Every training shard's Bergson index, then the planted copies' (the sweep's row order)."""
+    run = wildcards.run
+    dirs = [f"results/{run}/bergson/index/shard-{i}" for i in range(shard_count(wildcards))]
+    if planted_count(wildcards):
+        dirs.append(f"results/{run}/validation/planted/bergson/index/shard-0")
+    return dirs
+
+
+def sweep_table_inputs(wildcards):
+    inputs = {"query": f"results/{wildcards.run}/query.csv", "train": f"results/{wildcards.run}/train.csv",
+              **sweep_files(wildcards)}
+    if lds_cfg(wildcards)["subsets"]:
+        inputs["losses"] = f"results/{wildcards.run}/validation/lds/query_losses.json"
+        inputs["lds"] = f"results/{wildcards.run}/validation/lds.csv"
+    if planted_count(wildcards):
+        inputs["copies"] = f"results/{wildcards.run}/validation/planted/tokens"
+    return inputs

@@ -194,3 +194,87 @@ rule lds:
         CONDA_ENV
     script:
         "../scripts/lds.py"
+
+
+# Damping sweep: each preconditioned method rescored at relative damping factors c (1/(lambda + c mean lambda) for
+# both families) with the run's adapter, factors, preconditioners and Bergson index (nothing refitted or retrained),
+# the training rows and planted copies together; then its LDS and planted recall against c.
+rule damping_sweep_kronfluence:
+    input:
+        model="results/{run}/adapter",
+        factors="results/{run}/kronfluence/factors/{strategy}",
+        query="results/{run}/data/tokens/query",
+        train="results/{run}/data/tokens/train",
+        copies=sweep_copies,
+    output:
+        "results/{run}/validation/damping/kronfluence/{strategy}.npz",
+    wildcard_constraints:
+        strategy=STRATEGY_PATTERN,
+    params:
+        damping=sweep_factors,
+        kronfluence=lambda wc: {k: kronfluence_cfg(wc)[k] for k in ("train_batch_size", "query_batch_size",
+                                                                    "query_gradient_rank", "dtype")},
+        code=code_hash("influence", "modeling", "tables", "io"),
+    log:
+        "logs/{run}/damping_sweep_kronfluence_{strategy}.log",
+    benchmark:
+        "benchmarks/{run}/damping_sweep_kronfluence_{strategy}.tsv"
+    resources:
+        gpu=1,
+        mem_mb=score_mem("kronfluence_scores"),
+        runtime=lambda wc, attempt: attribution_runtime(wc, attempt) * len(sweep_factors(wc)),
+    conda:
+        CONDA_ENV
+    script:
+        "../scripts/damping_sweep_kronfluence.py"
+
+
+# Matrix products on stored gradients, like bergson_scores: a CPU job.
+rule damping_sweep_bergson:
+    input:
+        index=sweep_index_dirs,
+        query="results/{run}/data/tokens/query",
+        per_query="results/{run}/bergson/query/per_query",
+        hessian=bergson_hessian,
+    output:
+        "results/{run}/validation/damping/bergson/{variant}.npz",
+    wildcard_constraints:
+        variant=VARIANT_PATTERN,
+    params:
+        damping=sweep_factors,
+        code=code_hash("bergson_attribution", "tables", "io"),
+    log:
+        "logs/{run}/damping_sweep_bergson_{variant}.log",
+    benchmark:
+        "benchmarks/{run}/damping_sweep_bergson_{variant}.tsv"
+    resources:
+        mem_mb=score_mem("bergson_scores"),
+        runtime=attribution_runtime,
+    conda:
+        CONDA_ENV
+    script:
+        "../scripts/damping_sweep_bergson.py"
+
+
+rule damping_sweep:
+    input:
+        unpack(sweep_table_inputs),
+    output:
+        table=report("results/{run}/validation/damping.csv", caption="../report/damping.rst", category="Validation",
+                     labels={"run": "{run}", "what": "damping sweep"}),
+        plot=report("results/{run}/validation/damping.png", caption="../report/damping.rst", category="Validation",
+                    labels={"run": "{run}", "what": "damping sweep plot"}),
+    params:
+        methods=lambda wc: damping_sweep_methods(run_cfg(wc)),
+        seed=lambda wc: lds_cfg(wc)["seed"],
+        code=code_hash("validation", "baselines", "scores", "taboo", "tables", "io"),
+    log:
+        "logs/{run}/damping_sweep.log",
+    benchmark:
+        "benchmarks/{run}/damping_sweep.tsv"
+    resources:
+        mem_mb=table_mem_mb,
+    conda:
+        CONDA_ENV
+    script:
+        "../scripts/damping_sweep.py"
