@@ -94,3 +94,75 @@ def test_duplicates_are_found_on_text_and_on_tokens_whatever_their_metadata(demo
     tokenized = read_tokens_report(demo_tokens / "train")["duplicates"]
     assert tokenized["rows_repeating_an_earlier_row"] == int(pairs.duplicated().sum()) == expected
     assert {tuple(g) for g in tokenized["groups"]} == groups
+
+
+@pytest.fixture(scope="module")
+def conversations(demo_tables, tmp_path_factory):
+    """Demo rows and real taboo rows (both roles, both splits): prompt/completion message lists."""
+    from playpen_attribution.data import prepare_split, split_config
+
+    from conftest import REPO, data_cfg
+
+    out, _ = demo_tables
+    rows = read_rows(out / "train.parquet")[:16]
+    source = {"kind": "playpen", "path": str(REPO / "resources/real-taboo/playpen-real"), "name": "interactions"}
+    folder = tmp_path_factory.mktemp("real-rows")
+    for role in ("WordGuesser", "WordDescriber"):
+        for split in ("train", "query"):
+            path = folder / f"{role}-{split}.parquet"
+            prepare_split(split_config(data_cfg(source, role=role), split), path, folder / f"{role}-{split}.json")
+            rows += read_rows(path)
+    return rows
+
+
+def test_assistant_turn_labels_equal_sft_trainers_assistant_only_loss(conversations, tiny_model_dir, tiny_tokenizer,
+                                                                     tmp_path):
+    """SFTTrainer with assistant_only_loss=True tokenizes the whole conversations itself; our labels must be its."""
+    from transformers import AutoModelForCausalLM
+    from trl import SFTConfig, SFTTrainer
+
+    rows = [r for r in conversations if sum(m["role"] == "assistant" for m in r["prompt"]) >= 1][:40]
+    ours, report = tokenize_rows(rows, tiny_tokenizer, max_length=4096, mode="chat", loss_on="assistant_turns")
+    assert report["rows_skipped"] == [] and report["loss_on"] == "assistant_turns"
+    raw = datasets.Dataset.from_list([{"messages": r["prompt"] + r["completion"]} for r in rows])
+    args = SFTConfig(output_dir=str(tmp_path), assistant_only_loss=True, bf16=False, report_to=[],
+                     max_length=4096, activation_checkpointing=False)
+    trainer = SFTTrainer(model=AutoModelForCausalLM.from_pretrained(str(tiny_model_dir)), args=args,
+                         train_dataset=raw, processing_class=tiny_tokenizer)
+    theirs = trainer.train_dataset
+    assert len(theirs) == len(ours) == len(rows) > 20
+    for i in range(len(ours)):
+        assert theirs[i]["input_ids"] == ours[i]["input_ids"]
+        labels = [t if m else IGNORE_INDEX for t, m in zip(theirs[i]["input_ids"], theirs[i]["assistant_masks"])] \
+            if "assistant_masks" in theirs.column_names else theirs[i]["labels"]
+        assert labels == ours[i]["labels"]
+    # every assistant turn is labelled: as many labelled spans as assistant turns, the last one the last turn's
+    for row, tokens in zip(rows, ours):
+        labels = tokens["labels"]
+        spans = sum(1 for i, t in enumerate(labels) if t != IGNORE_INDEX and (i == 0 or labels[i - 1] == IGNORE_INDEX))
+        assert spans == sum(m["role"] == "assistant" for m in row["prompt"] + row["completion"])
+        last = tokenize_example(tiny_tokenizer, row["prompt"], row["completion"], 4096, "chat")["labels"]
+        assert all(a == b for a, b in zip(labels, last) if b != IGNORE_INDEX)  # last_turn's labels are a subset
+
+
+def test_the_template_with_generation_tags_renders_every_conversation_as_the_original(conversations, tiny_tokenizer):
+    from playpen_attribution.tiny_model import gemma3_chat_template
+    from playpen_attribution.tokenization import training_chat_template
+
+    assert tiny_tokenizer.chat_template == gemma3_chat_template()  # the real Gemma 3 template text
+    training = training_chat_template(tiny_tokenizer)
+    assert "generation" in training and training != tiny_tokenizer.chat_template
+    assert len(conversations) > 250  # every real taboo episode but the aborted ones, both roles
+    for row in conversations:
+        messages = row["prompt"] + row["completion"]
+        for extra in ({}, {"add_generation_prompt": True}):
+            original = tiny_tokenizer.apply_chat_template(messages, tokenize=False, **extra)
+            assert tiny_tokenizer.apply_chat_template(messages, tokenize=False, chat_template=training, **extra) == original
+        prompt = tiny_tokenizer.apply_chat_template(row["prompt"], tokenize=False, add_generation_prompt=True)
+        assert tiny_tokenizer.apply_chat_template(row["prompt"], tokenize=False, add_generation_prompt=True,
+                                                  chat_template=training) == prompt
+
+
+def test_assistant_turns_need_chat_turns(tiny_tokenizer):
+    with pytest.raises(ValueError, match="loss_on: assistant_turns needs tokenization.render: chat"):
+        tokenize_example(tiny_tokenizer, "a prompt", "a completion", 64, "plain", loss_on="assistant_turns")

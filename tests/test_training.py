@@ -69,3 +69,42 @@ def test_adapter_folder_is_self_contained(tiny_model_dir, train_tokens, tmp_path
     adapter_config = json.loads((folder / "adapter_config.json").read_text())
     assert os.path.isabs(adapter_config["base_model_name_or_path"])
     assert not list(tmp_path.glob(".adapter*")), "no scratch or temporary folder left behind"
+
+
+def test_every_assistant_turn_trains_evaluates_and_is_scored_on_the_same_labels(demo_tables, tiny_model_dir, tmp_path):
+    """loss_on: assistant_turns end to end in the package: the tokens carry every assistant turn's labels, training
+    uses them (and logs an eval loss per epoch on the eval rows), and Kronfluence's scores are the exact gradient
+    dot products of the summed loss over those very labels."""
+    import numpy as np
+
+    from playpen_attribution.influence import fit_factors, score_pairs
+    from playpen_attribution.tokenization import IGNORE_INDEX
+
+    from conftest import independent_gradients
+
+    out, _ = demo_tables
+    for split in ("train", "query"):
+        report = tokenize_table(out / f"{split}.parquet", tiny_model_dir, tmp_path / split, max_length=256,
+                                mode="chat", loss_on="assistant_turns")
+        assert report["loss_on"] == "assistant_turns"
+    train_rows = datasets.load_from_disk(str(tmp_path / "train"))
+    spans = [sum(1 for i, t in enumerate(row) if t != IGNORE_INDEX and (i == 0 or row[i - 1] == IGNORE_INDEX))
+             for row in train_rows["labels"]]
+    assert max(spans) >= 3  # guessers' earlier guesses carry the loss too
+    lora, training = settings()
+    train_adapter(tiny_model_dir, tmp_path / "train", tmp_path / "adapter", lora=lora,
+                  training={**training, "epochs": 2}, max_length=256, eval_tokens_dir=tmp_path / "query")
+    manifest = json.loads((tmp_path / "adapter" / "manifest.json").read_text())
+    assert manifest["loss_on"] == "assistant_turns"
+    queries = datasets.load_from_disk(str(tmp_path / "query"))
+    assert manifest["eval"]["rows"] == len(queries) and manifest["eval"]["row_ids"] == queries["row_id"]
+    losses = manifest["eval"]["losses"]
+    assert [round(e["epoch"]) for e in losses] == [1, 2] and all(np.isfinite(e["eval_loss"]) for e in losses)
+    query, train_subset = queries.select(range(3)), train_rows.select(np.argsort(spans)[-6:].tolist())
+    fit_factors(str(tmp_path / "adapter"), tmp_path / "train", tmp_path / "factors", strategy="identity",
+                modules="lora")
+    scores = score_pairs(str(tmp_path / "adapter"), tmp_path / "factors", query, train_subset)["scores"]
+    g_query, _, _ = independent_gradients(tmp_path / "adapter", query)
+    g_train, _, _ = independent_gradients(tmp_path / "adapter", train_subset)
+    expected = (g_query.double() @ g_train.double().T).numpy()
+    np.testing.assert_allclose(scores, expected, rtol=2e-3, atol=1e-3 * np.abs(expected).max())

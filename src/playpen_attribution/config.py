@@ -70,6 +70,10 @@ def _check_run(name: str, run: dict[str, Any], source: str) -> None:
         raise ConfigError(f"{source}: at runs.{name}.attribution.shards: {shards} shards for at most {max_train} "
                           f"training rows (runs.{name}.data.max_rows.train); every shard needs a row: set shards to "
                           f"at most {max_train}")
+    tokenization = run["tokenization"]
+    if tokenization["loss_on"] == "assistant_turns" and tokenization["render"] != "chat":
+        raise ConfigError(f"{source}: at runs.{name}.tokenization.loss_on: assistant_turns needs render: chat (a "
+                          f"plain prompt/completion has no turns); set tokenization.render: chat or loss_on: last_turn")
     validation = run["validation"]
     for method in damping_sweep_methods(run):
         where = f"{source}: at runs.{name}.validation.damping.methods: {method}"

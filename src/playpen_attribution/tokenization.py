@@ -1,7 +1,12 @@
 """The one tokenization that SFT, Bergson and Kronfluence all consume.
 
-Each row becomes `input_ids`, `attention_mask` and `labels` (-100 everywhere but the completion and its
-end-of-turn marker). Two renderings behind one function:
+Each row becomes `input_ids`, `attention_mask` and `labels`. Which tokens carry a label (`loss_on`):
+- `last_turn`: the completion (the episode's last assistant turn) and its end-of-turn marker, -100 elsewhere.
+- `assistant_turns`: every assistant turn of the conversation, as TRL's `assistant_only_loss=True` masks it:
+  the assistant mask of TRL's training variant of the chat template (the same text, with `{% generation %}`
+  tags around each assistant turn). Tests show these labels equal SFTTrainer's own and that the variant renders
+  every conversation exactly as the original template does.
+Two renderings behind one function:
 - `chat`: the model's chat template, exactly as TRL's SFTTrainer renders a conversational
   prompt/completion pair (prompt with the generation prompt, then prompt + completion; the completion
   starts where the two diverge). A string prompt/completion is wrapped as one user and one assistant turn.
@@ -19,6 +24,7 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 
 IGNORE_INDEX = -100
+LOSS_ON = ("last_turn", "assistant_turns")
 
 
 def _as_messages(value, role: str) -> list[dict]:
@@ -58,12 +64,50 @@ def render(tokenizer, prompt, completion, mode: str) -> tuple[list[int], int]:
     raise ValueError(f"unknown render mode {mode!r}; expected 'chat' or 'plain'")
 
 
-def tokenize_example(tokenizer, prompt, completion, max_length: int, mode: str) -> dict:
-    """One row's ids and labels, left-truncating the prompt; `{"error": ...}` if the completion cannot fit."""
+def training_chat_template(tokenizer) -> str:
+    """The tokenizer's chat template with `{% generation %}` tags: itself if it has them, else TRL's training
+    variant of it (TRL ships one for Gemma 3, among others), the template SFTTrainer uses for
+    `assistant_only_loss=True`."""
+    from trl.chat_template_utils import get_training_chat_template, has_generation_markers
+
+    if has_generation_markers(tokenizer.chat_template):
+        return tokenizer.chat_template
+    template = get_training_chat_template(tokenizer)
+    if template is None:
+        raise ValueError("the tokenizer's chat template has no {% generation %} tags and TRL has no training variant "
+                         "of it; use tokenization.loss_on: last_turn")
+    return template
+
+
+def assistant_labels(tokenizer, prompt, completion, ids: list[int]) -> list[int]:
+    """Labels of every assistant turn: the ids where TRL's assistant mask is 1, -100 elsewhere; `ids` must be the
+    conversation as the original template renders it (checked: the masks may differ, the tokens may not)."""
+    messages = _as_messages(prompt, "user") + _as_messages(completion, "assistant")
+    out = tokenizer.apply_chat_template(messages, chat_template=training_chat_template(tokenizer), tokenize=True,
+                                        return_dict=True, return_assistant_tokens_mask=True)
+    if list(out["input_ids"]) != list(ids):
+        raise ValueError("the chat template with generation tags renders this conversation differently from the "
+                         "model's own template; use tokenization.loss_on: last_turn")
+    return [i if m else IGNORE_INDEX for i, m in zip(ids, out["assistant_masks"])]
+
+
+def tokenize_example(tokenizer, prompt, completion, max_length: int, mode: str, loss_on: str = "last_turn") -> dict:
+    """One row's ids and labels, left-truncating the prompt; `{"error": ...}` if the completion cannot fit.
+
+    `loss_on`: `last_turn` labels the completion only, `assistant_turns` every assistant turn (chat only)."""
+    if loss_on not in LOSS_ON:
+        raise ValueError(f"unknown loss_on {loss_on!r}; expected one of {LOSS_ON}")
+    if loss_on == "assistant_turns" and mode != "chat":
+        raise ValueError("tokenization.loss_on: assistant_turns needs tokenization.render: chat (plain text has no "
+                         "turns)")
     ids, n_prompt = render(tokenizer, prompt, completion, mode)
     n_completion = len(ids) - n_prompt
     if n_completion <= 0:
         return {"error": "empty completion", "n_prompt_tokens": n_prompt, "n_completion_tokens": 0}
+    if loss_on == "assistant_turns":
+        labels = assistant_labels(tokenizer, prompt, completion, ids)
+    else:
+        labels = [IGNORE_INDEX] * n_prompt + ids[n_prompt:]
     keep_bos = 1 if (ids and ids[0] == tokenizer.bos_token_id and n_prompt > 0) else 0
     overflow = len(ids) - max_length
     dropped = 0
@@ -72,9 +116,9 @@ def tokenize_example(tokenizer, prompt, completion, max_length: int, mode: str) 
             return {"error": f"completion of {n_completion} tokens does not fit in max_length {max_length}",
                     "n_prompt_tokens": n_prompt, "n_completion_tokens": n_completion}
         ids = ids[:keep_bos] + ids[keep_bos + overflow:]
+        labels = labels[:keep_bos] + labels[keep_bos + overflow:]
         n_prompt -= overflow
         dropped = overflow
-    labels = [IGNORE_INDEX] * n_prompt + ids[n_prompt:]
     return {
         "input_ids": ids,
         "attention_mask": [1] * len(ids),
@@ -85,7 +129,7 @@ def tokenize_example(tokenizer, prompt, completion, max_length: int, mode: str) 
     }
 
 
-def tokenize_rows(rows: list[dict], tokenizer, max_length: int, mode: str):
+def tokenize_rows(rows: list[dict], tokenizer, max_length: int, mode: str, loss_on: str = "last_turn"):
     """Tokenize rows ({row_id, prompt, completion}) into a `datasets.Dataset`, plus a report of skips."""
     import datasets
 
@@ -96,7 +140,7 @@ def tokenize_rows(rows: list[dict], tokenizer, max_length: int, mode: str):
                                                 "n_prompt_tokens_truncated")}
     skipped, truncated = [], 0
     for row in rows:
-        out = tokenize_example(tokenizer, row["prompt"], row["completion"], max_length, mode)
+        out = tokenize_example(tokenizer, row["prompt"], row["completion"], max_length, mode, loss_on)
         if "error" in out:
             skipped.append({"row_id": row["row_id"], "reason": out["error"],
                             "n_prompt_tokens": out["n_prompt_tokens"],
@@ -127,6 +171,8 @@ def tokenize_rows(rows: list[dict], tokenizer, max_length: int, mode: str):
         "rows_prompt_truncated": int(truncated),
         "max_length": max_length,
         "render": mode,
+        "loss_on": loss_on,
+        "label_tokens": int(sum(sum(1 for x in labels if x != IGNORE_INDEX) for labels in columns["labels"])),
         "longest_sequence": max(lengths, default=0),
         "longest_completion": max(columns["n_completion_tokens"], default=0),
         # token-identical rows (input ids and labels): what every method sees as the same example
@@ -154,7 +200,7 @@ def read_tokens_report(tokens_dir: str | Path) -> dict:
 
 
 def tokenize_table(rows_path: str | Path, model_dir: str | Path, output_dir: str | Path,
-                   max_length: int, mode: str) -> dict:
+                   max_length: int, mode: str, loss_on: str = "last_turn") -> dict:
     """Stage entry point (rule `tokenize`): parquet rows -> a `save_to_disk` dataset + `report.json`."""
     from transformers import AutoTokenizer
 
@@ -163,7 +209,7 @@ def tokenize_table(rows_path: str | Path, model_dir: str | Path, output_dir: str
 
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
     rows = read_rows(rows_path)
-    dataset, report = tokenize_rows(rows, tokenizer, max_length, mode)
+    dataset, report = tokenize_rows(rows, tokenizer, max_length, mode, loss_on)
     if len(dataset) == 0:
         raise DataError(f"{rows_path}: no row fits in max_length={max_length} "
                         f"({len(report['rows_skipped'])} skipped); raise tokenization.max_length")

@@ -56,8 +56,12 @@ def train_adapter(
     max_length: int,
     dtype: str = "auto",
     base_model_source: dict | None = None,
+    eval_tokens_dir: str | Path | None = None,
 ):
-    """Train a LoRA adapter and write it atomically to `output_dir`; return the trained PEFT model."""
+    """Train a LoRA adapter and write it atomically to `output_dir`; return the trained PEFT model.
+
+    `eval_tokens_dir`: rows to compute the eval loss on after every epoch (the manifest's `eval_losses`); no
+    checkpoint is chosen by it, so these rows change no weight."""
     import datasets
     import torch
     from peft import LoraConfig
@@ -74,6 +78,7 @@ def train_adapter(
                                                  attn_implementation="eager")
     tokens = datasets.load_from_disk(str(train_tokens_dir))
     train_dataset = tokens.select_columns(["input_ids", "labels"])
+    eval_tokens = datasets.load_from_disk(str(eval_tokens_dir)) if eval_tokens_dir else None
 
     peft_config = LoraConfig(
         r=lora["r"],
@@ -102,7 +107,8 @@ def train_adapter(
         completion_only_loss=True,
         activation_checkpointing=False,
         save_strategy="no",
-        eval_strategy="no",
+        eval_strategy="epoch" if eval_tokens is not None else "no",
+        per_device_eval_batch_size=training["batch_size"],
         report_to=[],
         disable_tqdm=True,
         dataloader_num_workers=0,
@@ -111,6 +117,7 @@ def train_adapter(
         model=model,
         args=args,
         train_dataset=train_dataset,
+        eval_dataset=eval_tokens.select_columns(["input_ids", "labels"]) if eval_tokens is not None else None,
         processing_class=tokenizer,
         peft_config=peft_config,
     )
@@ -137,7 +144,14 @@ def train_adapter(
         "max_length": max_length,
         # how prompt and completion became tokens (chat template or plain), for tools that tokenize new rows
         "render": read_tokens_report(train_tokens_dir).get("render"),
+        # which tokens carried the loss: the last assistant turn or every one (tokenization.loss_on)
+        "loss_on": read_tokens_report(train_tokens_dir).get("loss_on", "last_turn"),
         "metrics": metrics,
+        # mean token cross-entropy per epoch, on the rows named here (none: training.evaluate is off)
+        "eval": {"rows": len(eval_tokens) if eval_tokens is not None else 0,
+                 "row_ids": list(eval_tokens["row_id"]) if eval_tokens is not None else [],
+                 "losses": [{"epoch": e["epoch"], "eval_loss": e["eval_loss"]}
+                            for e in trainer.state.log_history if "eval_loss" in e]},
         "log_history": trainer.state.log_history,
         "versions": library_versions(),
     }

@@ -103,6 +103,13 @@ def base_model_source(wildcards):
     return {"id": "tiny-random-gemma3", "revision": None, "tiny": model["tiny"]}
 
 
+def eval_tokens_input(wildcards):
+    """{"eval": tokens} where training evaluates (training.evaluate), else {}."""
+    if run_cfg(wildcards)["training"]["evaluate"]:
+        return {"eval": f"results/{wildcards.run}/data/tokens/eval"}
+    return {}
+
+
 def random_model_settings(wildcards):
     settings = dict(run_cfg(wildcards)["model"]["random"])
     settings["architecture"] = resolve(settings["architecture"])

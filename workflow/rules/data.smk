@@ -13,9 +13,10 @@ rule prepare_data:
         rows="results/{run}/data/{split}.parquet",
         report="results/{run}/data/{split}.report.json",
     wildcard_constraints:
-        split="train|query",
+        split="train|query|eval",
     params:
-        # only what decides this split: a new query set never rewrites the training table
+        # only what decides this split: a new query set never rewrites the training table (eval: the query split's
+        # source and filters without its row cap, which training evaluates on)
         data=lambda wc: split_config(data_config(wc), wc.split),
         code=code_hash("data", "io"),
     log:
@@ -35,7 +36,7 @@ rule tokenize:
     output:
         directory("results/{run}/data/tokens/{split}"),
     wildcard_constraints:
-        split="train|query",
+        split="train|query|eval",
     params:
         tokenization=lambda wc: run_cfg(wc)["tokenization"],
         code=code_hash("tokenization", "data", "io"),

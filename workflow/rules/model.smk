@@ -68,8 +68,10 @@ rule fetch_base_model:
 
 rule train_adapter:
     input:
+        unpack(eval_tokens_input),
         model=base_model_dir,
-        # no query tokens: a new query set must never retrain (query.csv has the queries' losses)
+        # no query tokens: a new query set must never retrain (query.csv has the queries' losses); the eval split is
+        # the query split uncapped, so a new query selection does not change it
         train="results/{run}/data/tokens/train",
     output:
         directory("results/{run}/adapter"),

@@ -126,7 +126,8 @@ rule lds_retrain:
         subsets=lds_batch_subsets,
         lds=lambda wc: {k: lds_cfg(wc)[k] for k in ("fraction", "seed")},
         lora=lambda wc: run_cfg(wc)["lora"],
-        training=lambda wc: run_cfg(wc)["training"],
+        # the retrains are not evaluated: only their query losses count
+        training=lambda wc: {k: v for k, v in run_cfg(wc)["training"].items() if k != "evaluate"},
         max_length=lambda wc: run_cfg(wc)["tokenization"]["max_length"],
         dtype=lambda wc: run_cfg(wc)["model"]["dtype"],
         base_model=base_model_source,

@@ -6,4 +6,4 @@ params = snakemake.params
 run_stage(snakemake, train_adapter, base_model_dir=snakemake.input.model, train_tokens_dir=snakemake.input.train,
           output_dir=snakemake.output[0], lora=params.lora,
           training=params.training, max_length=params.max_length, dtype=params.dtype,
-          base_model_source=params.base_model)
+          base_model_source=params.base_model, eval_tokens_dir=snakemake.input.get("eval"))
