@@ -144,3 +144,29 @@ def test_json_source_end_to_end(tmp_path):
     assert report["counts"] == {"raw": 1, "kept": 1}
     rows = read_rows(tmp_path / "b.parquet")
     assert rows == [{"row_id": "q1", "content_hash": rows[0]["content_hash"], "prompt": "p", "completion": " c", "x": 1}]
+
+
+def test_a_failed_guessers_target_word_comes_from_the_describer_of_the_same_episode():
+    from playpen_attribution.data import prepare_playpen, split_config
+    from playpen_attribution.taboo import describer_words
+
+    from conftest import REPO, data_cfg
+
+    source = {"kind": "playpen", "path": str(REPO / "resources/real-taboo/playpen-real"), "name": "interactions"}
+    frame, report = prepare_playpen(split_config(data_cfg(source), "train"))
+    assert report["counts"]["target_word_known"] == len(frame) == 112
+    failed = frame[frame.outcome == "failure"]
+    assert len(failed) == 12 and (failed.target_word_source == "describer of the same episode").all()
+    won = frame[frame.outcome == "success"]
+    assert (won.target_word_source == "own transcript").all()
+    assert (won.target_word == won.completion.map(lambda c: c[-1]["content"].removeprefix("GUESS:").strip().lower())).all()
+    # every row's word is the one its clembench record names (provenance.jsonl, by split and raw row = the row id)
+    provenance = [json.loads(line) for line in (REPO / "resources/real-taboo/provenance.jsonl").read_text().splitlines()]
+    recorded = {f"{p['split']}-{p['row']:06d}": p["target_word"].lower() for p in provenance}
+    assert frame.target_word.tolist() == [recorded[r] for r in frame.row_id]
+    # two describer rows under one episode key name no word rather than a guess
+    prompt = "This is the target word that you need to describe and that the other player needs to guess:\n\napple\n\n"
+    describer = {"messages": [{"role": "user", "content": prompt}],
+                 "meta": {"game": "taboo", "game_role": "WordDescriber", "experiment": "e", "task_id": 1, "model": "m"}}
+    assert describer_words([describer]) == {("taboo", "e", 1, "m"): "apple"}
+    assert describer_words([describer, describer]) == {}

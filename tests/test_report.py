@@ -119,7 +119,7 @@ def test_report_files_ranks_and_a_self_contained_page(tmp_path):
     page = out["index.html"].read_text()
     assert "t3" in page and "GUESS: honey" in page
     # self-contained: images inline, nothing fetched from anywhere
-    assert page.count("data:image/png;base64,") == 2
+    assert page.count("data:image/png;base64,") == 3  # agreement, distributions, word heat map
     assert not re.search(r"""(src|href)=["'](https?:|//|/)""", page)
     stability = pd.read_csv(out["preconditioner_stability.csv"])
     assert stability.empty  # no preconditioned method has its plain counterpart here

@@ -197,6 +197,12 @@ def prepare_playpen(cfg: dict) -> tuple[pd.DataFrame, dict]:
     rows, counts = filter_episodes(raw, game=cfg["game"], role=cfg["role"], drop_outcomes=cfg["drop_outcomes"],
                                    null_outcome=cfg["null_outcome"], label=label)
     frame, skipped = playpen_to_frame(rows, label)
+    if cfg["game"] == "taboo" and len(frame):
+        from playpen_attribution.taboo import add_episode_target_words
+
+        # the word each episode is about, from the transcripts (the describer's prompt names it)
+        frame = add_episode_target_words(frame, raw)
+        counts["target_word_known"] = int(frame["target_word"].notna().sum())
     counts["converted"] = len(frame)
     if skipped:
         log.warning("%s: skipped %d episode(s) with no assistant turn: %s", label, len(skipped),

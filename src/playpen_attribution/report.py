@@ -270,11 +270,68 @@ def _table(frame: pd.DataFrame, text_columns=("prompt", "completion"), highlight
     return f"<table><tr>{head}</tr>{''.join(body)}</table>"
 
 
+def training_section(manifest: dict) -> str:
+    """Train and eval loss against the epoch, from the adapter's manifest (its trainer's log)."""
+    history = manifest.get("log_history", [])
+    train = [(e["epoch"], e["loss"]) for e in history if "loss" in e and "epoch" in e]
+    evals = [(e["epoch"], e["eval_loss"]) for e in manifest.get("eval", {}).get("losses", [])]
+    note = (f"<p class='note'>Trained on {manifest.get('n_trained_rows')} rows, loss on "
+            f"{html.escape(str(manifest.get('loss_on', 'last_turn')))} (tokenization.loss_on); ")
+    if evals:
+        note += (f"eval loss after every epoch on {manifest['eval']['rows']} episodes of the query split "
+                 "(training.evaluate; no checkpoint is chosen by it). Train loss: the trainer's running mean per "
+                 "logging step (summed over a row's labelled tokens, then averaged per token).</p>")
+    else:
+        note += "no eval loss (training.evaluate is off).</p>"
+    if not train and not evals:
+        return note
+    fig, ax = _pyplot().subplots(figsize=(5.5, 3.0))
+    if train:
+        ax.plot(*zip(*train), label="train", color="#4477aa")
+    if evals:
+        ax.plot(*zip(*evals), marker="o", label="eval (query split)", color="#ee6677")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("loss per token")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return note + _img(_png(fig), "train and eval loss")
+
+
+def words_section(methods: dict[str, MethodScores], queries: pd.DataFrame, train: pd.DataFrame,
+                  influence: pd.DataFrame, difficulty: pd.DataFrame) -> str:
+    """Influence by taboo target word: heat map, what helps and harms each query word, the hard words."""
+    from playpen_attribution.words import helps_and_harms, word_heat_map
+
+    if influence.empty:
+        return ("<p class='note'>No target words: this run's episodes are not taboo episodes that name their "
+                "word (describer prompt, or the guesser's winning guess and its describer's prompt). The section is "
+                "left out; words.csv and word_difficulty.csv are empty.</p>")
+    known = int(train["target_word"].map(lambda w: isinstance(w, str)).sum())
+    parts = [f"<p class='note'>Target words from the transcripts: {known} of {len(train)} training episodes and "
+             f"{int(queries['target_word'].map(lambda w: isinstance(w, str)).sum())} of {len(queries)} queries name "
+             "theirs. Influence of a training word on a query word: the sum over that word's training episodes of "
+             "their mean score over the query word's queries (report/words.csv has every pair and method). The "
+             "heat map shows the most frequent words, each method scaled to its largest magnitude (blue helps, red "
+             "harms).</p>", _img(_png(word_heat_map(influence, train)), "word heat map")]
+    first = next(iter(methods))
+    parts.append(f"<h3>What helps and harms each query word ({html.escape(first)})</h3>")
+    parts.append(_table(helps_and_harms(influence[influence.method == first]).drop(columns="method"),
+                        text_columns=()))
+    parts.append("<h3>Hard words: success rate in the training episodes beside their total influence</h3>"
+                 "<p class='note'>Hardest first (report/word_difficulty.csv). influence_&lt;method&gt;: the summed "
+                 "score of the word's training episodes against the whole query set.</p>")
+    parts.append(_table(difficulty.round(4), text_columns=()))
+    return "".join(parts)
+
+
 def render_page(*, title: str, summary: dict, methods: dict[str, MethodScores], agree: pd.DataFrame,
                 stability: pd.DataFrame, episodes: pd.DataFrame, queries: pd.DataFrame, query_ids: list[str],
                 plots: dict[str, Path], per_token_html: dict, k: int, queries_shown: int,
                 planted: pd.DataFrame | None = None, lds: pd.DataFrame | None = None,
-                damping: pd.DataFrame | None = None, damping_png: bytes | None = None) -> str:
+                damping: pd.DataFrame | None = None, damping_png: bytes | None = None,
+                sections: list[tuple[str, str, str]] = ()) -> str:
+    """The page; `sections`: further (id, heading, HTML body) sections, linked from the top and shown after the
+    audits."""
     shown_columns = ["rank", "of", "score", "train_id", *[c for c in METADATA_COLUMNS if c in episodes],
                      "prompt", "completion"]
     parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
@@ -289,6 +346,7 @@ def render_page(*, title: str, summary: dict, methods: dict[str, MethodScores], 
                  + ("<a href='#planted'>Planted copies</a> · " if planted is not None else "")
                  + ("<a href='#lds'>LDS</a> · " if lds is not None else "")
                  + ("<a href='#damping'>Damping sweep</a> · " if damping is not None else "")
+                 + "".join(f"<a href='#{anchor}'>{html.escape(heading)}</a> · " for anchor, heading, _ in sections)
                  + "<a href='#distributions'>Score distributions</a> · "
                  "<a href='#overall'>Episodes against all queries</a> · <a href='#per-query'>Per query</a></p>")
     parts.append("<h2 id='agreement'>How far the methods agree</h2>")
@@ -333,6 +391,8 @@ def render_page(*, title: str, summary: dict, methods: dict[str, MethodScores], 
         if damping_png is not None:
             parts.append(_img(damping_png, "damping sweep"))
         parts.append(_table(damping.round(4), text_columns=()))
+    for anchor, heading, body in sections:
+        parts.append(f"<h2 id='{anchor}'>{html.escape(heading)}</h2>{body}")
     parts.append("<h2 id='distributions'>Score distributions</h2>")
     parts.append(_img(Path(plots["distributions"]).read_bytes(), "score distributions"))
 
@@ -376,7 +436,7 @@ def render_page(*, title: str, summary: dict, methods: dict[str, MethodScores], 
 
 def build_report(*, query_csv, train_csv, influences_csv, out_dir, train_scores_csv=None, train_tokens_dir=None,
                  tokenizer_file=None, top_k: int = 10, queries_shown: int = 10, title: str = "Attribution report",
-                 planted_summary_csv=None, lds_csv=None, damping_csv=None, damping_png=None):
+                 planted_summary_csv=None, lds_csv=None, damping_csv=None, damping_png=None, adapter_manifest=None):
     """Rule `report`: every file of `report/` from the merged tables; returns their paths."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -388,7 +448,8 @@ def build_report(*, query_csv, train_csv, influences_csv, out_dir, train_scores_
     log.info("report: %d methods, %d queries, %d training rows", len(methods), len(query_ids), len(train_ids))
 
     paths = {name: out_dir / name for name in ("top_episodes.csv", "agreement.csv", "preconditioner_stability.csv",
-                                               "score_distributions.png", "agreement.png", "index.html")}
+                                               "score_distributions.png", "agreement.png", "index.html", "words.csv",
+                                               "word_difficulty.csv")}
     episodes = top_and_bottom(methods, query_ids, train, queries, top_k)
     agree = agreement(methods, top_k)
     stability = preconditioner_stability(agree, methods)
@@ -408,6 +469,15 @@ def build_report(*, query_csv, train_csv, influences_csv, out_dir, train_scores_
         tokens = token_strings(train_tokens_dir, tokenizer_file, {key[2] for key in per_token})
         per_token_html = {key: _token_html(tokens[key[2]], scores) for key, scores in per_token.items()
                           if key[2] in tokens}
+    from playpen_attribution.words import word_difficulty, word_influence
+
+    words, difficulty = (word_influence(methods, queries, train), word_difficulty(methods, queries, train))
+    write_csv_atomic(words, paths["words.csv"])
+    write_csv_atomic(difficulty, paths["word_difficulty.csv"])
+    sections = []
+    if adapter_manifest is not None and Path(adapter_manifest).is_file():
+        sections.append(("training", "Training", training_section(json.loads(Path(adapter_manifest).read_text()))))
+    sections.append(("words", "Which words matter", words_section(methods, queries, train, words, difficulty)))
     summary = {"methods": ", ".join(methods), "queries": len(query_ids), "training rows": len(train_ids),
                "k": top_k, "per-token scores": ", ".join(sorted({k[0] for k in per_token})) or "not computed"}
     page = render_page(title=title, summary=summary, methods=methods, agree=agree, stability=stability,
@@ -417,7 +487,7 @@ def build_report(*, query_csv, train_csv, influences_csv, out_dir, train_scores_
                        planted=pd.read_csv(planted_summary_csv) if planted_summary_csv else None,
                        lds=pd.read_csv(lds_csv) if lds_csv else None,
                        damping=pd.read_csv(damping_csv) if damping_csv else None,
-                       damping_png=Path(damping_png).read_bytes() if damping_png else None)
+                       damping_png=Path(damping_png).read_bytes() if damping_png else None, sections=sections)
     with atomic_path(paths["index.html"]) as tmp:
         Path(tmp).write_text(page, encoding="utf-8")
     return paths

@@ -109,7 +109,10 @@ def write_csvs(query: pd.DataFrame, train: pd.DataFrame, influences: pd.DataFram
 
 
 def messages_of(value) -> list[dict] | None:
-    """The message list of a prompt/completion cell (the tables store chat turns as JSON), or None for text."""
+    """The message list of a prompt/completion cell (the tables store chat turns as JSON; the data stage holds
+    them as lists), or None for text."""
+    if isinstance(value, list) and value and all(isinstance(m, dict) and "content" in m for m in value):
+        return value
     if isinstance(value, str) and value.startswith("[{"):
         try:
             messages = json.loads(value)

@@ -363,5 +363,5 @@ def plot_damping_sweep(table: pd.DataFrame, path, baseline=None) -> None:
         ax.legend(fontsize=7)
     fig.tight_layout()
     with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=110)
+        fig.savefig(tmp, format="png", dpi=110, metadata={"Software": None})  # same scores, same bytes
     plt.close(fig)

@@ -18,11 +18,15 @@ rule report:
                               category="Agreement", labels={"run": "{run}", "what": "heat map"}),
         distributions=report("results/{run}/report/score_distributions.png", caption="../report/distributions.rst",
                              category="Attribution", labels={"run": "{run}", "what": "score distributions"}),
+        words=report("results/{run}/report/words.csv", caption="../report/words.rst", category="Words",
+                     labels={"run": "{run}", "what": "influence by target word"}),
+        word_difficulty=report("results/{run}/report/word_difficulty.csv", caption="../report/words.rst",
+                               category="Words", labels={"run": "{run}", "what": "hard words"}),
     params:
         top_k=lambda wc: run_cfg(wc)["report"]["top_k"],
         queries_shown=lambda wc: run_cfg(wc)["report"]["queries_shown"],
         title=lambda wc: f"Attribution report: {wc.run} ({run_cfg(wc)['description']})",
-        code=code_hash("report", "io"),
+        code=code_hash("report", "words", "io"),
     log:
         "logs/{run}/report.log",
     benchmark:
