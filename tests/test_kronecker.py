@@ -45,6 +45,8 @@ def per_token_pieces(adapter, rows):
     pad = pad_token_id(load_tokenizer(str(adapter)))
     modules = dict(model.named_modules())
     assert all(modules[name].bias is None for name in tracked)  # LoRA Linears: no bias column in A
+    for name in tracked:  # loaded frozen; Kronfluence adds a zero parameter to each output to the same effect
+        modules[name].weight.requires_grad_(True)
     current = {}
 
     def forward_hook(name):
@@ -79,10 +81,10 @@ def explicit_scores(tracked, train, query, strategy):
         grad_t = torch.stack([p[name]["g"].T @ p[name]["a"] for p in train])  # per-example dW [N, d_out, d_in]
         grad_q = torch.stack([p[name]["g"].T @ p[name]["a"] for p in query])
         if strategy == "kfac":
-            lam = torch.outer(eig_g, eig_a)
-        else:  # mean over examples of the squared rotated per-example gradient (summed over the row's tokens)
+            lam = torch.outer(eig_g, eig_a)  # per-token scale: A and G are both averaged over tokens
+        else:  # Kronfluence: mean over examples (not tokens) of the squared rotated per-example gradient
             lam = (q_g.T @ grad_t @ q_a).square().mean(dim=0)
-        lam_damped = lam + DAMPING_SCALE * lam.mean()
+        lam_damped = lam + DAMPING_SCALE * lam.mean()  # heuristic damping, per module
         pre_q = q_g @ ((q_g.T @ grad_q @ q_a) / lam_damped) @ q_a.T
         total += torch.einsum("qoi,toi->qt", pre_q, grad_t).numpy()
         factors[name] = {"A": cov_a, "G": cov_g, "tokens": tokens, "lambda": lam}
@@ -113,7 +115,7 @@ def test_stored_factors_equal_the_explicit_ones(setup, explicit, strategy):
         assert int(files["num_gradient_covariance_processed"][name]) == f["tokens"]
         for key, mine in (("activation_covariance", f["A"]), ("gradient_covariance", f["G"])):
             theirs = files[key][name].double() / f["tokens"]
-            np.testing.assert_allclose(theirs, mine, rtol=1e-4, atol=1e-5 * mine.abs().max().item(),
+            np.testing.assert_allclose(theirs, mine, rtol=1e-4, atol=2e-5 * mine.abs().max().item(),
                                        err_msg=f"{key} {name}")
         if strategy == "ekfac":
             # elementwise squares: independent of the eigenvectors' signs; eigh orders both ascending
@@ -129,4 +131,5 @@ def test_scores_equal_the_explicit_kronecker_computation(setup, explicit, strate
     scores = score_pairs(str(adapter), factors[strategy], query, train, damping_factor=None)["scores"]
     expected = explicit[strategy][0]
     assert scores.shape == (N_QUERY, N_TRAIN)
-    np.testing.assert_allclose(scores, expected, rtol=1e-3, atol=1e-3 * np.abs(expected).max())
+    # Kronfluence works in float32 (observed: < 1e-5 relative); wrong eigenvalues or damping are off by > 10%
+    np.testing.assert_allclose(scores, expected, rtol=1e-4, atol=1e-5 * np.abs(expected).max())

@@ -135,8 +135,8 @@ def test_demo_report_puts_the_planted_copy_first(demo_workdir):
     section = page.split(f"<h3>{query_id} ")[1].split("<h3>")[0]
     assert section.index(copy.train_id) < section.index("</tr>", section.index("<td"))  # first row of the table
     assert "Per-token scores of " + copy.train_id in section  # EK-FAC per-token scores on its text
-    # agreement, score distributions and the LDS chart, inline
-    assert page.count("data:image/png;base64,") == 4 and "http" not in page.split("</style>")[0]
+    # agreement, score distributions, LDS, damping sweep, training losses and the word heat map, inline
+    assert page.count("data:image/png;base64,") == 6 and "http" not in page.split("</style>")[0]
 
 
 def test_planted_copies_rank_first_for_every_method(demo_workdir):
@@ -311,14 +311,15 @@ def test_lora_rank_change_retrains_without_refiltering(demo_workdir):
 def test_filter_change_redoes_data_but_not_the_base_model(demo_workdir):
     path = overlay(demo_workdir, "filter", {"demo": {"data": {"null_outcome": "drop"}}})
     jobs = planned_jobs(snakemake(demo_workdir, "results/demo/adapter", "-n", "--configfile", path))
-    assert jobs == {"prepare_data": 1, "tokenize": 1, "train_adapter": 1}
+    # the training rows and the eval rows the adapter is evaluated on (the query split, uncapped)
+    assert jobs == {"prepare_data": 2, "tokenize": 2, "train_adapter": 1}
 
 
 def test_real_runs_dry_run_builds_the_dag(tmp_path):
     runs = ("taboo", "taboo_describer")
     proc = snakemake(tmp_path, "-n", *(f"results/{run}/report/index.html" for run in runs))
     # per run: EK-FAC and three Bergson variants (plain, train-side and mixed preconditioner), 4 shards each
-    assert planned_jobs(proc) == {"fetch_base_model": 2, "prepare_data": 4, "tokenize": 4, "train_adapter": 2,
+    assert planned_jobs(proc) == {"fetch_base_model": 2, "prepare_data": 6, "tokenize": 6, "train_adapter": 2,
                                   "fit_factors": 2, "kronfluence_scores": 8, "bergson_query_gradients": 2,
                                   "bergson_hessian": 4, "bergson_mix": 2, "bergson_reduce": 6,
                                   "bergson_index": 8, "bergson_scores": 24, "query_losses": 2, "memory_plan": 2, "merge_influences": 2,
@@ -405,3 +406,52 @@ def test_a_bergson_key_reruns_only_the_stages_that_read_it(demo_workdir):
     assert jobs == {"bergson_reduce": 1, "bergson_scores": 2, "planted_bergson_scores": 1, "merge_influences": 1,
                     "merge_train_scores": 1, "planted_audit": 1, "lds": 1, "damping_sweep": 1, "memory_plan": 1,
                     "report": 1}
+
+
+# Run after the page is loaded: which images did not decode, which in-page links have no target.
+BROWSER_CHECK = """<script>
+window.addEventListener('load', () => {
+  const images = [...document.images];
+  const undecoded = images.filter(i => !(i.complete && i.naturalWidth > 0)).map(i => i.alt);
+  const links = [...document.querySelectorAll("a[href^='#']")];
+  const missing = links.map(a => a.getAttribute('href'))
+    .filter(h => !document.getElementById(decodeURIComponent(h.slice(1))));
+  const out = document.createElement('pre');
+  out.id = 'browser-check';
+  out.textContent = JSON.stringify({images: images.length, undecoded, links: links.length, missing});
+  document.body.appendChild(out);
+});
+</script>"""
+
+
+def chromium():
+    """Debian's chromium: .ci/run installs it (CI=1 makes its absence a failure, not a skip)."""
+    found = shutil.which("chromium") or shutil.which("chromium-browser")
+    if found is None and not os.environ.get("CI"):
+        pytest.skip("chromium is not installed (apt-get install chromium)")
+    assert found, "chromium is missing: .ci/run installs it with apt-get"
+    return found
+
+
+def headless(page, *args):
+    return subprocess.run([chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--virtual-time-budget=10000",
+                           "--enable-logging=stderr", "--v=0", *args, page.as_uri()],
+                          capture_output=True, text=True, timeout=180)
+
+
+def test_the_report_renders_in_a_browser_without_errors(demo_workdir, tmp_path):
+    page = (demo_workdir / "results/demo/report/index.html").read_text()
+    checked = tmp_path / "index.html"
+    checked.write_text(page.replace("</body>", BROWSER_CHECK + "</body>"))
+    proc = headless(checked, "--dump-dom")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads(re.search(r'<pre id="browser-check">([^<]*)</pre>', proc.stdout).group(1))
+    # agreement, distributions, LDS, damping sweep, training losses, word heat map: every one decodes
+    assert result["images"] == page.count("data:image/png;base64,") == 6 and result["undecoded"] == []
+    assert result["links"] >= 8 and result["missing"] == []
+    assert [line for line in proc.stderr.splitlines() if ":CONSOLE" in line] == []
+    # the page as a reader sees it (docs/report.png in the README comes from this command)
+    shot = tmp_path / "report.png"
+    assert headless(demo_workdir / "results/demo/report/index.html", f"--screenshot={shot}",
+                    "--window-size=1280,2400").returncode == 0
+    assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

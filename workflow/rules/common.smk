@@ -77,7 +77,8 @@ def data_source_files(wildcards):
     source = data_config(wildcards)["source"]
     if source["kind"] == "json":
         split = getattr(wildcards, "split", None)
-        return [source[split]] if split else [source["train"], source["query"]]
+        # the eval rows are the query split's
+        return [source["query" if split == "eval" else split]] if split else [source["train"], source["query"]]
     if "path" in source:
         return sorted(str(p) for p in Path(source["path"]).rglob("*") if p.is_file())
     return []
