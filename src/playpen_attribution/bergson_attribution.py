@@ -270,6 +270,33 @@ def score_shard_stage(index_dir, query_tokens_dir, reduced_dir, query_gradients_
     save_shard(out_path, per_query, query_ids, train_ids, reduced=reduced)
 
 
+@contextmanager
+def _eigendecompose_once():
+    """Bergson inverts a preconditioner from its eigendecomposition whenever an `Attributor` is built; the sweep builds
+    one per damping factor and index folder from the same matrices. Within the block, `torch.linalg.eigh` of an input
+    it has seen (same dtype, shape and bytes) returns the stored result: the damping only rescales eigenvalues."""
+    import hashlib
+
+    import torch
+
+    original, cache = torch.linalg.eigh, {}
+
+    def eigh(matrix, *args, **kwargs):
+        if args or kwargs or matrix.requires_grad:
+            return original(matrix, *args, **kwargs)
+        data = matrix.detach().contiguous().cpu()
+        key = (data.dtype, tuple(data.shape), hashlib.sha256(data.view(torch.uint8).numpy().tobytes()).hexdigest())
+        if key not in cache:
+            cache[key] = original(matrix)
+        return cache[key]
+
+    torch.linalg.eigh = eigh
+    try:
+        yield
+    finally:
+        torch.linalg.eigh = original
+
+
 def damping_sweep_stage(index_dirs: list, query_tokens_dir, query_gradients_dir, hessian_dir, out_path, *,
                         variant: str, damping: list[float], settings: dict) -> None:
     """Rule `damping_sweep_bergson`: every query against every training row and planted copy (the index folders
@@ -285,11 +312,12 @@ def damping_sweep_stage(index_dirs: list, query_tokens_dir, query_gradients_dir,
     query_ids = list(datasets.load_from_disk(str(query_tokens_dir))["row_id"])
     row_ids = [r for folder in index_dirs for r in json.loads((Path(folder) / INDEX_ROWS).read_text())["row_ids"]]
     scores = []
-    for scale in damping:
-        blocks = [_index_scores(folder, query_gradients_dir, hessian_dir, unit_normalize=unit_normalize,
-                                settings={**settings, "damping_factor": scale})[1] for folder in index_dirs]
-        scores.append(np.concatenate(blocks, axis=1))
-        log.info("%s: damping %g scored", variant, scale)
+    with _eigendecompose_once():
+        for scale in damping:
+            blocks = [_index_scores(folder, query_gradients_dir, hessian_dir, unit_normalize=unit_normalize,
+                                    settings={**settings, "damping_factor": scale})[1] for folder in index_dirs]
+            scores.append(np.concatenate(blocks, axis=1))
+            log.info("%s: damping %g scored", variant, scale)
     save_sweep(out_path, np.stack(scores), damping, query_ids, row_ids)
 
 

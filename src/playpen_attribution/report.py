@@ -377,7 +377,8 @@ def render_page(*, title: str, summary: dict, methods: dict[str, MethodScores], 
                      "method's predicted effect of the subset (the sum of its rows' scores) and the actual outcome "
                      "(minus the query's loss after retraining). Mean over queries, a repeated query counted once, with 95% "
                      "intervals from resampling whole target words (clusters). Baselines (grey) are scored the same way: "
-                     "random, TF-IDF text similarity, the same taboo target word, and each method's query-independent "
+                     "random, TF-IDF text similarity, the same completion, the same taboo target word, and each method's "
+                     "query-independent "
                      "version (its mean score over all queries). <code>margin</code>: a method's LDS minus its best "
                      "baseline's, paired per query, with its interval (validation/lds.csv).</p>")
         parts.append(lds_chart(lds))
