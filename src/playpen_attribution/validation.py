@@ -211,6 +211,20 @@ def lds_scores(per_query: np.ndarray, membership: np.ndarray, actual: np.ndarray
     return np.array(values)
 
 
+def read_lds_losses(losses_json, query_ids: list[str], train_ids: list[str], query_csv) -> tuple[np.ndarray, np.ndarray]:
+    """The retrains as membership [subsets, train rows] (1 = in the subset) and the actual outcome [subsets,
+    queries] (minus each query's loss: lower loss = better), in subset order."""
+    losses = json.loads(Path(losses_json).read_text())
+    if losses["query_ids"] != query_ids:
+        raise ValueError(f"{losses_json} holds losses of other queries than {query_csv}; rerun lds_losses")
+    order = sorted(losses["subsets"], key=int)
+    column = {t: i for i, t in enumerate(train_ids)}
+    membership = np.zeros((len(order), len(train_ids)))
+    for s, subset in enumerate(order):
+        membership[s, [column[r] for r in losses["subsets"][subset]["row_ids"]]] = 1.0
+    return membership, -np.array([losses["subsets"][s]["query_losses"] for s in order])
+
+
 def best_baseline(method: str, lds: dict[str, float]) -> str | None:
     """The strongest baseline a method is measured against: the model-free ones and its own query-independent
     version (the mean LDS decides; NaN never wins)."""
@@ -230,15 +244,7 @@ def lds_stage(query_csv, train_csv, influences_csv, losses_json, out_csv, out_pe
 
     queries, train = (with_target_words(frame) for frame in read_run_tables(query_csv, train_csv))
     query_ids, train_ids = queries["query_id"].tolist(), train["train_id"].tolist()
-    losses = json.loads(Path(losses_json).read_text())
-    if losses["query_ids"] != query_ids:
-        raise ValueError(f"{losses_json} holds losses of other queries than {query_csv}; rerun lds_losses")
-    order = sorted(losses["subsets"], key=int)
-    column = {t: i for i, t in enumerate(train_ids)}
-    membership = np.zeros((len(order), len(train_ids)))
-    for s, subset in enumerate(order):
-        membership[s, [column[r] for r in losses["subsets"][subset]["row_ids"]]] = 1.0
-    actual = -np.array([losses["subsets"][s]["query_losses"] for s in order])  # lower loss = better
+    membership, actual = read_lds_losses(losses_json, query_ids, train_ids, query_csv)
     methods = {m: ms.per_query for m, ms in load_method_scores(influences_csv, query_ids, train_ids,
                                                                train_scores_csv).items()}
     scores = with_baselines(methods, queries, train, corpus=run_corpus(queries, train), seed=random_seed)
@@ -254,7 +260,7 @@ def lds_stage(query_csv, train_csv, influences_csv, losses_json, out_csv, out_pe
         mean, low, high = interval(v)
         row = {"method": name, "kind": "baseline" if is_baseline(name) else "method", "lds": mean,
                "ci95_low": low, "ci95_high": high, "queries": int((counted & np.isfinite(v)).sum()),
-               "clusters": len({c for c, k in zip(clusters, counted & np.isfinite(v)) if k}), "subsets": len(order),
+               "clusters": len({c for c, k in zip(clusters, counted & np.isfinite(v)) if k}), "subsets": len(membership),
                "best_baseline": None, "margin": np.nan, "margin_ci95_low": np.nan, "margin_ci95_high": np.nan}
         rival = None if is_baseline(name) else best_baseline(name, means)
         if rival is not None:
@@ -291,16 +297,8 @@ def damping_sweep_stage(query_csv, train_csv, sweeps: dict, out_csv, out_png, *,
     queries, train = (with_target_words(frame) for frame in read_run_tables(query_csv, train_csv))
     query_ids, train_ids = queries["query_id"].tolist(), train["train_id"].tolist()
     counted, clusters = query_groups(queries)
-    losses = json.loads(Path(losses_json).read_text()) if losses_json else None
-    if losses is not None:
-        if losses["query_ids"] != query_ids:
-            raise ValueError(f"{losses_json} holds losses of other queries than {query_csv}; rerun lds_losses")
-        order = sorted(losses["subsets"], key=int)
-        column = {t: i for i, t in enumerate(train_ids)}
-        membership = np.zeros((len(order), len(train_ids)))
-        for s, subset in enumerate(order):
-            membership[s, [column[r] for r in losses["subsets"][subset]["row_ids"]]] = 1.0
-        actual = -np.array([losses["subsets"][s]["query_losses"] for s in order])
+    if losses_json:
+        membership, actual = read_lds_losses(losses_json, query_ids, train_ids, query_csv)
     copy_ids = list(datasets.load_from_disk(str(copies_dir))["row_id"]) if copies_dir else []
     copy_query_ids = [c.removeprefix(PLANTED_PREFIX) for c in copy_ids]
     copy_rows = queries.set_index("query_id").loc[copy_query_ids].reset_index()
@@ -316,7 +314,7 @@ def damping_sweep_stage(query_csv, train_csv, sweeps: dict, out_csv, out_png, *,
         train_cols, copy_cols = [position[t] for t in train_ids], [position[c] for c in copy_ids]
         for scale, scores in zip(sweep["damping"], sweep["scores"]):
             row = {"method": method, "damping": scale}
-            if losses is not None:
+            if losses_json:
                 values = lds_scores(scores[:, train_cols], membership, actual)
                 mean, low, high = mean_and_cluster_interval(values, counted, clusters, seed=seed)
                 row.update(lds=mean, ci95_low=low, ci95_high=high)
