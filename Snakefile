@@ -43,6 +43,6 @@ rule all:
         # one ranked score per training row, where the run has Bergson variants
         (
             [f"results/{config['default_run']}/train_scores.csv"]
-            if any(map(is_bergson_method, RUNS[config["default_run"]]["attribution"]["methods"]))
+            if any(map(is_bergson, RUNS[config["default_run"]]["attribution"]["methods"]))
             else []
         ),

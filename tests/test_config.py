@@ -106,3 +106,18 @@ def test_a_damping_sweep_without_an_audit_is_refused_and_defaults_to_the_precond
     run = validate_config(cfg)["runs"]["r"]
     assert damping_sweep_methods(run) == ["ekfac", "bergson_dot_mixed"]
     assert run["attribution"]["kronfluence"]["damping_factor"] is None  # 0.1 x mean eigenvalue, as Bergson's 0.1
+
+
+def test_the_schemas_methods_are_the_ones_the_package_parses():
+    from playpen_attribution.config import SCHEMA_PATH
+    from playpen_attribution.methods import METHOD_NAMES, parse_method
+
+    schema = yaml.safe_load(SCHEMA_PATH.read_text())
+    enum = schema["$defs"]["attribution"]["properties"]["methods"]["items"]["enum"]
+    assert sorted(enum) == sorted(METHOD_NAMES)
+    parsed = {name: parse_method(name) for name in enum}
+    assert parsed["bergson_cosine_mixed"].folder("validation/planted") == "validation/planted/bergson/cosine_mixed"
+    assert parsed["bergson_cosine_mixed"].plain == "bergson_cosine" and parsed["ekfac"].plain == "identity"
+    assert parsed["identity"].plain is None and parsed["bergson_dot"].plain is None
+    with pytest.raises(ValueError, match="unknown Bergson variant 'cosine_both'"):
+        parse_method("bergson_cosine_both")

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 import shutil
 from contextlib import contextmanager
 from pathlib import Path
@@ -26,31 +25,13 @@ from pathlib import Path
 import numpy as np
 
 from playpen_attribution.io import atomic_path, write_csv_atomic, write_json_atomic
+from playpen_attribution.methods import parse_variant
 from playpen_attribution.modeling import adapter_view_with_absolute_base, is_adapter
 from playpen_attribution.stage import log_gradient_pass, token_count
 
 log = logging.getLogger(__name__)
 
-VARIANT_PATTERN = r"(dot|cosine)(_(train|query|mixed))?"
 INDEX_ROWS = "row_ids.json"  # beside Bergson's files in an index: the training rows it holds, in order
-METHOD_PREFIX = "bergson_"
-
-
-def parse_variant(variant: str) -> tuple[bool, str | None]:
-    """(unit_normalize, preconditioner side or None) of a variant name such as `cosine_mixed`."""
-    match = re.fullmatch(VARIANT_PATTERN, variant)
-    if not match:
-        raise ValueError(f"unknown Bergson variant {variant!r}: expected dot or cosine, optionally followed by "
-                         f"_train, _query or _mixed (e.g. cosine_mixed)")
-    return match.group(1) == "cosine", match.group(3)
-
-
-def is_bergson_method(method: str) -> bool:
-    return method.startswith(METHOD_PREFIX)
-
-
-def variant_of(method: str) -> str:
-    return method.removeprefix(METHOD_PREFIX)
 
 
 @contextmanager

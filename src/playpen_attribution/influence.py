@@ -21,6 +21,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from playpen_attribution.io import atomic_path, write_json_atomic
+from playpen_attribution.methods import KRONFLUENCE_STRATEGIES
 from playpen_attribution.modeling import (
     collate,
     completion_loss,
@@ -33,7 +34,7 @@ from playpen_attribution.stage import log_gradient_pass, token_count
 
 log = logging.getLogger(__name__)
 
-STRATEGIES = ("identity", "diagonal", "kfac", "ekfac")
+STRATEGIES = KRONFLUENCE_STRATEGIES
 ANALYSIS_NAME = "influence"
 MLP_MODULE_PATTERN = re.compile(r".*mlp.*(proj|dense|fc).*")  # the if-query tools' rule
 LAYER_PATTERN = re.compile(r"\.layers\.(\d+)\.")

@@ -1,26 +1,80 @@
-"""What a method's name says: its family and whether it has a preconditioner (and so a damping to choose).
+"""The attribution methods, parsed once from their names: the schema check, the rules, the audits and the report
+all ask a `Method` what a name means instead of matching the name themselves.
 
 Names: Kronfluence strategies (identity, diagonal, kfac, ekfac) and Bergson variants
-bergson_{dot,cosine}[_{train,query,mixed}], where the suffix names the preconditioner's side."""
+bergson_{dot,cosine}[_{train,query,mixed}], where the suffix names the side the preconditioner is fitted on.
+"""
 
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 
 KRONFLUENCE_STRATEGIES = ("identity", "diagonal", "kfac", "ekfac")
-BERGSON_METHOD = re.compile(r"bergson_(dot|cosine)(?:_(train|query|mixed))?")
+BERGSON_PREFIX = "bergson_"
+# Snakemake wildcard constraints: a Kronfluence strategy; a Bergson variant (the method name without the prefix)
+STRATEGY_PATTERN = "|".join(KRONFLUENCE_STRATEGIES)
+VARIANT_PATTERN = r"(dot|cosine)(_(train|query|mixed))?"
+METHOD_NAMES = (*KRONFLUENCE_STRATEGIES,
+                *(f"{BERGSON_PREFIX}{kind}{side}" for side in ("", "_train", "_query", "_mixed")
+                  for kind in ("dot", "cosine")))
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str
+    family: str  # "kronfluence" or "bergson"
+    # the Kronfluence strategy, or the Bergson variant: the name its rules' wildcards and folders use
+    kind: str
+    unit_normalize: bool
+    # kronfluence: the curvature approximation (None for identity); bergson: train, query or mixed (None = plain)
+    preconditioner: str | None
+
+    @property
+    def is_bergson(self) -> bool:
+        return self.family == "bergson"
+
+    @property
+    def plain(self) -> str | None:
+        """The same method without a preconditioner (a Kronfluence strategy's is identity); None for a plain one."""
+        if self.preconditioner is None:
+            return None
+        if self.is_bergson:
+            return BERGSON_PREFIX + ("cosine" if self.unit_normalize else "dot")
+        return "identity"
+
+    def folder(self, area: str = "") -> str:
+        """Where this method's files live under results/<run>/<area>: `kronfluence/<strategy>` or
+        `bergson/<variant>` (`area` e.g. "validation/planted")."""
+        return "/".join(p for p in (area, self.family, self.kind) if p)
+
+
+def parse_variant(variant: str) -> tuple[bool, str | None]:
+    """(unit_normalize, preconditioner side or None) of a Bergson variant name such as `cosine_mixed`."""
+    match = re.fullmatch(VARIANT_PATTERN, variant)
+    if not match:
+        raise ValueError(f"unknown Bergson variant {variant!r}: expected dot or cosine, optionally followed by "
+                         f"_train, _query or _mixed (e.g. cosine_mixed)")
+    return match.group(1) == "cosine", match.group(3)
+
+
+def parse_method(name: str) -> Method:
+    if name.startswith(BERGSON_PREFIX):
+        variant = name.removeprefix(BERGSON_PREFIX)
+        unit_normalize, side = parse_variant(variant)
+        return Method(name, "bergson", variant, unit_normalize, side)
+    if name in KRONFLUENCE_STRATEGIES:
+        return Method(name, "kronfluence", name, False, None if name == "identity" else name)
+    raise ValueError(f"unknown method {name!r}; methods are {list(METHOD_NAMES)}")
 
 
 def is_bergson(method: str) -> bool:
-    return BERGSON_METHOD.fullmatch(method) is not None
+    return method.startswith(BERGSON_PREFIX)
 
 
 def has_preconditioner(method: str) -> bool:
     """identity and the plain Bergson variants use raw gradients; every other method inverts a curvature."""
-    found = BERGSON_METHOD.fullmatch(method)
-    if found:
-        return found.group(2) is not None
-    return method in KRONFLUENCE_STRATEGIES and method != "identity"
+    return parse_method(method).preconditioner is not None
 
 
 def damping_sweep_methods(run: dict) -> list[str]:

@@ -9,7 +9,6 @@ is streamed a block of queries at a time, and per-token scores are held one shar
 from __future__ import annotations
 
 import contextlib
-import re
 import json
 import logging
 import tempfile
@@ -162,9 +161,6 @@ def merge_influences_stage(query_rows, train_rows, query_tokens_dir, train_token
 # ---------------------------------------------------------------------------------------------------------
 # the merged tables read back: every method's score matrix, and how far two methods agree
 # ---------------------------------------------------------------------------------------------------------
-KRONFLUENCE_PRECONDITIONED = ("diagonal", "kfac", "ekfac")
-
-
 def read_run_tables(query_csv, train_csv) -> tuple[pd.DataFrame, pd.DataFrame]:
     """`query.csv` and `train.csv` with string ids; ids must be unique (scores are matched to rows by id)."""
     tables = []
@@ -275,12 +271,11 @@ def agreement(methods: dict[str, MethodScores], k: int) -> pd.DataFrame:
 def plain_counterpart(method: str, methods) -> str | None:
     """The same method without a preconditioner, where the run has it: bergson_<n>_<side> -> bergson_<n>;
     a Kronfluence strategy -> identity (raw gradient dot products)."""
-    found = re.fullmatch(r"(bergson_(?:dot|cosine))_(?:train|query|mixed)", method)
-    if found:
-        plain = found.group(1)
-    elif method in KRONFLUENCE_PRECONDITIONED:
-        plain = "identity"
-    else:
+    from playpen_attribution.methods import parse_method
+
+    try:
+        plain = parse_method(method).plain
+    except ValueError:  # a table from elsewhere (e.g. the if-query tools' single "influence" method)
         return None
     return plain if plain in methods else None
 

@@ -7,14 +7,15 @@ import re
 import sys
 from pathlib import Path
 
-from playpen_attribution.bergson_attribution import (
-    VARIANT_PATTERN,
-    is_bergson_method,
-    parse_variant,
-    variant_of,
-)
 from playpen_attribution.config import run_config
-from playpen_attribution.methods import damping_sweep_methods
+from playpen_attribution.methods import (
+    STRATEGY_PATTERN,
+    VARIANT_PATTERN,
+    damping_sweep_methods,
+    is_bergson,
+    parse_method,
+    parse_variant,
+)
 from playpen_attribution.data import split_config
 from playpen_attribution.plan import (
     architecture_file,
@@ -118,7 +119,6 @@ def random_model_settings(wildcards):
 
 
 # Kronfluence inputs by run.
-STRATEGY_PATTERN = "identity|diagonal|kfac|ekfac"
 
 
 def kronfluence_cfg(wildcards):
@@ -216,17 +216,11 @@ def shard_count(wildcards):
 def method_shards(wildcards, bergson_only=False):
     """Every score shard of every configured method, by method."""
     shards = {}
-    for method in run_cfg(wildcards)["attribution"]["methods"]:
-        if is_bergson_method(method):
-            folder = f"bergson/scores/{variant_of(method)}"
-        elif bergson_only:
+    for method in map(parse_method, run_cfg(wildcards)["attribution"]["methods"]):
+        if bergson_only and not method.is_bergson:
             continue
-        else:
-            folder = f"kronfluence/scores/{method}"
-        shards[method] = [
-            f"results/{wildcards.run}/{folder}/shard-{i}.npz"
-            for i in range(shard_count(wildcards))
-        ]
+        scores = f"{method.family}/scores/{method.kind}"
+        shards[method.name] = [f"results/{wildcards.run}/{scores}/shard-{i}.npz" for i in range(shard_count(wildcards))]
     return shards
 
 
@@ -261,7 +255,7 @@ def bergson_hessian(wildcards):
 # Report inputs by run.
 def train_scores_input(wildcards):
     """{"train_scores": path} where the run has Bergson variants (their reduced-query scores), else {}."""
-    if any(map(is_bergson_method, run_cfg(wildcards)["attribution"]["methods"])):
+    if any(map(is_bergson, run_cfg(wildcards)["attribution"]["methods"])):
         return {"train_scores": f"results/{wildcards.run}/train_scores.csv"}
     return {}
 
@@ -295,11 +289,8 @@ def planted_count(wildcards):
 
 def planted_shards(wildcards):
     """The copies' scores, one file per method, scored by the same stages as the training rows."""
-    shards = {}
-    for method in run_cfg(wildcards)["attribution"]["methods"]:
-        family, name = ("bergson", variant_of(method)) if is_bergson_method(method) else ("kronfluence", method)
-        shards[f"planted_{method}"] = f"results/{wildcards.run}/validation/planted/{family}/{name}/shard-0.npz"
-    return shards
+    return {f"planted_{m.name}": f"results/{wildcards.run}/{m.folder('validation/planted')}/shard-0.npz"
+            for m in map(parse_method, run_cfg(wildcards)["attribution"]["methods"])}
 
 
 # LDS inputs by run.
@@ -331,11 +322,8 @@ def sweep_copies(wildcards):
 
 def sweep_files(wildcards):
     """One scores file per swept method, by method."""
-    files = {}
-    for method in damping_sweep_methods(run_cfg(wildcards)):
-        family, name = ("bergson", variant_of(method)) if is_bergson_method(method) else ("kronfluence", method)
-        files[f"sweep_{method}"] = f"results/{wildcards.run}/validation/damping/{family}/{name}.npz"
-    return files
+    return {f"sweep_{m.name}": f"results/{wildcards.run}/{m.folder('validation/damping')}.npz"
+            for m in map(parse_method, damping_sweep_methods(run_cfg(wildcards)))}
 
 
 def sweep_index_dirs(wildcards):
