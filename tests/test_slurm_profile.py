@@ -112,8 +112,12 @@ def test_slurm_profile_submits_gpu_jobs_and_retries_bigger(tmp_path, fake_slurm_
 
 def test_slurm_profile_dry_run_plans_gpu_rules_on_gpu_partition(tmp_path):
     settings = profile()
+    # the damping sweep of EK-FAC too, so that every GPU rule of the workflow is planned
+    sweep = tmp_path / "sweep.yaml"
+    sweep.write_text(yaml.safe_dump({"runs": {"taboo": {"validation": {"damping": {
+        "methods": ["ekfac", "bergson_cosine_train", "bergson_cosine_mixed"]}}}}}))
     proc = snakemake(tmp_path, "--workflow-profile", str(PROFILE), "--dry-run",
-                     "results/taboo/report/index.html")
+                     "results/taboo/report/index.html", "--configfile", str(sweep))
     planned, rule = {}, None  # rule -> the resource lines of its jobs
     for line in proc.stdout.splitlines():
         if match := re.match(r"(?:local)?rule (\w+):$", line):
@@ -122,7 +126,7 @@ def test_slurm_profile_dry_run_plans_gpu_rules_on_gpu_partition(tmp_path):
             planned.setdefault(rule, set()).add(match.group(1))
     gpu_rules = {rule for rule, res in planned.items() if any(re.search(r"\bgpu=1\b", r) for r in res)}
     assert {"fetch_base_model", "prepare_data", "tokenize"} <= set(planned) - gpu_rules
-    assert {"train_adapter", "fit_factors", "kronfluence_scores", "bergson_index"} <= gpu_rules
+    assert {"train_adapter", "fit_factors", "kronfluence_scores", "bergson_index", "damping_sweep_kronfluence"} <= gpu_rules
     assert "bergson_scores" not in gpu_rules  # scored from the index on a CPU node: no model, no GPU queue
     # every GPU rule, and only those, goes to the GPU partition
     assert gpu_rules == set(settings["set-resources"])
