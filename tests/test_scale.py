@@ -178,3 +178,31 @@ def test_code_hash_covers_the_modules_a_stage_imports(tmp_path, monkeypatch):
     assert provenance.code_hash("stage") == before
     (tmp_path / "helper.py").write_text("def f():\n    return 2\n")  # imported: the stage reruns
     assert provenance.code_hash("stage") != before
+
+
+def test_every_rule_hashes_the_code_its_own_script_imports():
+    """Each rule's `code` param names its own script (a `use rule` its parent's), so the modules hashed are read
+    from the code that runs, never from a hand-kept list."""
+    import re
+
+    from playpen_attribution.provenance import module_closure, script_modules
+
+    from conftest import REPO
+
+    scripts, coded = {}, {}  # rule -> its script; rule -> (the rule whose script it runs, the script its code names)
+    for path in sorted((REPO / "workflow/rules").glob("*.smk")):
+        for block in re.split(r"\n(?=rule |use rule )", path.read_text()):
+            own = re.match(r"rule (\w+):", block)
+            used = re.match(r"use rule (\w+) as (\w+) with:", block)
+            if own:
+                script = re.search(r'script:\s*\n\s*"\.\./scripts/([\w.]+)"', block)
+                scripts[own.group(1)] = script.group(1) if script else None
+            code = re.search(r'code=script_code\("([\w.]+)"\)', block)
+            if code:
+                name, parent = (own.group(1), own.group(1)) if own else (used.group(2), used.group(1))
+                coded[name] = (parent, code.group(1))
+    assert {rule for rule, script in scripts.items() if script} <= set(coded), "a rule with a script has no code"
+    for rule, (parent, script) in coded.items():
+        assert script == scripts[parent], rule
+    # e.g. the LDS table's hash covers the baselines module its stage imports lazily
+    assert "baselines" in module_closure(script_modules(REPO / "workflow/scripts/lds.py"))

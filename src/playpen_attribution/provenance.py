@@ -57,6 +57,17 @@ def code_hash(*modules: str) -> str:
     return digest.hexdigest()[:16]
 
 
+def script_modules(script: str | Path) -> list[str]:
+    """The package modules a rule script imports (read from its source)."""
+    return sorted(set(_PACKAGE_IMPORT.findall(Path(script).read_text())))
+
+
+def script_code_hash(script: str | Path) -> str:
+    """`code_hash` of every package module a rule script imports and all they import: derived from the script, so
+    a rule's list of modules cannot fall behind its code."""
+    return code_hash(*script_modules(script))
+
+
 def library_versions() -> dict[str, str]:
     versions = {}
     for name in LIBRARIES:

@@ -11,7 +11,7 @@ rule bergson_query_gradients:
         directory("results/{run}/bergson/query/per_query"),
     params:
         bergson=bergson_settings(*BERGSON_GRADIENT_KEYS),
-        code=code_hash("bergson_attribution", "modeling", "io"),
+        code=script_code("bergson_query_gradients.py"),
     log:
         "logs/{run}/bergson_query_gradients.log",
     benchmark:
@@ -36,7 +36,7 @@ rule bergson_hessian:
         side="train|query",
     params:
         bergson=bergson_settings(*BERGSON_GRADIENT_KEYS, "fisher"),
-        code=code_hash("bergson_attribution", "modeling", "io"),
+        code=script_code("bergson_hessian.py"),
     log:
         "logs/{run}/bergson_hessian_{side}.log",
     benchmark:
@@ -59,7 +59,7 @@ rule bergson_mix:
         directory("results/{run}/bergson/hessian/mixed"),
     params:
         bergson=bergson_settings("mix_downweight_components"),
-        code=code_hash("bergson_attribution", "modeling", "io"),
+        code=script_code("bergson_mix.py"),
     log:
         "logs/{run}/bergson_mix.log",
     benchmark:
@@ -81,7 +81,7 @@ rule bergson_reduce:
         variant=VARIANT_PATTERN,
     params:
         bergson=bergson_settings(*BERGSON_GRADIENT_KEYS, "damping_factor", "aggregation"),
-        code=code_hash("bergson_attribution", "modeling", "io"),
+        code=script_code("bergson_reduce.py"),
     log:
         "logs/{run}/bergson_reduce_{variant}.log",
     benchmark:
@@ -108,7 +108,7 @@ rule bergson_index:
     params:
         shards=shard_count,
         bergson=bergson_settings(*BERGSON_GRADIENT_KEYS),
-        code=code_hash("bergson_attribution", "modeling", "tables", "io"),
+        code=script_code("bergson_index.py"),
     log:
         "logs/{run}/bergson_index_{shard}.log",
     benchmark:
@@ -138,7 +138,7 @@ rule bergson_scores:
         shard=r"\d+",
     params:
         bergson=bergson_settings("damping_factor"),
-        code=code_hash("bergson_attribution", "tables", "io"),
+        code=script_code("bergson_scores.py"),
     log:
         "logs/{run}/bergson_scores_{variant}_{shard}.log",
     benchmark:

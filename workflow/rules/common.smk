@@ -25,7 +25,7 @@ from playpen_attribution.plan import (
     format_plan,
     lengths_of,
 )
-from playpen_attribution.provenance import code_hash
+from playpen_attribution.provenance import script_code_hash
 from playpen_attribution.tables import check_shard_count
 from playpen_attribution.tokenization import read_tokens_report
 from playpen_attribution.validation import lds_batches
@@ -33,6 +33,12 @@ from playpen_attribution.validation import lds_batches
 WORKFLOW_ROOT = Path(workflow.basedir)
 RUNS = config["runs"]
 CONDA_ENV = "../../envs/playpen-attribution.yaml"
+
+
+def script_code(script):
+    """For a rule's `params: code`: the hash of the package code its script (workflow/scripts/<script>) runs, so a
+    change to that code reruns the rule (Snakemake tracks params, not the modules a script imports)."""
+    return script_code_hash(WORKFLOW_ROOT / "workflow" / "scripts" / script)
 
 
 def resolve(path):

@@ -18,7 +18,7 @@ rule prepare_data:
         # only what decides this split: a new query set never rewrites the training table (eval: the query split's
         # source and filters without its row cap, which training evaluates on)
         data=lambda wc: split_config(data_config(wc), wc.split),
-        code=code_hash("data", "io"),
+        code=script_code("prepare_data.py"),
     log:
         "logs/{run}/prepare_data_{split}.log",
     benchmark:
@@ -39,7 +39,7 @@ rule tokenize:
         split="train|query|eval",
     params:
         tokenization=lambda wc: run_cfg(wc)["tokenization"],
-        code=code_hash("tokenization", "data", "io"),
+        code=script_code("tokenize.py"),
     log:
         "logs/{run}/tokenize_{split}.log",
     benchmark:

@@ -15,7 +15,7 @@ rule fit_factors:
             for k in ("modules", "layer_stride", "max_examples", "covariance_batch_size",
                       "lambda_batch_size", "fisher", "dtype", "seed")
         },
-        code=code_hash("influence", "modeling", "provenance", "io"),
+        code=script_code("fit_factors.py"),
     log:
         "logs/{run}/fit_factors_{strategy}.log",
     benchmark:
@@ -44,7 +44,7 @@ rule kronfluence_scores:
     params:
         shards=shard_count,
         kronfluence=kronfluence_score_settings,
-        code=code_hash("influence", "modeling", "tables", "io"),
+        code=script_code("kronfluence_scores.py"),
     log:
         "logs/{run}/kronfluence_scores_{strategy}_{shard}.log",
     benchmark:

@@ -15,7 +15,7 @@ rule build_tiny_model:
     params:
         tiny=lambda wc: run_cfg(wc)["model"]["tiny"],
         source=lambda wc: data_config(wc)["source"],
-        code=code_hash("tiny_model", "data", "io"),
+        code=script_code("build_tiny_model.py"),
     log:
         "logs/{run}/build_tiny_model.log",
     benchmark:
@@ -37,7 +37,7 @@ rule build_random_model:
     params:
         random=random_model_settings,
         source=lambda wc: data_config(wc)["source"],
-        code=code_hash("tiny_model", "data", "io"),
+        code=script_code("build_random_model.py"),
     log:
         "logs/{run}/build_random_model.log",
     benchmark:
@@ -55,7 +55,7 @@ rule fetch_base_model:
         run=HUB_MODEL_RUNS,
     params:
         model=lambda wc: run_cfg(wc)["model"],
-        code=code_hash("modeling", "io"),
+        code=script_code("fetch_base_model.py"),
     log:
         "logs/{run}/fetch_base_model.log",
     benchmark:
@@ -81,7 +81,7 @@ rule train_adapter:
         max_length=lambda wc: run_cfg(wc)["tokenization"]["max_length"],
         dtype=lambda wc: run_cfg(wc)["model"]["dtype"],
         base_model=base_model_source,
-        code=code_hash("training", "modeling", "provenance", "io"),
+        code=script_code("train_adapter.py"),
     log:
         "logs/{run}/train_adapter.log",
     benchmark:

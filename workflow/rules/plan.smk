@@ -11,7 +11,7 @@ rule memory_plan:
     params:
         run=lambda wc: {k: run_cfg(wc)[k] for k in ("model", "lora", "training", "tokenization", "attribution", "data")},
         gpu_mem_gb=lambda wc: run_cfg(wc)["resources"]["gpu_mem_gb"],
-        code=code_hash("plan", "io"),
+        code=script_code("memory_plan.py"),
     log:
         "logs/{run}/memory_plan.log",
     benchmark:

@@ -26,7 +26,7 @@ rule report:
         top_k=lambda wc: run_cfg(wc)["report"]["top_k"],
         queries_shown=lambda wc: run_cfg(wc)["report"]["queries_shown"],
         title=lambda wc: f"Attribution report: {wc.run} ({run_cfg(wc)['description']})",
-        code=code_hash("report", "words", "io"),
+        code=script_code("report.py"),
     log:
         "logs/{run}/report.log",
     benchmark:

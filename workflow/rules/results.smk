@@ -11,7 +11,7 @@ rule query_losses:
         "results/{run}/query_losses.json",
     params:
         dtype=lambda wc: kronfluence_cfg(wc)["dtype"],
-        code=code_hash("scores", "modeling", "io"),
+        code=script_code("query_losses.py"),
     log:
         "logs/{run}/query_losses.log",
     benchmark:
@@ -40,7 +40,7 @@ rule merge_influences:
         influences="results/{run}/influences.csv",
     params:
         methods=lambda wc: run_cfg(wc)["attribution"]["methods"],
-        code=code_hash("scores", "tables", "data", "io"),
+        code=script_code("merge_influences.py"),
     log:
         "logs/{run}/merge_influences.log",
     benchmark:
@@ -63,7 +63,7 @@ rule merge_train_scores:
         report="results/{run}/train_scores.report.json",
     params:
         methods=lambda wc: list(method_shards(wc, bergson_only=True)),
-        code=code_hash("bergson_attribution", "tables", "data", "io"),
+        code=script_code("merge_train_scores.py"),
     log:
         "logs/{run}/merge_train_scores.log",
     benchmark:

@@ -10,7 +10,7 @@ rule planted_copies:
         directory("results/{run}/validation/planted/tokens"),
     params:
         planted=lambda wc: run_cfg(wc)["validation"]["planted"],
-        code=code_hash("validation", "io"),
+        code=script_code("planted_copies.py"),
     log:
         "logs/{run}/planted_copies.log",
     benchmark:
@@ -36,7 +36,7 @@ use rule kronfluence_scores as planted_kronfluence_scores with:
         shards=1,
         # per-token scores of the copies are not needed for their rank
         kronfluence=lambda wc: kronfluence_score_settings(wc, per_token=False),
-        code=code_hash("influence", "modeling", "tables", "io"),
+        code=script_code("kronfluence_scores.py"),
     log:
         "logs/{run}/planted_kronfluence_scores_{strategy}_{shard}.log",
     benchmark:
@@ -54,7 +54,7 @@ use rule bergson_index as planted_bergson_index with:
     params:
         shards=1,
         bergson=bergson_settings(*BERGSON_GRADIENT_KEYS),
-        code=code_hash("bergson_attribution", "modeling", "tables", "io"),
+        code=script_code("bergson_index.py"),
     log:
         "logs/{run}/planted_bergson_index_{shard}.log",
     benchmark:
@@ -75,7 +75,7 @@ use rule bergson_scores as planted_bergson_scores with:
         shard="0",
     params:
         bergson=bergson_settings("damping_factor"),
-        code=code_hash("bergson_attribution", "tables", "io"),
+        code=script_code("bergson_scores.py"),
     log:
         "logs/{run}/planted_bergson_scores_{variant}_{shard}.log",
     benchmark:
@@ -98,7 +98,7 @@ rule planted_audit:
         methods=lambda wc: run_cfg(wc)["attribution"]["methods"],
         # the random baseline's seed
         seed=lambda wc: run_cfg(wc)["validation"]["planted"]["seed"],
-        code=code_hash("validation", "baselines", "scores", "taboo", "tables", "io"),
+        code=script_code("planted_audit.py"),
     log:
         "logs/{run}/planted_audit.log",
     benchmark:
@@ -131,7 +131,7 @@ rule lds_retrain:
         max_length=lambda wc: run_cfg(wc)["tokenization"]["max_length"],
         dtype=lambda wc: run_cfg(wc)["model"]["dtype"],
         base_model=base_model_source,
-        code=code_hash("validation", "training", "modeling", "provenance", "io"),
+        code=script_code("lds_retrain.py"),
     log:
         "logs/{run}/lds_retrain_{batch}.log",
     benchmark:
@@ -155,7 +155,7 @@ rule lds_losses:
         "results/{run}/validation/lds/query_losses.json",
     params:
         dtype=lambda wc: kronfluence_cfg(wc)["dtype"],
-        code=code_hash("validation", "scores", "modeling", "io"),
+        code=script_code("lds_losses.py"),
     log:
         "logs/{run}/lds_losses.log",
     benchmark:
@@ -184,7 +184,7 @@ rule lds:
     params:
         # the random baseline's and the bootstrap's seed
         seed=lambda wc: lds_cfg(wc)["seed"],
-        code=code_hash("validation", "baselines", "scores", "taboo", "io"),
+        code=script_code("lds.py"),
     log:
         "logs/{run}/lds.log",
     benchmark:
@@ -215,7 +215,7 @@ rule damping_sweep_kronfluence:
         damping=sweep_factors,
         kronfluence=lambda wc: {k: kronfluence_cfg(wc)[k] for k in ("train_batch_size", "query_batch_size",
                                                                     "query_gradient_rank", "dtype")},
-        code=code_hash("influence", "modeling", "tables", "io"),
+        code=script_code("damping_sweep_kronfluence.py"),
     log:
         "logs/{run}/damping_sweep_kronfluence_{strategy}.log",
     benchmark:
@@ -243,7 +243,7 @@ rule damping_sweep_bergson:
         variant=VARIANT_PATTERN,
     params:
         damping=sweep_factors,
-        code=code_hash("bergson_attribution", "tables", "io"),
+        code=script_code("damping_sweep_bergson.py"),
     log:
         "logs/{run}/damping_sweep_bergson_{variant}.log",
     benchmark:
@@ -268,7 +268,7 @@ rule damping_sweep:
     params:
         methods=lambda wc: damping_sweep_methods(run_cfg(wc)),
         seed=lambda wc: lds_cfg(wc)["seed"],
-        code=code_hash("validation", "baselines", "scores", "taboo", "tables", "io"),
+        code=script_code("damping_sweep.py"),
     log:
         "logs/{run}/damping_sweep.log",
     benchmark:
