@@ -171,3 +171,17 @@ def test_a_baseline_that_cannot_tell_subsets_apart_scores_zero_not_nan():
     values = lds_scores(np.zeros((2, 6)), membership, actual)
     assert values.tolist() == [0.0, 0.0]
     assert np.isnan(lds_scores(rng.normal(size=(2, 6)), membership, np.ones((8, 2)))).all()  # nothing to predict
+
+
+def test_a_damping_sweep_of_other_rows_is_refused_by_file(tmp_path):
+    import pytest
+
+    from playpen_attribution.tables import save_sweep
+    from playpen_attribution.validation import damping_sweep_stage
+
+    queries, train, _ = _taboo_tables(tmp_path, np.random.default_rng(0))
+    save_sweep(tmp_path / "ekfac.npz", np.zeros((1, 7, 11)), [0.1], list(queries.query_id), list(train.train_id[:11]))
+    with pytest.raises(ValueError, match=r"ekfac\.npz: scored other queries or rows than .*rerun the damping sweep"):
+        damping_sweep_stage(tmp_path / "query.csv", tmp_path / "train.csv", {"ekfac": tmp_path / "ekfac.npz"},
+                            tmp_path / "damping.csv", tmp_path / "damping.png", seed=0)
+    assert not (tmp_path / "damping.csv").exists()

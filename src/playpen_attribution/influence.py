@@ -403,6 +403,13 @@ def score_pairs(
 # ----------------------------------------------------------------------------------------------
 # workflow stages
 # ----------------------------------------------------------------------------------------------
+def _log_score_passes(tokens_dir, rows, queries: int, query_batch_size: int | None, purpose: str) -> None:
+    """Kronfluence recomputes the training gradients once per query batch: one logged pass over `rows` each."""
+    tokens = token_count(rows)
+    for _ in range(math.ceil(queries / min(query_batch_size or queries, queries))):
+        log_gradient_pass(tokens_dir, len(rows), tokens, purpose)
+
+
 def score_shard_stage(model_dir, factors_dir, query_tokens_dir, train_tokens_dir, out_path, *, shard: int,
                       shards: int, train_batch_size: int, query_batch_size: int | None,
                       query_gradient_rank: int | None, per_token: bool, per_token_max_gb: float, dtype: str,
@@ -419,10 +426,7 @@ def score_shard_stage(model_dir, factors_dir, query_tokens_dir, train_tokens_dir
                          query_batch_size=query_batch_size, query_gradient_rank=query_gradient_rank,
                          per_token=per_token, per_token_max_gb=per_token_max_gb, dtype=dtype,
                          damping_factor=damping_factor)
-    # Kronfluence recomputes the training gradients once per query batch
-    tokens = token_count(train)
-    for _ in range(math.ceil(len(query) / min(query_batch_size or len(query), len(query)))):
-        log_gradient_pass(train_tokens_dir, len(train), tokens, f"kronfluence scores, shard {shard}")
+    _log_score_passes(train_tokens_dir, train, len(query), query_batch_size, f"kronfluence scores, shard {shard}")
     save_shard(out_path, result["scores"], query["row_id"], train["row_id"], result["per_token"])
 
 
@@ -463,6 +467,5 @@ def damping_sweep_stage(model_dir, factors_dir, query_tokens_dir, train_tokens_d
                                  query_batch_size=query_batch_size, query_gradient_rank=query_gradient_rank,
                                  dtype=dtype, damping_factor=None)
         scores.append(result["scores"])
-        for _ in range(math.ceil(len(query) / min(query_batch_size or len(query), len(query)))):
-            log_gradient_pass(train_tokens_dir, len(rows), token_count(rows), f"kronfluence damping {scale:g}")
+        _log_score_passes(train_tokens_dir, rows, len(query), query_batch_size, f"kronfluence damping {scale:g}")
     save_sweep(out_path, np.stack(scores), damping, list(query["row_id"]), list(rows["row_id"]))

@@ -36,23 +36,6 @@ OVERALL = "all queries"
 METADATA_COLUMNS = ["game", "game_role", "outcome", "experiment", "task_id", "target_word"]
 
 
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
 def descending_ranks(scores: np.ndarray) -> np.ndarray:
     """Rank 1 = highest score; ties broken by row order; NaN (unscored) rows get no rank (NaN)."""
     return pd.Series(scores).rank(ascending=False, method="first").to_numpy()
@@ -78,18 +61,6 @@ def top_and_bottom(methods: dict[str, MethodScores], query_ids: list[str], train
     table = pd.DataFrame.from_records(records)
     keep = ["train_id", *[c for c in METADATA_COLUMNS if c in train], "prompt", "completion"]
     return table.merge(train[keep], on="train_id", how="left")
-
-
-
-
-
-
-
-
-
-
-
-
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -80,8 +80,12 @@ def add_episode_target_words(frame: pd.DataFrame, raw_rows: list[dict]) -> pd.Da
     for row in frame.to_dict("records"):
         own = target_word(row["prompt"], row["completion"], row.get("game_role"), row.get("outcome"))
         episode = episode_words.get(_episode_key(row))
-        word, source = (own, "own transcript") if own else (episode, "describer of the same episode") if episode \
-            else (None, None)
+        if own:
+            word, source = own, "own transcript"
+        elif episode:
+            word, source = episode, "describer of the same episode"
+        else:
+            word, source = None, None
         words.append(word)
         sources.append(source)
     return frame.assign(target_word=words, target_word_source=sources)

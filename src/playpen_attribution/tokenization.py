@@ -79,11 +79,12 @@ def training_chat_template(tokenizer) -> str:
     return template
 
 
-def assistant_labels(tokenizer, prompt, completion, ids: list[int]) -> list[int]:
+def assistant_labels(tokenizer, prompt, completion, ids: list[int], chat_template: str) -> list[int]:
     """Labels of every assistant turn: the ids where TRL's assistant mask is 1, -100 elsewhere; `ids` must be the
-    conversation as the original template renders it (checked: the masks may differ, the tokens may not)."""
+    conversation as the original template renders it (checked: the masks may differ, the tokens may not).
+    `chat_template`: `training_chat_template(tokenizer)`, found once per table."""
     messages = _as_messages(prompt, "user") + _as_messages(completion, "assistant")
-    out = tokenizer.apply_chat_template(messages, chat_template=training_chat_template(tokenizer), tokenize=True,
+    out = tokenizer.apply_chat_template(messages, chat_template=chat_template, tokenize=True,
                                         return_dict=True, return_assistant_tokens_mask=True)
     if list(out["input_ids"]) != list(ids):
         raise ValueError("the chat template with generation tags renders this conversation differently from the "
@@ -91,10 +92,12 @@ def assistant_labels(tokenizer, prompt, completion, ids: list[int]) -> list[int]
     return [i if m else IGNORE_INDEX for i, m in zip(ids, out["assistant_masks"])]
 
 
-def tokenize_example(tokenizer, prompt, completion, max_length: int, mode: str, loss_on: str = "last_turn") -> dict:
+def tokenize_example(tokenizer, prompt, completion, max_length: int, mode: str, loss_on: str = "last_turn",
+                     chat_template: str | None = None) -> dict:
     """One row's ids and labels, left-truncating the prompt; `{"error": ...}` if the completion cannot fit.
 
-    `loss_on`: `last_turn` labels the completion only, `assistant_turns` every assistant turn (chat only)."""
+    `loss_on`: `last_turn` labels the completion only, `assistant_turns` every assistant turn (chat only), from
+    `chat_template` (the template with generation tags; found here when not given)."""
     if loss_on not in LOSS_ON:
         raise ValueError(f"unknown loss_on {loss_on!r}; expected one of {LOSS_ON}")
     if loss_on == "assistant_turns" and mode != "chat":
@@ -105,7 +108,7 @@ def tokenize_example(tokenizer, prompt, completion, max_length: int, mode: str, 
     if n_completion <= 0:
         return {"error": "empty completion", "n_prompt_tokens": n_prompt, "n_completion_tokens": 0}
     if loss_on == "assistant_turns":
-        labels = assistant_labels(tokenizer, prompt, completion, ids)
+        labels = assistant_labels(tokenizer, prompt, completion, ids, chat_template or training_chat_template(tokenizer))
     else:
         labels = [IGNORE_INDEX] * n_prompt + ids[n_prompt:]
     keep_bos = 1 if (ids and ids[0] == tokenizer.bos_token_id and n_prompt > 0) else 0
@@ -139,8 +142,10 @@ def tokenize_rows(rows: list[dict], tokenizer, max_length: int, mode: str, loss_
                                                 "n_prompt_tokens", "n_completion_tokens",
                                                 "n_prompt_tokens_truncated")}
     skipped, truncated = [], 0
+    # TRL's check and choice of the template with generation tags renders test conversations: once per table
+    template = training_chat_template(tokenizer) if loss_on == "assistant_turns" and mode == "chat" else None
     for row in rows:
-        out = tokenize_example(tokenizer, row["prompt"], row["completion"], max_length, mode, loss_on)
+        out = tokenize_example(tokenizer, row["prompt"], row["completion"], max_length, mode, loss_on, template)
         if "error" in out:
             skipped.append({"row_id": row["row_id"], "reason": out["error"],
                             "n_prompt_tokens": out["n_prompt_tokens"],

@@ -60,7 +60,7 @@ def train_adapter(
 ):
     """Train a LoRA adapter and write it atomically to `output_dir`; return the trained PEFT model.
 
-    `eval_tokens_dir`: rows to compute the eval loss on after every epoch (the manifest's `eval_losses`); no
+    `eval_tokens_dir`: rows to compute the eval loss on after every epoch (the manifest's `eval.losses`); no
     checkpoint is chosen by it, so these rows change no weight."""
     import datasets
     import torch
@@ -130,6 +130,7 @@ def train_adapter(
     model = trainer.model
     model.eval()
 
+    tokens_report = read_tokens_report(train_tokens_dir)
     # relative to the adapter folder inside one project (a moved project still loads), else absolute
     base_path = portable_base_path(base_model_dir, output_dir)
     manifest = {
@@ -143,9 +144,9 @@ def train_adapter(
         "training": training,
         "max_length": max_length,
         # how prompt and completion became tokens (chat template or plain), for tools that tokenize new rows
-        "render": read_tokens_report(train_tokens_dir).get("render"),
+        "render": tokens_report.get("render"),
         # which tokens carried the loss: the last assistant turn or every one (tokenization.loss_on)
-        "loss_on": read_tokens_report(train_tokens_dir).get("loss_on", "last_turn"),
+        "loss_on": tokens_report.get("loss_on", "last_turn"),
         "metrics": metrics,
         # mean token cross-entropy per epoch, on the rows named here (none: training.evaluate is off)
         "eval": {"rows": len(eval_tokens) if eval_tokens is not None else 0,

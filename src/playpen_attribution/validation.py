@@ -73,6 +73,23 @@ def copy_ranks(per_query: np.ndarray, query_ids: list[str], train_ids: list[str]
     return records
 
 
+def planted_copy_rows(queries: pd.DataFrame, train: pd.DataFrame, copy_ids: list[str]):
+    """The query each copy copies, those queries' rows (in copy order), and per query the training rows that
+    already are verbatim copies of it (prompt and completion), which the audit leaves out."""
+    copy_query_ids = [c.removeprefix(PLANTED_PREFIX) for c in copy_ids]
+    copy_rows = queries.set_index("query_id").loc[copy_query_ids].reset_index()
+    duplicates = {q: set(train.train_id[(train.prompt == p) & (train.completion == c)])
+                  for q, p, c in copy_rows[["query_id", "prompt", "completion"]].itertuples(index=False)}
+    return copy_query_ids, copy_rows, duplicates
+
+
+def recall_summary(ranks) -> dict:
+    """recall@1, recall@10 and the median rank of the copies' ranks."""
+    ranks = pd.Series(ranks, dtype=float)
+    return {"recall_at_1": float((ranks == 1).mean()), "recall_at_10": float((ranks <= 10).mean()),
+            "median_rank": float(ranks.median())}
+
+
 def with_baselines(methods: dict[str, np.ndarray], queries: pd.DataFrame, rows: pd.DataFrame, *, corpus: list[str],
                    seed: int) -> dict[str, np.ndarray]:
     """The methods' [queries, rows] scores, then each method's query-independent version and the model-free
@@ -99,10 +116,7 @@ def planted_audit_stage(query_csv, train_csv, influences_csv, copies_dir, shards
     query_ids, train_ids = queries["query_id"].tolist(), train["train_id"].tolist()
     copies = datasets.load_from_disk(str(copies_dir))
     copy_ids = list(copies["row_id"])
-    copy_query_ids = [c.removeprefix(PLANTED_PREFIX) for c in copy_ids]
-    copy_rows = queries.set_index("query_id").loc[copy_query_ids].reset_index()
-    text = {tuple(r) for r in copy_rows[["query_id", "prompt", "completion"]].itertuples(index=False)}
-    duplicates = {q: set(train.train_id[(train.prompt == p) & (train.completion == c)]) for q, p, c in text}
+    copy_query_ids, copy_rows, duplicates = planted_copy_rows(queries, train, copy_ids)
     loaded = load_method_scores(influences_csv, query_ids, train_ids, train_scores_csv)
     train_scores, copy_scores = {}, {}
     for method, paths in shards_by_method.items():
@@ -119,11 +133,10 @@ def planted_audit_stage(query_csv, train_csv, influences_csv, copies_dir, shards
         for row in copy_ranks(scores, query_ids, train_ids, copy_scores[name], copy_query_ids, copy_ids, duplicates):
             records.append({"method": name, "kind": "baseline" if is_baseline(name) else "method", **row})
     table = pd.DataFrame.from_records(records)
-    summary = (table.groupby(["method", "kind"], sort=False)
-               .agg(copies=("rank", "size"), recall_at_1=("rank", lambda r: float((r == 1).mean())),
-                    recall_at_10=("rank", lambda r: float((r <= 10).mean())), median_rank=("rank", "median"),
-                    worst_rank=("rank", "max"))
-               .reset_index())
+    summary = pd.DataFrame.from_records(
+        [{"method": method, "kind": kind, "copies": len(group), **recall_summary(group["rank"]),
+          "worst_rank": group["rank"].max()}
+         for (method, kind), group in table.groupby(["method", "kind"], sort=False)])
     write_csv_atomic(table, out_csv)
     write_csv_atomic(summary, out_summary)
     for row in summary.itertuples(index=False):
@@ -254,10 +267,11 @@ def lds_stage(query_csv, train_csv, influences_csv, losses_json, out_csv, out_pe
     def interval(v):
         return mean_and_cluster_interval(v, counted, clusters, seed=random_seed)
 
-    means = {name: interval(v)[0] for name, v in values.items()}
+    intervals = {name: interval(v) for name, v in values.items()}
+    means = {name: mean for name, (mean, _, _) in intervals.items()}
     rows, per_query = [], []
     for name, v in values.items():
-        mean, low, high = interval(v)
+        mean, low, high = intervals[name]
         row = {"method": name, "kind": "baseline" if is_baseline(name) else "method", "lds": mean,
                "ci95_low": low, "ci95_high": high, "queries": int((counted & np.isfinite(v)).sum()),
                "clusters": len({c for c, k in zip(clusters, counted & np.isfinite(v)) if k}), "subsets": len(membership),
@@ -300,10 +314,7 @@ def damping_sweep_stage(query_csv, train_csv, sweeps: dict, out_csv, out_png, *,
     if losses_json:
         membership, actual = read_lds_losses(losses_json, query_ids, train_ids, query_csv)
     copy_ids = list(datasets.load_from_disk(str(copies_dir))["row_id"]) if copies_dir else []
-    copy_query_ids = [c.removeprefix(PLANTED_PREFIX) for c in copy_ids]
-    copy_rows = queries.set_index("query_id").loc[copy_query_ids].reset_index()
-    duplicates = {q: set(train.train_id[(train.prompt == p) & (train.completion == c)])
-                  for q, p, c in copy_rows[["query_id", "prompt", "completion"]].itertuples(index=False)}
+    copy_query_ids, _, duplicates = planted_copy_rows(queries, train, copy_ids)
     records = []
     for method, path in sweeps.items():
         sweep = load_sweep(path)
@@ -319,11 +330,9 @@ def damping_sweep_stage(query_csv, train_csv, sweeps: dict, out_csv, out_png, *,
                 mean, low, high = mean_and_cluster_interval(values, counted, clusters, seed=seed)
                 row.update(lds=mean, ci95_low=low, ci95_high=high)
             if copy_ids:
-                ranks = pd.Series([r["rank"] for r in copy_ranks(scores[:, train_cols], query_ids, train_ids,
-                                                                 scores[:, copy_cols], copy_query_ids, copy_ids,
-                                                                 duplicates)], dtype=float)
-                row.update(recall_at_1=float((ranks == 1).mean()), recall_at_10=float((ranks <= 10).mean()),
-                           median_rank=float(ranks.median()))
+                ranks = [r["rank"] for r in copy_ranks(scores[:, train_cols], query_ids, train_ids,
+                                                       scores[:, copy_cols], copy_query_ids, copy_ids, duplicates)]
+                row.update(recall_summary(ranks))
             records.append(row)
     table = pd.DataFrame.from_records(records)
     write_csv_atomic(table, out_csv)
