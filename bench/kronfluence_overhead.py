@@ -81,22 +81,17 @@ with tempfile.TemporaryDirectory() as out:
 PACKAGE = r"""
 import sys, tempfile, json
 from pathlib import Path
-from playpen_attribution.influence import fit_factors, score_shard_stage
+from playpen_attribution.influence import fit_factors_stage, score_shard_stage
+from playpen_attribution.settings import FactorFit, KronfluenceScoring
 
-adapter, train_dir, query_dir, strategy, settings = sys.argv[1:]
-a = json.loads(settings); kf = a["kronfluence"]
+adapter, train_dir, query_dir, strategy, run = sys.argv[1:]
+run = json.loads(run); shards = run["attribution"]["shards"]
 with tempfile.TemporaryDirectory() as out:
     factors = Path(out) / "factors"
-    fit_factors(adapter, train_dir, factors, strategy=strategy, modules=kf["modules"],
-                layer_stride=kf["layer_stride"], covariance_batch_size=kf["covariance_batch_size"],
-                lambda_batch_size=kf["lambda_batch_size"], max_examples=kf["max_examples"], dtype=kf["dtype"],
-                fisher=kf["fisher"], seed=kf["seed"])
-    for shard in range(a["shards"]):
+    fit_factors_stage(adapter, train_dir, factors, strategy=strategy, settings=FactorFit.from_run(run))
+    for shard in range(shards):
         score_shard_stage(adapter, factors, query_dir, train_dir, Path(out) / f"shard-{shard}.npz", shard=shard,
-                          shards=a["shards"], train_batch_size=kf["train_batch_size"],
-                          query_batch_size=kf["query_batch_size"], query_gradient_rank=kf["query_gradient_rank"],
-                          per_token=kf["per_token_scores"], per_token_max_gb=kf["per_token_max_gb"],
-                          dtype=kf["dtype"], damping_factor=kf["damping_factor"])
+                          shards=shards, settings=KronfluenceScoring.from_run(run))
 """
 
 
@@ -129,7 +124,7 @@ def main() -> None:
                  str(kf["covariance_batch_size"]), str(kf["lambda_batch_size"]), str(kf["train_batch_size"])]))
         timings["package"].append(timed(
             [sys.executable, "-c", PACKAGE, str(adapter), str(train_dir), str(query_dir), args.strategy,
-             json.dumps(settings)]))
+             json.dumps({"attribution": settings})]))
         timings["workflow"].append(timed(snakemake_command(
             workdir, "--cores", "1", "--forcerun", "fit_factors", "kronfluence_scores", "--", *targets)))
 

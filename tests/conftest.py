@@ -115,6 +115,7 @@ def demo_tokens(demo_tables, tiny_model_dir, tmp_path_factory):
 
 def train_demo_adapter(tiny_model_dir, tokens, out, seed=0, epochs=3):
     from playpen_attribution.config import validate_config
+    from playpen_attribution.settings import Lora, Training
     from playpen_attribution.training import train_adapter
 
     run = validate_config({"runs": {"r": {"data": {"source": {"kind": "json", "train": "a", "query": "b"}},
@@ -122,7 +123,8 @@ def train_demo_adapter(tiny_model_dir, tokens, out, seed=0, epochs=3):
                                           "training": {"epochs": epochs, "batch_size": 8, "gradient_accumulation": 1,
                                                        "learning_rate": 0.003, "warmup_ratio": 0.0, "seed": seed}}}})
     run = run["runs"]["r"]
-    train_adapter(tiny_model_dir, tokens / "train", out, lora=run["lora"], training=run["training"], max_length=256)
+    train_adapter(tiny_model_dir, tokens / "train", out, lora=Lora.from_run(run), training=Training.from_run(run),
+                  max_length=256)
     return out
 
 

@@ -7,12 +7,14 @@ import numpy as np
 import pytest
 
 from playpen_attribution import bergson_attribution as ba
+from playpen_attribution.settings import BergsonGradients, BergsonHessian, BergsonMix, BergsonReduce, BergsonScoring
 from playpen_attribution.tables import load_shards
 
 from conftest import independent_gradients
 
 SETTINGS = {"aggregation": "mean", "projection_dim": 0, "precision": "fp32", "token_batch_size": 512,
             "fisher": "empirical", "damping_factor": 0.1, "mix_downweight_components": 1000, "seed": 0}
+RUN = {"attribution": {"bergson": SETTINGS}}  # the run config section the stages' settings are built from
 PLANTED = [0, 3]  # queries whose copies are among the scored training rows
 
 
@@ -32,10 +34,10 @@ def small(demo_tokens, tmp_path_factory):
 def prepared(demo_adapter, small, tmp_path_factory):
     """Per-query gradients and the three preconditioners, built once."""
     root = tmp_path_factory.mktemp("bergson")
-    ba.query_gradients_stage(demo_adapter, small / "query", root / "per_query", SETTINGS)
+    ba.query_gradients_stage(demo_adapter, small / "query", root / "per_query", BergsonGradients.from_run(RUN))
     for side in ("train", "query"):
-        ba.hessian_stage(demo_adapter, small / side, root / "hessian" / side, SETTINGS)
-    ba.mix_stage(root / "hessian/query", root / "hessian/train", root / "hessian/mixed", SETTINGS)
+        ba.hessian_stage(demo_adapter, small / side, root / "hessian" / side, BergsonHessian.from_run(RUN))
+    ba.mix_stage(root / "hessian/query", root / "hessian/train", root / "hessian/mixed", BergsonMix.from_run(RUN))
     return root
 
 
@@ -45,7 +47,7 @@ def reduced_query(demo_adapter, small, prepared, variant):
     reduced = prepared / "reduced" / variant
     if not reduced.exists():
         ba.reduce_stage(demo_adapter, small / "query", reduced, variant, prepared / "hessian" / side if side else None,
-                        SETTINGS)
+                        BergsonReduce.for_variant(RUN, variant))
     return reduced
 
 
@@ -56,9 +58,9 @@ def score(demo_adapter, small, prepared, variant, out, shard=0, shards=1):
     reduced = reduced_query(demo_adapter, small, prepared, variant)
     index = prepared / "index" / f"{shard}-of-{shards}"
     if not index.exists():
-        ba.index_stage(demo_adapter, small / "train", index, shard=shard, shards=shards, settings=SETTINGS)
+        ba.index_stage(demo_adapter, small / "train", index, shard=shard, shards=shards, settings=BergsonGradients.from_run(RUN))
     ba.score_shard_stage(index, small / "query", reduced, prepared / "per_query", hessian, out, variant=variant,
-                         settings=SETTINGS)
+                         settings=BergsonScoring.for_variant(RUN, variant))
     return out
 
 
@@ -80,8 +82,8 @@ def bergson_score_command(demo_adapter, small, query_dir, variant, hessian, run_
     unit_normalize, _ = ba.parse_variant(variant)
     bergson_score._make_split_hessian = split_preconditioner
     Score(score_cfg=ScoreConfig(query_path=str(query_dir), precision="fp32"),
-          index_cfg=ba._index_config(run_path, demo_adapter.resolve(), small / "train", SETTINGS),
-          preprocess_cfg=ba._preprocess(SETTINGS, unit_normalize, hessian)).execute()
+          index_cfg=ba._index_config(run_path, demo_adapter.resolve(), small / "train", BergsonGradients.from_run(RUN)),
+          preprocess_cfg=ba._preprocess(SETTINGS["damping_factor"], unit_normalize, hessian)).execute()
     stored = load_scores(run_path)
     return np.asarray(stored[:], dtype=np.float64)
 
@@ -218,10 +220,47 @@ def test_a_row_bergson_gives_no_gradient_is_reported_unscored_not_zero(demo_adap
                                             "labels": r["input_ids"][:1]})
     tokens = tmp_path / "tokens"
     datasets.concatenate_datasets([rows, short]).save_to_disk(str(tokens))
-    ba.index_stage(demo_adapter, tokens, tmp_path / "index", shard=0, shards=1, settings=SETTINGS)
+    ba.index_stage(demo_adapter, tokens, tmp_path / "index", shard=0, shards=1, settings=BergsonGradients.from_run(RUN))
     ba.score_shard_stage(tmp_path / "index", small / "query", reduced_query(demo_adapter, small, prepared, "cosine"),
-                         prepared / "per_query", None, tmp_path / "s.npz", variant="cosine", settings=SETTINGS)
+                         prepared / "per_query", None, tmp_path / "s.npz", variant="cosine",
+                         settings=BergsonScoring.for_variant(RUN, "cosine"))
     result = load_shards([tmp_path / "s.npz"])
     assert result["train_ids"][-1] == "one-token"
     assert np.isnan(result["scores"][:, -1]).all() and np.isnan(result["reduced"][-1])
     assert np.isfinite(result["scores"][:, :-1]).all() and np.isfinite(result["reduced"][:-1]).all()
+
+
+SCORE_IN_A_PROCESS = r"""
+import json, sys
+from pathlib import Path
+import numpy as np
+from playpen_attribution import bergson_attribution as ba
+from playpen_attribution.settings import BergsonScoring
+index, query, reduced, per_query, hessian, out = sys.argv[1:]
+ba.score_shard_stage(index, query, reduced, per_query, hessian, out, variant="cosine_mixed",
+                     settings=BergsonScoring(damping_factor=0.1))
+modules = json.loads((Path(index) / "info.json").read_text()).get("grad_sizes") or {}
+print(json.dumps(list(set(modules))))
+"""
+
+
+def test_scores_are_the_same_bytes_whatever_the_processs_hash_seed(demo_adapter, small, prepared, tmp_path):
+    """Same inputs, same scores: Bergson sums the modules' scores in set order, which follows the string-hash seed
+    (a wrapped fix keeps the index's module order). The two processes below iterate the modules differently."""
+    import os
+    import subprocess
+    import sys
+
+    score(demo_adapter, small, prepared, "cosine_mixed", tmp_path / "first.npz")  # builds the index and the query
+    index, reduced = prepared / "index" / "0-of-1", prepared / "reduced" / "cosine_mixed"
+    orders, results = [], []
+    for seed in ("1", "2"):
+        out = tmp_path / f"seed-{seed}.npz"
+        proc = subprocess.run([sys.executable, "-c", SCORE_IN_A_PROCESS, str(index), str(small / "query"), str(reduced),
+                               str(prepared / "per_query"), str(prepared / "hessian" / "mixed"), str(out)],
+                              env={**os.environ, "PYTHONHASHSEED": seed}, capture_output=True, text=True, check=True)
+        orders.append(proc.stdout.strip().splitlines()[-1])
+        results.append(np.load(out))
+    assert orders[0] != orders[1], "the two hash seeds happen to give one set order: pick other seeds"
+    for key in ("scores", "reduced"):
+        assert results[0][key].tobytes() == results[1][key].tobytes(), key

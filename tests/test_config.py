@@ -121,3 +121,32 @@ def test_the_schemas_methods_are_the_ones_the_package_parses():
     assert parsed["identity"].plain is None and parsed["bergson_dot"].plain is None
     with pytest.raises(ValueError, match="unknown Bergson variant 'cosine_both'"):
         parse_method("bergson_cosine_both")
+
+
+# Keys the workflow reads itself (inputs, job counts, paths), not a stage's settings class.
+WORKFLOW_KEYS = {"training": {"evaluate"}, "attribution.kronfluence": {"hessian_dataset"},
+                 "validation.lds": {"subsets", "subsets_per_job"}}
+
+
+def test_every_stage_setting_is_a_config_key_and_every_key_is_read_by_a_stage():
+    from playpen_attribution.settings import STAGE_SETTINGS, as_params, from_params
+
+    run = validate_config(copy.deepcopy(MINIMAL))["runs"]["r"]
+    read: dict[str, set] = {}
+    for cls in STAGE_SETTINGS:
+        settings = cls.from_run(run)  # a field that is not a key of its section raises KeyError here
+        assert from_params(cls, as_params(settings)) == settings
+        read.setdefault(cls.SECTION, set()).update(as_params(settings))
+    for section, names in read.items():
+        keys = run
+        for part in section.split("."):
+            keys = keys[part]
+        assert set(keys) == names | WORKFLOW_KEYS.get(section, set()), section
+
+
+def test_settings_refuse_a_key_their_stage_does_not_read():
+    from playpen_attribution.settings import BergsonMix, from_params
+
+    with pytest.raises(TypeError, match=r"BergsonMix takes exactly \['mix_downweight_components'\]; got "
+                                        r"\['damping_factor', 'mix_downweight_components'\]"):
+        from_params(BergsonMix, {"mix_downweight_components": 10, "damping_factor": 0.1})

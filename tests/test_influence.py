@@ -10,6 +10,7 @@ import torch
 
 from playpen_attribution.influence import FactorsError, fit_factors, score_pairs, score_shard_stage
 from playpen_attribution.scores import per_token_lists
+from playpen_attribution.settings import KronfluenceScoring
 from playpen_attribution.tables import load_shards
 
 from conftest import independent_gradients, train_demo_adapter
@@ -109,11 +110,15 @@ def test_planted_copy_of_a_query_is_in_the_top_3_for_ekfac(demo_adapter, factors
 def test_shards_and_query_batches_merged_equal_one_unsharded_single_batch_run(demo_adapter, factors, demo_tokens,
                                                                              tmp_path):
     common = dict(model_dir=demo_adapter, factors_dir=factors["ekfac"], query_tokens_dir=demo_tokens / "query",
-                  train_tokens_dir=demo_tokens / "train", train_batch_size=8, query_gradient_rank=None,
-                  per_token=False, per_token_max_gb=4.0, dtype="float32", damping_factor=1e-8)
-    score_shard_stage(out_path=tmp_path / "all.npz", shard=0, shards=1, query_batch_size=None, **common)
+                  train_tokens_dir=demo_tokens / "train")
+
+    def settings(query_batch_size):
+        return KronfluenceScoring(train_batch_size=8, query_batch_size=query_batch_size, query_gradient_rank=None,
+                                  per_token_scores=False, per_token_max_gb=4.0, dtype="float32", damping_factor=1e-8)
+
+    score_shard_stage(out_path=tmp_path / "all.npz", shard=0, shards=1, settings=settings(None), **common)
     for i in range(3):  # 27 queries in batches of 5: the last batch is partial
-        score_shard_stage(out_path=tmp_path / f"shard-{i}.npz", shard=i, shards=3, query_batch_size=5, **common)
+        score_shard_stage(out_path=tmp_path / f"shard-{i}.npz", shard=i, shards=3, settings=settings(5), **common)
     merged = load_shards([tmp_path / f"shard-{i}.npz" for i in range(3)])
     whole = load_shards([tmp_path / "all.npz"])
     assert merged["train_ids"] == whole["train_ids"] and merged["query_ids"] == whole["query_ids"]

@@ -144,9 +144,10 @@ def test_bergson_runs_one_process_per_job_whatever_gpus_are_visible(monkeypatch,
     import torch
 
     from playpen_attribution.bergson_attribution import _index_config
+    from playpen_attribution.settings import BergsonGradients
 
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
-    settings = {"precision": "fp32", "projection_dim": 16, "seed": 0, "token_batch_size": 512}
+    settings = BergsonGradients(precision="fp32", projection_dim=16, seed=0, token_batch_size=512)
     config = _index_config(tmp_path / "run", tmp_path / "model", tmp_path / "tokens", settings)
     assert config.distributed.world_size == 1
 

@@ -1,3 +1,4 @@
+import dataclasses
 import json
 import os
 
@@ -7,6 +8,7 @@ import torch
 
 from playpen_attribution.config import validate_config
 from playpen_attribution.modeling import load_model
+from playpen_attribution.settings import Lora, Training
 from playpen_attribution.tokenization import tokenize_table
 from playpen_attribution.training import train_adapter
 
@@ -25,7 +27,7 @@ def settings():
                                           "lora": {"r": 4, "alpha": 8, "dropout": 0.0},
                                           "training": {"epochs": 1, "batch_size": 8, "gradient_accumulation": 1,
                                                        "learning_rate": 0.003, "seed": 3}}}})["runs"]["r"]
-    return run["lora"], run["training"]
+    return Lora.from_run(run), Training.from_run(run)
 
 
 def train(tiny_model_dir, tokens, out):
@@ -93,7 +95,7 @@ def test_every_assistant_turn_trains_evaluates_and_is_scored_on_the_same_labels(
     assert max(spans) >= 3  # guessers' earlier guesses carry the loss too
     lora, training = settings()
     train_adapter(tiny_model_dir, tmp_path / "train", tmp_path / "adapter", lora=lora,
-                  training={**training, "epochs": 2}, max_length=256, eval_tokens_dir=tmp_path / "query")
+                  training=dataclasses.replace(training, epochs=2), max_length=256, eval_tokens_dir=tmp_path / "query")
     manifest = json.loads((tmp_path / "adapter" / "manifest.json").read_text())
     assert manifest["loss_on"] == "assistant_turns"
     queries = datasets.load_from_disk(str(tmp_path / "query"))

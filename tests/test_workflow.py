@@ -247,6 +247,14 @@ def test_snakemake_report_collects_the_report_files(demo_workdir, tmp_path):
         assert name in text, name
 
 
+def test_no_job_writes_into_another_rules_output(demo_workdir):
+    """`datasets` would cache the transforms of a saved dataset inside its folder (cache-*.arrow), so the jobs that
+    read the tokens would change them after their rule finished; run_stage turns that caching off."""
+    tokens = demo_workdir / "results/demo/data/tokens"
+    assert sorted(p.name for p in tokens.glob("*/cache-*.arrow")) == []
+    assert sorted(p.name for p in (demo_workdir / "results/demo").rglob("cache-*.arrow")) == []
+
+
 def test_second_run_builds_nothing(demo_workdir):
     assert planned_jobs(snakemake(demo_workdir, "-n")) == {}
 
@@ -406,6 +414,40 @@ def test_a_bergson_key_reruns_only_the_stages_that_read_it(demo_workdir):
     assert jobs == {"bergson_reduce": 1, "bergson_scores": 2, "planted_bergson_scores": 1, "merge_influences": 1,
                     "merge_train_scores": 1, "planted_audit": 1, "lds": 1, "damping_sweep": 1, "memory_plan": 1,
                     "report": 1}
+
+
+def rerun_for_their_params(proc) -> set[str]:
+    """Rules a dry run reruns because their own params changed (not only because an input did)."""
+    rules, rule = set(), None
+    for line in proc.stdout.splitlines():
+        if match := re.match(r"^(?:local)?rule (\w+):$", line):
+            rule = match.group(1)
+        elif line.strip().startswith("reason:") and "Params have changed" in line:
+            rules.add(rule)
+    return rules
+
+
+@pytest.mark.parametrize("section, key, value, readers", [
+    ("attribution.kronfluence", "covariance_batch_size", 4, {"fit_factors"}),
+    ("attribution.kronfluence", "train_batch_size", 4,
+     {"kronfluence_scores", "planted_kronfluence_scores", "damping_sweep_kronfluence"}),
+    ("attribution.bergson", "token_batch_size", 256,
+     {"bergson_query_gradients", "bergson_hessian", "bergson_reduce", "bergson_index", "planted_bergson_index"}),
+    ("attribution.bergson", "mix_downweight_components", 10, {"bergson_mix"}),
+    ("training", "logging_steps", 3, {"train_adapter", "lds_retrain"}),
+    ("validation.planted", "seed", 3, {"planted_copies", "planted_audit"}),
+])
+def test_a_key_reruns_only_the_stages_that_read_it(demo_workdir, section, key, value, readers):
+    """Every rule's params are its stage's settings class (playpen_attribution.settings), so a key reruns exactly the
+    rules whose class holds it; the rules after them rerun because their inputs change, not their params. The memory
+    plan reads the whole model, training and attribution sections (it estimates every stage)."""
+    change = {key: value}
+    for part in reversed(section.split(".")):
+        change = {part: change}
+    path = overlay(demo_workdir, f"{section}-{key}", {"demo": change})
+    proc = snakemake(demo_workdir, *DEMO_TARGETS, "-n", "--configfile", path)
+    plan = {"memory_plan"} if section.split(".")[0] in ("attribution", "training") else set()
+    assert rerun_for_their_params(proc) == readers | plan
 
 
 # Run after the page is loaded: which images did not decode, which in-page links have no target.

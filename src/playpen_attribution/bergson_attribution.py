@@ -27,6 +27,7 @@ import numpy as np
 from playpen_attribution.io import atomic_path, write_csv_atomic, write_json_atomic
 from playpen_attribution.methods import parse_variant
 from playpen_attribution.modeling import adapter_view_with_absolute_base, is_adapter
+from playpen_attribution.settings import BergsonGradients, BergsonHessian, BergsonMix, BergsonReduce, BergsonScoring
 from playpen_attribution.stage import log_gradient_pass, token_count
 
 log = logging.getLogger(__name__)
@@ -46,7 +47,7 @@ def _bergson_model(model_dir):
         yield Path(model_dir).resolve()
 
 
-def _index_config(run_path: Path, model, tokens_dir, settings: dict, split: str = "train"):
+def _index_config(run_path: Path, model, tokens_dir, settings: BergsonGradients, split: str = "train"):
     from bergson.config.config import DataConfig, DistributedConfig, IndexConfig
 
     return IndexConfig(
@@ -57,30 +58,30 @@ def _index_config(run_path: Path, model, tokens_dir, settings: dict, split: str 
         # per visible GPU, and its workers would not have the split-preconditioner fix below (it patches this
         # process only). Scale out with attribution.shards: one job, and one GPU, per shard.
         distributed=DistributedConfig(nnode=1, nproc_per_node=1),
-        precision=settings["precision"],
-        projection_dim=settings["projection_dim"],
-        projection_seed=settings["seed"],
-        token_batch_size=settings["token_batch_size"],
+        precision=settings.precision,
+        projection_dim=settings.projection_dim,
+        projection_seed=settings.seed,
+        token_batch_size=settings.token_batch_size,
         drop_columns=False,
         data=DataConfig(dataset=str(Path(tokens_dir).resolve()), split=split),
     )
 
 
-def _inversion(settings: dict, hessian_dir):
+def _inversion(damping_factor: float | None, hessian_dir):
     """How a preconditioner is inverted; damping is read only where there is one (gradient collections and plain
     variants are not given it)."""
     from bergson.config.config import InversionConfig
 
-    return InversionConfig(damping_factor=settings["damping_factor"]) if hessian_dir else InversionConfig()
+    return InversionConfig(damping_factor=damping_factor) if hessian_dir else InversionConfig()
 
 
-def _preprocess(settings: dict, unit_normalize: bool, hessian_dir, aggregation: str = "none"):
+def _preprocess(damping_factor: float | None, unit_normalize: bool, hessian_dir, aggregation: str = "none"):
     from bergson.config.config import PreprocessConfig
 
     return PreprocessConfig(
         unit_normalize=unit_normalize,
         hessian_path=str(Path(hessian_dir).resolve()) if hessian_dir else None,
-        inversion_cfg=_inversion(settings, hessian_dir),
+        inversion_cfg=_inversion(damping_factor, hessian_dir),
         aggregation=aggregation,
     )
 
@@ -102,16 +103,16 @@ def _log_pass(tokens_dir, purpose: str) -> None:
     log_gradient_pass(tokens_dir, len(data), token_count(data), purpose)
 
 
-def _seed(settings: dict) -> None:
+def _seed(settings: BergsonGradients) -> None:
     import torch
 
-    torch.manual_seed(settings["seed"])
+    torch.manual_seed(settings.seed)
 
 
 # ----------------------------------------------------------------------------------------------
 # stages
 # ----------------------------------------------------------------------------------------------
-def query_gradients_stage(model_dir, query_tokens_dir, out_dir, settings: dict) -> None:
+def query_gradients_stage(model_dir, query_tokens_dir, out_dir, settings: BergsonGradients) -> None:
     """Rule `bergson_query_gradients`: one raw gradient per query (no aggregation, no preprocessing);
     every variant's per-query scores start from these."""
     from bergson.cli.commands import Build
@@ -119,11 +120,11 @@ def query_gradients_stage(model_dir, query_tokens_dir, out_dir, settings: dict) 
     _seed(settings)
     with _bergson_output(out_dir) as run_path, _bergson_model(model_dir) as model:
         Build(index_cfg=_index_config(run_path, model, query_tokens_dir, settings),
-              preprocess_cfg=_preprocess(settings, False, None)).execute()
+              preprocess_cfg=_preprocess(None, False, None)).execute()
     _log_pass(query_tokens_dir, "bergson per-query gradients")
 
 
-def hessian_stage(model_dir, tokens_dir, out_dir, settings: dict) -> None:
+def hessian_stage(model_dir, tokens_dir, out_dir, settings: BergsonHessian) -> None:
     """Rule `bergson_hessian`: a dense (autocorrelation) preconditioner from one side's gradients."""
     from bergson.cli.commands import Hessian
     from bergson.config.config import HessianConfig
@@ -131,22 +132,22 @@ def hessian_stage(model_dir, tokens_dir, out_dir, settings: dict) -> None:
     _seed(settings)  # the sampled-label Fisher draws labels from the model
     with _bergson_output(out_dir) as run_path, _bergson_model(model_dir) as model:
         Hessian(hessian_cfg=HessianConfig(method="autocorrelation",
-                                          use_dataset_labels=settings["fisher"] == "empirical"),
+                                          use_dataset_labels=settings.fisher == "empirical"),
                 index_cfg=_index_config(run_path, model, tokens_dir, settings)).execute()
     _log_pass(tokens_dir, "bergson preconditioner")
 
 
-def mix_stage(query_hessian_dir, train_hessian_dir, out_dir, settings: dict) -> None:
+def mix_stage(query_hessian_dir, train_hessian_dir, out_dir, settings: BergsonMix) -> None:
     """Rule `bergson_mix`: query and training preconditioners mixed (Chang et al. 2024, A.1.3)."""
     from bergson.cli.commands import Mix
 
     with _bergson_output(out_dir) as run_path:
         Mix(query_path=str(Path(query_hessian_dir).resolve()), index_path=str(Path(train_hessian_dir).resolve()),
             output_path=str(run_path),
-            target_downweight_components=settings["mix_downweight_components"]).execute()
+            target_downweight_components=settings.mix_downweight_components).execute()
 
 
-def reduce_stage(model_dir, query_tokens_dir, out_dir, variant: str, hessian_dir, settings: dict) -> None:
+def reduce_stage(model_dir, query_tokens_dir, out_dir, variant: str, hessian_dir, settings: BergsonReduce) -> None:
     """Rule `bergson_reduce`: the whole query set as one gradient (mean or sum of the preprocessed queries)."""
     from bergson.cli.commands import Reduce
 
@@ -154,8 +155,8 @@ def reduce_stage(model_dir, query_tokens_dir, out_dir, variant: str, hessian_dir
     _seed(settings)
     with _bergson_output(out_dir) as run_path, _bergson_model(model_dir) as model:
         Reduce(index_cfg=_index_config(run_path, model, query_tokens_dir, settings),
-               preprocess_cfg=_preprocess(settings, unit_normalize, hessian_dir,
-                                          aggregation=settings["aggregation"])).execute()
+               preprocess_cfg=_preprocess(settings.damping_factor, unit_normalize, hessian_dir,
+                                          aggregation=settings.aggregation)).execute()
     _log_pass(query_tokens_dir, f"bergson reduced query, {variant}")
 
 
@@ -163,7 +164,8 @@ def _shard_split(rows) -> str:
     return f"train[{int(rows[0])}:{int(rows[-1]) + 1}]" if len(rows) else "train[0:0]"
 
 
-def index_stage(model_dir, train_tokens_dir, out_dir, *, shard: int, shards: int, settings: dict) -> None:
+def index_stage(model_dir, train_tokens_dir, out_dir, *, shard: int, shards: int,
+                settings: BergsonGradients) -> None:
     """Rule `bergson_index`: the raw (projected) gradient of every training row of one contiguous shard, in
     Bergson's index format (no normalization, no preconditioner: those belong to the variants), with the rows'
     ids beside it. The one pass over these rows' tokens that every variant shares."""
@@ -178,7 +180,7 @@ def index_stage(model_dir, train_tokens_dir, out_dir, *, shard: int, shards: int
     _seed(settings)
     with _bergson_output(out_dir) as run_path, _bergson_model(model_dir) as model:
         Build(index_cfg=_index_config(run_path, model, train_tokens_dir, settings, split=_shard_split(rows)),
-              preprocess_cfg=_preprocess(settings, False, None)).execute()
+              preprocess_cfg=_preprocess(None, False, None)).execute()
         write_json_atomic({"row_ids": list(shard_rows["row_id"]), "shard": shard, "shards": shards},
                           Path(run_path) / INDEX_ROWS)
     log_gradient_pass(train_tokens_dir, len(shard_rows), token_count(shard_rows), f"bergson index, shard {shard}")
@@ -196,7 +198,22 @@ def _stored_gradients(path, dtype) -> dict:
             for name, (lo, hi) in column_offsets(sizes).items()}
 
 
-def _index_scores(index_dir, query_gradients_dir, hessian_dir, *, unit_normalize: bool, settings: dict):
+@contextmanager
+def _modules_in_index_order():
+    """Bergson's `Attributor.search` sums the per-module scores over `set(ordered_modules)`, whose order, and so the
+    float32 rounding of the sum, changes with each process's string-hash seed: the same inputs gave scores ~1e-7
+    apart from run to run. Within the block, the module's `set` keeps the index's module order (a list)."""
+    import bergson.query.attributor as attributor_module
+
+    attributor_module.set = lambda items=(): list(dict.fromkeys(items))
+    try:
+        yield
+    finally:
+        del attributor_module.set
+
+
+def _index_scores(index_dir, query_gradients_dir, hessian_dir, *, unit_normalize: bool,
+                  damping_factor: float | None):
     """Bergson's `Attributor` on one index and every query's raw gradient, preconditioned and normalized as the
     variant says: (attributor, [queries, rows] scores as numpy, mask of the rows Bergson gave no gradient)."""
     import torch
@@ -206,12 +223,13 @@ def _index_scores(index_dir, query_gradients_dir, hessian_dir, *, unit_normalize
     dtype = torch.float32  # scores in fp32 whatever precision the gradients were kept in
     device = "cuda" if torch.cuda.is_available() else "cpu"
     attributor = Attributor(index_dir, device=device, dtype=dtype, unit_norm=unit_normalize,
-                            inversion_cfg=_inversion(settings, hessian_dir),
+                            inversion_cfg=_inversion(damping_factor, hessian_dir),
                             hessian_path=str(Path(hessian_dir).resolve()) if hessian_dir else None)
     attributor.processor.check_saved_projection(Path(query_gradients_dir), "The per-query gradients")
     with torch.inference_mode():
         # the per-query gradients are raw: search preconditions and normalizes them as this variant says
-        values, order = attributor.search(_stored_gradients(query_gradients_dir, dtype), k=None)
+        with _modules_in_index_order():
+            values, order = attributor.search(_stored_gradients(query_gradients_dir, dtype), k=None)
         per_query = torch.empty_like(values).scatter_(1, order, values).float().cpu().numpy()
     # Bergson gives no gradient to a row with fewer than two tokens: its index row stays zero. Such a row is
     # reported as unscored (NaN), never given a score of 0.
@@ -222,7 +240,7 @@ def _index_scores(index_dir, query_gradients_dir, hessian_dir, *, unit_normalize
 
 
 def score_shard_stage(index_dir, query_tokens_dir, reduced_dir, query_gradients_dir, hessian_dir, out_path, *,
-                      variant: str, settings: dict) -> None:
+                      variant: str, settings: BergsonScoring) -> None:
     """Rule `bergson_scores`: one shard's index scored against the reduced query (one score per row) and against
     every query on its own ([queries, rows], for influences.csv), with Bergson's `Attributor` (no model, no
     gradients computed). `dot` applies H^-1 to the queries; `cosine` H^-1/2 to both sides, then unit norms."""
@@ -236,7 +254,8 @@ def score_shard_stage(index_dir, query_tokens_dir, reduced_dir, query_gradients_
     query_ids = list(datasets.load_from_disk(str(query_tokens_dir))["row_id"])
     train_ids = json.loads((index_dir / INDEX_ROWS).read_text())["row_ids"]
     attributor, per_query, unscored = _index_scores(index_dir, query_gradients_dir, hessian_dir,
-                                                    unit_normalize=unit_normalize, settings=settings)
+                                                    unit_normalize=unit_normalize,
+                                                    damping_factor=settings.damping_factor)
     attributor.processor.check_saved_projection(Path(reduced_dir), "The reduced query")
     with torch.inference_mode():
         # the reduced query already carries its preprocessing (from `bergson_reduce`): only the index side's applies
@@ -279,7 +298,7 @@ def _eigendecompose_once():
 
 
 def damping_sweep_stage(index_dirs: list, query_tokens_dir, query_gradients_dir, hessian_dir, out_path, *,
-                        variant: str, damping: list[float], settings: dict) -> None:
+                        variant: str, damping: list[float]) -> None:
     """Rule `damping_sweep_bergson`: every query against every training row and planted copy (the index folders
     in order), once per damping factor c (preconditioner inverse 1/(lambda + c mean lambda)); no model."""
     import datasets
@@ -296,7 +315,7 @@ def damping_sweep_stage(index_dirs: list, query_tokens_dir, query_gradients_dir,
     with _eigendecompose_once():
         for scale in damping:
             blocks = [_index_scores(folder, query_gradients_dir, hessian_dir, unit_normalize=unit_normalize,
-                                    settings={**settings, "damping_factor": scale})[1] for folder in index_dirs]
+                                    damping_factor=scale)[1] for folder in index_dirs]
             scores.append(np.concatenate(blocks, axis=1))
             log.info("%s: damping %g scored", variant, scale)
     save_sweep(out_path, np.stack(scores), damping, query_ids, row_ids)

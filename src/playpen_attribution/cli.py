@@ -17,6 +17,7 @@ from pathlib import Path
 from playpen_attribution.data import DataError
 from playpen_attribution.influence import PER_TOKEN_MAX_GB
 from playpen_attribution.modeling import is_adapter
+from playpen_attribution.stage import keep_inputs_unchanged
 
 log = logging.getLogger("playpen_attribution")
 
@@ -62,6 +63,7 @@ def fit_hessians_parser() -> argparse.ArgumentParser:
 def fit_hessians(argv: list[str] | None = None) -> None:
     args = fit_hessians_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+    keep_inputs_unchanged()  # never write datasets' cache files into the user's dataset folder
     from playpen_attribution.influence import fit_factors
 
     _check_dtype(args.dtype)
@@ -134,6 +136,7 @@ def tokenize_json(path: str, tokenizer, max_length: int, render: str = "plain"):
 
 def run_query(argv: list[str] | None = None) -> None:
     args = run_query_parser().parse_args(argv)
+    keep_inputs_unchanged()
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     from playpen_attribution.influence import FactorsError, check_per_token_size, score_pairs
     from playpen_attribution.modeling import load_for_attribution, load_tokenizer

@@ -11,6 +11,7 @@ fitted on; scoring with factors from another model is refused with the differenc
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -30,6 +31,7 @@ from playpen_attribution.modeling import (
     pad_token_id,
 )
 from playpen_attribution.provenance import tree_hash
+from playpen_attribution.settings import FactorFit, KronfluenceScoring, KronfluenceSweep
 from playpen_attribution.stage import log_gradient_pass, token_count
 
 log = logging.getLogger(__name__)
@@ -410,10 +412,13 @@ def _log_score_passes(tokens_dir, rows, queries: int, query_batch_size: int | No
         log_gradient_pass(tokens_dir, len(rows), tokens, purpose)
 
 
+def fit_factors_stage(model_ref, dataset_dir, output_dir, *, strategy: str, settings: FactorFit) -> dict:
+    """Rule `fit_factors`: `fit_factors` with the run's settings."""
+    return fit_factors(model_ref, dataset_dir, output_dir, strategy=strategy, **dataclasses.asdict(settings))
+
+
 def score_shard_stage(model_dir, factors_dir, query_tokens_dir, train_tokens_dir, out_path, *, shard: int,
-                      shards: int, train_batch_size: int, query_batch_size: int | None,
-                      query_gradient_rank: int | None, per_token: bool, per_token_max_gb: float, dtype: str,
-                      damping_factor: float | None) -> None:
+                      shards: int, settings: KronfluenceScoring) -> None:
     """Rule `kronfluence_scores`: every query against one contiguous slice of the training rows."""
     import datasets
 
@@ -422,11 +427,9 @@ def score_shard_stage(model_dir, factors_dir, query_tokens_dir, train_tokens_dir
     query = datasets.load_from_disk(str(query_tokens_dir))
     train = datasets.load_from_disk(str(train_tokens_dir))
     train = train.select(shard_indices(len(train), shards, shard))
-    result = score_pairs(str(model_dir), factors_dir, query, train, train_batch_size=train_batch_size,
-                         query_batch_size=query_batch_size, query_gradient_rank=query_gradient_rank,
-                         per_token=per_token, per_token_max_gb=per_token_max_gb, dtype=dtype,
-                         damping_factor=damping_factor)
-    _log_score_passes(train_tokens_dir, train, len(query), query_batch_size, f"kronfluence scores, shard {shard}")
+    result = score_pairs(str(model_dir), factors_dir, query, train, **settings.score_pairs_kwargs())
+    _log_score_passes(train_tokens_dir, train, len(query), settings.query_batch_size,
+                      f"kronfluence scores, shard {shard}")
     save_shard(out_path, result["scores"], query["row_id"], train["row_id"], result["per_token"])
 
 
@@ -446,8 +449,7 @@ def relative_damping(scale: float):
 
 
 def damping_sweep_stage(model_dir, factors_dir, query_tokens_dir, train_tokens_dir, copies_dir, out_path, *,
-                        damping: list[float], train_batch_size: int, query_batch_size: int | None,
-                        query_gradient_rank: int | None, dtype: str) -> None:
+                        damping: list[float], settings: KronfluenceSweep) -> None:
     """Rule `damping_sweep_kronfluence`: every query against every training row and planted copy, once per
     relative damping factor (one pass over the rows per factor and query batch). The model is loaded per factor:
     Kronfluence wraps its modules in place, and a wrapped model no longer matches the factors' module names."""
@@ -463,9 +465,9 @@ def damping_sweep_stage(model_dir, factors_dir, query_tokens_dir, train_tokens_d
     scores = []
     for scale in damping:
         with relative_damping(scale):
-            result = score_pairs(str(model_dir), factors_dir, query, rows, train_batch_size=train_batch_size,
-                                 query_batch_size=query_batch_size, query_gradient_rank=query_gradient_rank,
-                                 dtype=dtype, damping_factor=None)
+            result = score_pairs(str(model_dir), factors_dir, query, rows, **dataclasses.asdict(settings),
+                                 damping_factor=None)
         scores.append(result["scores"])
-        _log_score_passes(train_tokens_dir, rows, len(query), query_batch_size, f"kronfluence damping {scale:g}")
+        _log_score_passes(train_tokens_dir, rows, len(query), settings.query_batch_size,
+                          f"kronfluence damping {scale:g}")
     save_sweep(out_path, np.stack(scores), damping, list(query["row_id"]), list(rows["row_id"]))

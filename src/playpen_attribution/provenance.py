@@ -19,7 +19,8 @@ def tree_hash(path: str | Path) -> str:
     digest = hashlib.sha256()
     files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
     for file in files:
-        if "__pycache__" in file.parts:
+        # bytecode, and the cache files `datasets` may have left in a saved dataset (derived from it, not its content)
+        if "__pycache__" in file.parts or (file.name.startswith("cache-") and file.suffix == ".arrow"):
             continue
         digest.update(str(file.relative_to(path) if file != path else file.name).encode())
         digest.update(hashlib.sha256(file.read_bytes()).digest())

@@ -33,6 +33,15 @@ def token_count(dataset) -> int:
     return sum(map(len, dataset["input_ids"]))
 
 
+def keep_inputs_unchanged() -> None:
+    """`datasets` caches a transform of a saved dataset as cache-*.arrow files inside that dataset's folder: a job
+    reading `data/tokens/train` would write into another rule's finished output (and change its hash while other
+    jobs read it). With caching off, transforms go to a temporary folder."""
+    import datasets
+
+    datasets.disable_caching()
+
+
 def run_stage(snakemake, function, **kwargs):
     """Call `function(**kwargs)` with logging, warnings and library output sent to the rule's log file.
 
@@ -40,6 +49,7 @@ def run_stage(snakemake, function, **kwargs):
     bad input is explained where the user looks, then the job fails.
     """
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    keep_inputs_unchanged()
     log_path = snakemake.log[0] if snakemake.log else os.devnull
     terminal = sys.stderr
     with open(log_path, "w") as log_file, contextlib.redirect_stdout(log_file), contextlib.redirect_stderr(log_file):

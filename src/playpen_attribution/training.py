@@ -18,6 +18,7 @@ from pathlib import Path
 from playpen_attribution.io import atomic_path, write_json_atomic
 from playpen_attribution.modeling import portable_base_path
 from playpen_attribution.provenance import library_versions, tree_hash
+from playpen_attribution.settings import Lora, Training, as_params
 from playpen_attribution.tokenization import read_tokens_report
 
 log = logging.getLogger(__name__)
@@ -51,8 +52,8 @@ def train_adapter(
     train_tokens_dir: str | Path,
     output_dir: str | Path,
     *,
-    lora: dict,
-    training: dict,
+    lora: Lora,
+    training: Training,
     max_length: int,
     dtype: str = "auto",
     base_model_source: dict | None = None,
@@ -69,7 +70,7 @@ def train_adapter(
     from trl import SFTConfig, SFTTrainer
 
     base_model_dir = Path(base_model_dir).resolve()
-    seed = training["seed"]
+    seed = training.seed
     set_seed(seed)
     torch_dtype = resolve_dtype(dtype)
     use_bf16 = torch_dtype == torch.bfloat16
@@ -81,10 +82,10 @@ def train_adapter(
     eval_tokens = datasets.load_from_disk(str(eval_tokens_dir)) if eval_tokens_dir else None
 
     peft_config = LoraConfig(
-        r=lora["r"],
-        lora_alpha=lora["alpha"],
-        lora_dropout=lora["dropout"],
-        target_modules=list(lora["target_modules"]),
+        r=lora.r,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules=list(lora.target_modules),
         task_type="CAUSAL_LM",
     )
     output_dir = Path(output_dir)
@@ -92,14 +93,14 @@ def train_adapter(
     scratch = output_dir.parent / f".{output_dir.name}.trainer"
     args = SFTConfig(
         output_dir=str(scratch),
-        num_train_epochs=training["epochs"],
-        learning_rate=training["learning_rate"],
-        per_device_train_batch_size=training["batch_size"],
-        gradient_accumulation_steps=training["gradient_accumulation"],
-        warmup_steps=float(training["warmup_ratio"]),  # transformers 5: a float in [0, 1) is a ratio
-        weight_decay=training["weight_decay"],
-        lr_scheduler_type=training["lr_scheduler"],
-        logging_steps=training["logging_steps"],
+        num_train_epochs=training.epochs,
+        learning_rate=training.learning_rate,
+        per_device_train_batch_size=training.batch_size,
+        gradient_accumulation_steps=training.gradient_accumulation,
+        warmup_steps=float(training.warmup_ratio),  # transformers 5: a float in [0, 1) is a ratio
+        weight_decay=training.weight_decay,
+        lr_scheduler_type=training.lr_scheduler,
+        logging_steps=training.logging_steps,
         seed=seed,
         data_seed=seed,
         bf16=use_bf16,
@@ -108,7 +109,7 @@ def train_adapter(
         activation_checkpointing=False,
         save_strategy="no",
         eval_strategy="epoch" if eval_tokens is not None else "no",
-        per_device_eval_batch_size=training["batch_size"],
+        per_device_eval_batch_size=training.batch_size,
         report_to=[],
         disable_tqdm=True,
         dataloader_num_workers=0,
@@ -140,8 +141,8 @@ def train_adapter(
         "train_tokens_hash": tree_hash(train_tokens_dir),
         "seed": seed,
         "dtype": str(torch_dtype).removeprefix("torch."),
-        "lora": lora,
-        "training": training,
+        "lora": as_params(lora),
+        "training": as_params(training),
         "max_length": max_length,
         # how prompt and completion became tokens (chat template or plain), for tools that tokenize new rows
         "render": tokens_report.get("render"),

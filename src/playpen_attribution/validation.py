@@ -15,6 +15,7 @@ import numpy as np
 import pandas as pd
 
 from playpen_attribution.io import atomic_path, write_csv_atomic, write_json_atomic
+from playpen_attribution.settings import LdsSubsets, Lora, PlantedCopies, Training
 from playpen_attribution.stage import log_time
 
 log = logging.getLogger(__name__)
@@ -29,11 +30,12 @@ def choose_planted(query_ids: list[str], count: int, seed: int) -> list[str]:
     return [query_ids[i] for i in sorted(picked)]
 
 
-def plant_copies_stage(query_tokens_dir, out_dir, *, count: int, seed: int) -> None:
+def plant_copies_stage(query_tokens_dir, out_dir, *, settings: PlantedCopies) -> None:
     """Rule `planted_copies`: the chosen query rows, tokens unchanged, under ids `planted-<query id>`."""
     import datasets
 
     query = datasets.load_from_disk(str(query_tokens_dir))
+    count, seed = settings.queries, settings.seed
     if count < 1:
         raise ValueError("validation.planted.queries is 0: set it to the number of queries to plant copies of")
     chosen = choose_planted(list(query["row_id"]), count, seed)
@@ -160,8 +162,8 @@ def lds_batches(subsets: int, per_job: int) -> list[list[int]]:
     return [list(range(start, min(start + per_job, subsets))) for start in range(0, subsets, per_job)]
 
 
-def lds_retrain_stage(base_model_dir, train_tokens_dir, out_dir, *, subsets: list[int], fraction: float, seed: int,
-                      lora: dict, training: dict, max_length: int, dtype: str, base_model_source=None) -> None:
+def lds_retrain_stage(base_model_dir, train_tokens_dir, out_dir, *, subsets: list[int], settings: LdsSubsets,
+                      lora: Lora, training: Training, max_length: int, dtype: str, base_model_source=None) -> None:
     """Rule `lds_retrain`: one LoRA adapter per subset, from the same base with the run's SFT settings, in one
     process (a cluster runs one job per subset; the demo groups them so it pays the imports once)."""
     import datasets
@@ -171,6 +173,7 @@ def lds_retrain_stage(base_model_dir, train_tokens_dir, out_dir, *, subsets: lis
     train = datasets.load_from_disk(str(train_tokens_dir))
     ids = list(train["row_id"])
     index = {row_id: i for i, row_id in enumerate(ids)}
+    fraction, seed = settings.fraction, settings.seed
     with atomic_path(out_dir, directory=True) as tmp:
         record = {"fraction": fraction, "seed": seed, "subsets": {}}
         for subset in subsets:

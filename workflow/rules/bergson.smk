@@ -10,7 +10,7 @@ rule bergson_query_gradients:
     output:
         directory("results/{run}/bergson/query/per_query"),
     params:
-        bergson=bergson_settings(*BERGSON_GRADIENT_KEYS),
+        bergson=stage_settings(BergsonGradients),
         code=script_code("bergson_query_gradients.py"),
     log:
         "logs/{run}/bergson_query_gradients.log",
@@ -35,7 +35,7 @@ rule bergson_hessian:
     wildcard_constraints:
         side="train|query",
     params:
-        bergson=bergson_settings(*BERGSON_GRADIENT_KEYS, "fisher"),
+        bergson=stage_settings(BergsonHessian),
         code=script_code("bergson_hessian.py"),
     log:
         "logs/{run}/bergson_hessian_{side}.log",
@@ -58,7 +58,7 @@ rule bergson_mix:
     output:
         directory("results/{run}/bergson/hessian/mixed"),
     params:
-        bergson=bergson_settings("mix_downweight_components"),
+        bergson=stage_settings(BergsonMix),
         code=script_code("bergson_mix.py"),
     log:
         "logs/{run}/bergson_mix.log",
@@ -80,7 +80,7 @@ rule bergson_reduce:
     wildcard_constraints:
         variant=VARIANT_PATTERN,
     params:
-        bergson=bergson_settings(*BERGSON_GRADIENT_KEYS, "damping_factor", "aggregation"),
+        bergson=variant_settings(BergsonReduce),
         code=script_code("bergson_reduce.py"),
     log:
         "logs/{run}/bergson_reduce_{variant}.log",
@@ -107,7 +107,7 @@ rule bergson_index:
         shard=r"\d+",
     params:
         shards=shard_count,
-        bergson=bergson_settings(*BERGSON_GRADIENT_KEYS),
+        bergson=stage_settings(BergsonGradients),
         code=script_code("bergson_index.py"),
     log:
         "logs/{run}/bergson_index_{shard}.log",
@@ -137,7 +137,7 @@ rule bergson_scores:
         variant=VARIANT_PATTERN,
         shard=r"\d+",
     params:
-        bergson=bergson_settings("damping_factor"),
+        bergson=variant_settings(BergsonScoring),
         code=script_code("bergson_scores.py"),
     log:
         "logs/{run}/bergson_scores_{variant}_{shard}.log",

@@ -26,6 +26,22 @@ from playpen_attribution.plan import (
     lengths_of,
 )
 from playpen_attribution.provenance import script_code_hash
+from playpen_attribution.settings import (
+    BergsonGradients,
+    BergsonHessian,
+    BergsonMix,
+    BergsonReduce,
+    BergsonScoring,
+    FactorFit,
+    KronfluenceScoring,
+    KronfluenceSweep,
+    LdsSubsets,
+    Lora,
+    PlantedCopies,
+    Tokenization,
+    Training,
+    as_params,
+)
 from playpen_attribution.tables import check_shard_count
 from playpen_attribution.tokenization import read_tokens_report
 from playpen_attribution.validation import lds_batches
@@ -67,6 +83,17 @@ wildcard_constraints:
 
 def run_cfg(wildcards):
     return run_config(config, wildcards.run)
+
+
+def stage_settings(cls, **overrides):
+    """A rule's params: exactly the keys its stage's settings class (playpen_attribution.settings) holds, from the
+    run's config (`overrides` replace config values), so a change to any other key does not rerun it."""
+    return lambda wildcards: as_params(cls.from_run(run_cfg(wildcards), **overrides))
+
+
+def variant_settings(cls):
+    """Settings of a Bergson variant's stage: no damping for a variant without a preconditioner."""
+    return lambda wildcards: as_params(cls.for_variant(run_cfg(wildcards), wildcards.variant))
 
 
 def data_config(wildcards):
@@ -129,16 +156,6 @@ def random_model_settings(wildcards):
 
 def kronfluence_cfg(wildcards):
     return run_cfg(wildcards)["attribution"]["kronfluence"]
-
-
-def kronfluence_score_settings(wildcards, per_token=None):
-    """What a Kronfluence scoring job uses; `per_token` overrides the run's per_token_scores."""
-    cfg = kronfluence_cfg(wildcards)
-    settings = {k: cfg[k] for k in ("train_batch_size", "query_batch_size", "query_gradient_rank", "per_token_scores",
-                                    "per_token_max_gb", "dtype", "damping_factor")}
-    if per_token is not None:
-        settings["per_token_scores"] = per_token
-    return settings
 
 
 def hessian_dataset(wildcards):
@@ -233,23 +250,6 @@ def method_shards(wildcards, bergson_only=False):
 # Bergson inputs by run.
 def bergson_cfg(wildcards):
     return run_cfg(wildcards)["attribution"]["bergson"]
-
-
-# What every Bergson gradient collection reads; each rule adds the keys its own step uses, so a change to one key
-# reruns only the stages that read it.
-BERGSON_GRADIENT_KEYS = ("precision", "projection_dim", "seed", "token_batch_size")
-
-
-def bergson_settings(*keys):
-    """The named keys of the run's Bergson settings; `damping_factor` only for a variant with a preconditioner
-    (nothing else inverts one)."""
-
-    def settings(wildcards):
-        variant = getattr(wildcards, "variant", None)
-        unused = {"damping_factor"} if variant and parse_variant(variant)[1] is None else set()
-        return {key: bergson_cfg(wildcards)[key] for key in keys if key not in unused}
-
-    return settings
 
 
 def bergson_hessian(wildcards):

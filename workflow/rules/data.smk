@@ -38,7 +38,7 @@ rule tokenize:
     wildcard_constraints:
         split="train|query|eval",
     params:
-        tokenization=lambda wc: run_cfg(wc)["tokenization"],
+        tokenization=stage_settings(Tokenization),
         code=script_code("tokenize.py"),
     log:
         "logs/{run}/tokenize_{split}.log",

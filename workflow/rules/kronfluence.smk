@@ -10,11 +10,7 @@ rule fit_factors:
     wildcard_constraints:
         strategy=STRATEGY_PATTERN,
     params:
-        kronfluence=lambda wc: {
-            k: kronfluence_cfg(wc)[k]
-            for k in ("modules", "layer_stride", "max_examples", "covariance_batch_size",
-                      "lambda_batch_size", "fisher", "dtype", "seed")
-        },
+        kronfluence=stage_settings(FactorFit),
         code=script_code("fit_factors.py"),
     log:
         "logs/{run}/fit_factors_{strategy}.log",
@@ -43,7 +39,7 @@ rule kronfluence_scores:
         shard=r"\d+",
     params:
         shards=shard_count,
-        kronfluence=kronfluence_score_settings,
+        kronfluence=stage_settings(KronfluenceScoring),
         code=script_code("kronfluence_scores.py"),
     log:
         "logs/{run}/kronfluence_scores_{strategy}_{shard}.log",

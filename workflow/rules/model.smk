@@ -76,8 +76,8 @@ rule train_adapter:
     output:
         directory("results/{run}/adapter"),
     params:
-        lora=lambda wc: run_cfg(wc)["lora"],
-        training=lambda wc: run_cfg(wc)["training"],
+        lora=stage_settings(Lora),
+        training=stage_settings(Training),
         max_length=lambda wc: run_cfg(wc)["tokenization"]["max_length"],
         dtype=lambda wc: run_cfg(wc)["model"]["dtype"],
         base_model=base_model_source,

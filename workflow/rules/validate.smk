@@ -9,7 +9,7 @@ rule planted_copies:
     output:
         directory("results/{run}/validation/planted/tokens"),
     params:
-        planted=lambda wc: run_cfg(wc)["validation"]["planted"],
+        planted=stage_settings(PlantedCopies),
         code=script_code("planted_copies.py"),
     log:
         "logs/{run}/planted_copies.log",
@@ -35,7 +35,7 @@ use rule kronfluence_scores as planted_kronfluence_scores with:
     params:
         shards=1,
         # per-token scores of the copies are not needed for their rank
-        kronfluence=lambda wc: kronfluence_score_settings(wc, per_token=False),
+        kronfluence=stage_settings(KronfluenceScoring, per_token_scores=False),
         code=script_code("kronfluence_scores.py"),
     log:
         "logs/{run}/planted_kronfluence_scores_{strategy}_{shard}.log",
@@ -53,7 +53,7 @@ use rule bergson_index as planted_bergson_index with:
         shard="0",
     params:
         shards=1,
-        bergson=bergson_settings(*BERGSON_GRADIENT_KEYS),
+        bergson=stage_settings(BergsonGradients),
         code=script_code("bergson_index.py"),
     log:
         "logs/{run}/planted_bergson_index_{shard}.log",
@@ -74,7 +74,7 @@ use rule bergson_scores as planted_bergson_scores with:
         variant=VARIANT_PATTERN,
         shard="0",
     params:
-        bergson=bergson_settings("damping_factor"),
+        bergson=variant_settings(BergsonScoring),
         code=script_code("bergson_scores.py"),
     log:
         "logs/{run}/planted_bergson_scores_{variant}_{shard}.log",
@@ -124,10 +124,10 @@ rule lds_retrain:
     params:
         # only this job's subsets: adding subsets never retrains the earlier ones
         subsets=lds_batch_subsets,
-        lds=lambda wc: {k: lds_cfg(wc)[k] for k in ("fraction", "seed")},
-        lora=lambda wc: run_cfg(wc)["lora"],
-        # the retrains are not evaluated: only their query losses count
-        training=lambda wc: {k: v for k, v in run_cfg(wc)["training"].items() if k != "evaluate"},
+        lds=stage_settings(LdsSubsets),
+        lora=stage_settings(Lora),
+        # the retrains are not evaluated (Training has no `evaluate`): only their query losses count
+        training=stage_settings(Training),
         max_length=lambda wc: run_cfg(wc)["tokenization"]["max_length"],
         dtype=lambda wc: run_cfg(wc)["model"]["dtype"],
         base_model=base_model_source,
@@ -213,8 +213,7 @@ rule damping_sweep_kronfluence:
         strategy=STRATEGY_PATTERN,
     params:
         damping=sweep_factors,
-        kronfluence=lambda wc: {k: kronfluence_cfg(wc)[k] for k in ("train_batch_size", "query_batch_size",
-                                                                    "query_gradient_rank", "dtype")},
+        kronfluence=stage_settings(KronfluenceSweep),
         code=script_code("damping_sweep_kronfluence.py"),
     log:
         "logs/{run}/damping_sweep_kronfluence_{strategy}.log",

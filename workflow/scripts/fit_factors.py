@@ -1,10 +1,8 @@
-# Thin adapter: rule fit_factors -> playpen_attribution.influence.fit_factors
-from playpen_attribution.influence import fit_factors
+# Thin adapter: rule fit_factors -> playpen_attribution.influence.fit_factors_stage
+from playpen_attribution.influence import fit_factors_stage
+from playpen_attribution.settings import FactorFit, from_params
 from playpen_attribution.stage import run_stage
 
-kf = snakemake.params.kronfluence
-run_stage(snakemake, fit_factors, model_ref=snakemake.input.model, dataset_dir=snakemake.input.data,
-          output_dir=snakemake.output[0], strategy=snakemake.wildcards.strategy, modules=kf["modules"],
-          layer_stride=kf["layer_stride"], covariance_batch_size=kf["covariance_batch_size"],
-          lambda_batch_size=kf["lambda_batch_size"], max_examples=kf["max_examples"], dtype=kf["dtype"],
-          fisher=kf["fisher"], seed=kf["seed"])
+run_stage(snakemake, fit_factors_stage, model_ref=snakemake.input.model, dataset_dir=snakemake.input.data,
+          output_dir=snakemake.output[0], strategy=snakemake.wildcards.strategy,
+          settings=from_params(FactorFit, snakemake.params.kronfluence))
