@@ -28,7 +28,7 @@ def inside_seconds(workdir: Path) -> tuple[float, float, int]:
     for log in [*logs.glob("lds_retrain_*.log"), logs / "lds_losses.log"]:
         for what, seconds in re.findall(r"time: (.*): ([\d.]+) s", log.read_text()):
             times[what] = float(seconds)
-    train = [s for what, s in times.items() if what.startswith("training subset")]
+    train = [s for what, s in times.items() if what.startswith("training subset-")]  # train_adapter's line
     losses = [s for what, s in times.items() if what.startswith("query losses subset")]
     return sum(train), sum(losses), len(train)
 

@@ -54,7 +54,7 @@ def test_planted_queries_are_drawn_with_the_seed_in_query_order():
 
 
 def test_lds_subsets_are_stable_when_more_are_added():
-    from playpen_attribution.validation import lds_batches, lds_subset_rows
+    from playpen_attribution.retraining import lds_batches, lds_subset_rows
 
     ids = [f"t{i}" for i in range(40)]
     first = [lds_subset_rows(ids, s, 0.5, seed=3) for s in range(4)]

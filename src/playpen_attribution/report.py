@@ -9,7 +9,6 @@ Scores are "positive = helpful": rank 1 is the most helpful training row.
 from __future__ import annotations
 
 import base64
-import io
 import json
 import logging
 from pathlib import Path
@@ -18,6 +17,7 @@ import numpy as np
 import pandas as pd
 
 from playpen_attribution.io import atomic_path, write_csv_atomic
+from playpen_attribution.plots import png_bytes, pyplot, save_png
 from playpen_attribution.scores import (
     MethodScores,
     agreement,
@@ -118,33 +118,9 @@ def token_spans(tokens: list[str], scores: list[float]) -> list[dict]:
 # ---------------------------------------------------------------------------------------------------------
 # plots
 # ---------------------------------------------------------------------------------------------------------
-def _pyplot():
-    """matplotlib's pyplot on the file-only backend (no display on cluster nodes)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def _png(fig) -> bytes:
-    """The figure as PNG bytes, closed; metadata pinned so the same scores give the same bytes."""
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=110, metadata={"Software": None})
-    _pyplot().close(fig)
-    return buffer.getvalue()
-
-
-def _save_figure(fig, path) -> None:
-    png = _png(fig)
-    with atomic_path(path) as tmp:
-        Path(tmp).write_bytes(png)
-
-
 def plot_score_distributions(methods: dict[str, MethodScores], path) -> None:
     """One histogram per method of the scores against the whole query set (scales differ between methods)."""
-    plt = _pyplot()
+    plt = pyplot()
     n = len(methods)
     fig, axes = plt.subplots(1, n, figsize=(3.6 * n, 2.8), squeeze=False)
     for ax, (method, ms) in zip(axes[0], methods.items()):
@@ -155,12 +131,12 @@ def plot_score_distributions(methods: dict[str, MethodScores], path) -> None:
         ax.set_xlabel("score against all queries")
     axes[0][0].set_ylabel("training rows")
     fig.tight_layout()
-    _save_figure(fig, path)
+    save_png(fig, path)
 
 
 def plot_agreement(agree: pd.DataFrame, methods: list[str], path) -> None:
     """Heat map of the mean per-query Spearman between every pair of methods."""
-    plt = _pyplot()
+    plt = pyplot()
     matrix = (agree.pivot(index="method_a", columns="method_b", values="mean_query_spearman")
               .reindex(index=methods, columns=methods).to_numpy(float))
     size = 1.2 + 0.9 * len(methods)
@@ -174,12 +150,12 @@ def plot_agreement(agree: pd.DataFrame, methods: list[str], path) -> None:
                     color="white" if abs(matrix[i, j]) > 0.6 else "black")
     fig.colorbar(image, ax=ax, label="mean per-query Spearman")
     fig.tight_layout()
-    _save_figure(fig, path)
+    save_png(fig, path)
 
 
 def lds_chart(lds: pd.DataFrame) -> bytes:
     """Bar chart of the mean LDS of every method (blue) and baseline (grey) with its 95% interval, as PNG."""
-    fig, ax = _pyplot().subplots(figsize=(1.6 + 0.9 * len(lds), 3.4))
+    fig, ax = pyplot().subplots(figsize=(1.6 + 0.9 * len(lds), 3.4))
     colours = ["#bbbbbb" if kind == "baseline" else "#4477aa" for kind in lds.kind]
     errors = np.nan_to_num(np.vstack([lds.lds - lds.ci95_low, lds.ci95_high - lds.lds]))
     ax.bar(lds.method, lds.lds, yerr=errors, capsize=4, color=colours)
@@ -189,7 +165,7 @@ def lds_chart(lds: pd.DataFrame) -> bytes:
     for label in ax.get_xticklabels():
         label.set_horizontalalignment("right")
     fig.tight_layout()
-    return _png(fig)
+    return png_bytes(fig)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -233,7 +209,7 @@ def training_section(manifest: dict) -> dict:
     section = {"rows": manifest.get("n_trained_rows"), "loss_on": manifest.get("loss_on", "last_turn"),
                "eval_rows": manifest["eval"]["rows"] if evals else 0, "png": None}
     if train or evals:
-        fig, ax = _pyplot().subplots(figsize=(5.5, 3.0))
+        fig, ax = pyplot().subplots(figsize=(5.5, 3.0))
         if train:
             ax.plot(*zip(*train), label="train", color="#4477aa")
         if evals:
@@ -242,7 +218,7 @@ def training_section(manifest: dict) -> dict:
         ax.set_ylabel("loss per token")
         ax.legend(fontsize=8)
         fig.tight_layout()
-        section["png"] = _png(fig)
+        section["png"] = png_bytes(fig)
     return section
 
 
@@ -260,7 +236,7 @@ def words_section(methods: dict[str, MethodScores], queries: pd.DataFrame, train
         return int(frame["target_word"].map(lambda w: isinstance(w, str)).sum())
 
     return {"train_known": known(train), "train_rows": len(train), "query_known": known(queries),
-            "query_rows": len(queries), "heat_map": _png(word_heat_map(influence, train)), "method": first,
+            "query_rows": len(queries), "heat_map": png_bytes(word_heat_map(influence, train)), "method": first,
             "helps_and_harms": table_data(helps_and_harms(influence[influence.method == first]).drop(columns="method"),
                                           text_columns=()),
             "difficulty": _numbers(difficulty)}

@@ -19,6 +19,7 @@ from playpen_attribution.io import atomic_path, write_json_atomic
 from playpen_attribution.modeling import portable_base_path
 from playpen_attribution.provenance import library_versions, tree_hash
 from playpen_attribution.settings import Lora, Training, as_params
+from playpen_attribution.stage import log_time
 from playpen_attribution.tokenization import read_tokens_report
 
 log = logging.getLogger(__name__)
@@ -45,6 +46,12 @@ def _cpu_bf16_ok() -> bool:
     import torch
 
     return not torch.cuda.is_available()  # bf16 runs (slowly) on CPUs through PyTorch's reference kernels
+
+
+def without_timings(entry: dict) -> dict:
+    """A trainer metrics entry without its wall-clock values (`*_runtime`, `*_per_second`): they go to the log, so
+    the adapter's manifest is the same bytes for the same inputs."""
+    return {k: v for k, v in entry.items() if not k.endswith(("_runtime", "_per_second"))}
 
 
 def train_adapter(
@@ -127,7 +134,8 @@ def train_adapter(
         raise RuntimeError(f"SFTTrainer kept {len(trainer.train_dataset)} of {len(tokens)} tokenized rows; "
                            "the tokenization should have made every row fit")
     result = trainer.train()
-    metrics = dict(result.metrics)
+    log_time(f"training {output_dir.name}", result.metrics["train_runtime"])
+    metrics = without_timings(result.metrics)
     model = trainer.model
     model.eval()
 
@@ -154,7 +162,7 @@ def train_adapter(
                  "row_ids": list(eval_tokens["row_id"]) if eval_tokens is not None else [],
                  "losses": [{"epoch": e["epoch"], "eval_loss": e["eval_loss"]}
                             for e in trainer.state.log_history if "eval_loss" in e]},
-        "log_history": trainer.state.log_history,
+        "log_history": [without_timings(entry) for entry in trainer.state.log_history],
         "versions": library_versions(),
     }
     with atomic_path(output_dir, directory=True) as tmp:
@@ -162,6 +170,9 @@ def train_adapter(
         config_path = Path(tmp) / "adapter_config.json"
         adapter_config = json.loads(config_path.read_text())
         adapter_config["base_model_name_or_path"] = base_path
+        # PEFT writes its target-module set in the process's hash order: sorted, the file is the same every run
+        if isinstance(adapter_config.get("target_modules"), list):
+            adapter_config["target_modules"] = sorted(adapter_config["target_modules"])
         config_path.write_text(json.dumps(adapter_config, indent=2, sort_keys=True) + "\n")
         tokenizer.save_pretrained(str(tmp))
         # PEFT writes no config.json; Bergson calls AutoConfig on the adapter folder (the playpen guide's workaround).

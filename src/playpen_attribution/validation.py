@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import logging
-import shutil
 import time
 from pathlib import Path
 
@@ -15,7 +14,7 @@ import numpy as np
 import pandas as pd
 
 from playpen_attribution.io import atomic_path, write_csv_atomic, write_json_atomic
-from playpen_attribution.settings import LdsSubsets, Lora, PlantedCopies, Training
+from playpen_attribution.settings import PlantedCopies
 from playpen_attribution.stage import log_time
 
 log = logging.getLogger(__name__)
@@ -149,48 +148,6 @@ def planted_audit_stage(query_csv, train_csv, influences_csv, copies_dir, shards
 # ---------------------------------------------------------------------------------------------------------
 # linear datamodeling score (LDS)
 # ---------------------------------------------------------------------------------------------------------
-def lds_subset_rows(train_ids: list[str], subset: int, fraction: float, seed: int) -> list[str]:
-    """The training rows of one LDS subset: drawn from (seed, subset) alone, so adding subsets never changes
-    the earlier ones."""
-    size = max(1, round(fraction * len(train_ids)))
-    picked = np.random.default_rng([seed, subset]).choice(len(train_ids), size=size, replace=False)
-    return [train_ids[i] for i in sorted(picked)]
-
-
-def lds_batches(subsets: int, per_job: int) -> list[list[int]]:
-    """Subset indices by retraining job: [0..k), [k..2k), ...; a new subset only ever extends the last job."""
-    return [list(range(start, min(start + per_job, subsets))) for start in range(0, subsets, per_job)]
-
-
-def lds_retrain_stage(base_model_dir, train_tokens_dir, out_dir, *, subsets: list[int], settings: LdsSubsets,
-                      lora: Lora, training: Training, max_length: int, dtype: str, base_model_source=None) -> None:
-    """Rule `lds_retrain`: one LoRA adapter per subset, from the same base with the run's SFT settings, in one
-    process (a cluster runs one job per subset; the demo groups them so it pays the imports once)."""
-    import datasets
-
-    from playpen_attribution.training import train_adapter
-
-    train = datasets.load_from_disk(str(train_tokens_dir))
-    ids = list(train["row_id"])
-    index = {row_id: i for i, row_id in enumerate(ids)}
-    fraction, seed = settings.fraction, settings.seed
-    with atomic_path(out_dir, directory=True) as tmp:
-        record = {"fraction": fraction, "seed": seed, "subsets": {}}
-        for subset in subsets:
-            rows = lds_subset_rows(ids, subset, fraction, seed)
-            tokens = Path(tmp) / f".tokens-{subset}"
-            train.select([index[r] for r in rows]).save_to_disk(str(tokens))
-            train_adapter(base_model_dir, tokens, Path(tmp) / f"subset-{subset}", lora=lora, training=training,
-                          max_length=max_length, dtype=dtype, base_model_source=base_model_source)
-            shutil.rmtree(tokens)
-            record["subsets"][str(subset)] = rows
-            # the trainer's own time, so a benchmark can tell training from process start and I/O
-            manifest = json.loads((Path(tmp) / f"subset-{subset}" / "manifest.json").read_text())
-            log_time(f"training subset {subset}", manifest["metrics"]["train_runtime"])
-            log.info("subset %d: adapter trained on %d of %d rows", subset, len(rows), len(ids))
-        write_json_atomic(record, Path(tmp) / "subsets.json")
-
-
 def lds_losses_stage(retrain_dirs: list, query_tokens_dir, out_json, *, dtype: str) -> None:
     """Rule `lds_losses`: every query's summed completion loss under every subset's adapter."""
     import datasets
@@ -353,13 +310,10 @@ def damping_sweep_stage(query_csv, train_csv, sweeps: dict, out_csv, out_png, *,
 
 def plot_damping_sweep(table: pd.DataFrame, path, baseline=None) -> None:
     """LDS and planted recall@1 against the relative damping factor (log scale), one line per method."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from playpen_attribution.plots import pyplot, save_png
 
     panels = [c for c in ("lds", "recall_at_1") if c in table]
-    fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 3.4), squeeze=False)
+    fig, axes = pyplot().subplots(1, len(panels), figsize=(5.2 * len(panels), 3.4), squeeze=False)
     for ax, column in zip(axes[0], panels):
         for method, group in table.groupby("method", sort=False):
             ax.plot(group.damping, group[column], marker="o", label=method)
@@ -372,6 +326,4 @@ def plot_damping_sweep(table: pd.DataFrame, path, baseline=None) -> None:
         ax.set_ylabel({"lds": "mean LDS", "recall_at_1": "planted recall@1"}[column])
         ax.legend(fontsize=7)
     fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=110, metadata={"Software": None})  # same scores, same bytes
-    plt.close(fig)
+    save_png(fig, path)

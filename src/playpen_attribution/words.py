@@ -89,10 +89,9 @@ def helps_and_harms(influence: pd.DataFrame, n: int = 3) -> pd.DataFrame:
 def word_heat_map(influence: pd.DataFrame, train: pd.DataFrame, top: int = 12):
     """Query word x training word influence for the most frequent words, one panel per method (each scaled to its
     own largest magnitude: methods' scales differ), as a matplotlib figure."""
-    import matplotlib
+    from playpen_attribution.plots import pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     counts = pd.Series([w for w in train["target_word"] if isinstance(w, str)]).value_counts()
     shown_query = [w for w in counts.index if w in set(influence.query_word)][:top]

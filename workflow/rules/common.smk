@@ -44,7 +44,7 @@ from playpen_attribution.settings import (
 )
 from playpen_attribution.tables import check_shard_count
 from playpen_attribution.tokenization import read_tokens_report
-from playpen_attribution.validation import lds_batches
+from playpen_attribution.retraining import lds_batches
 
 WORKFLOW_ROOT = Path(workflow.basedir)
 RUNS = config["runs"]

@@ -1,7 +1,7 @@
-# Thin adapter: rule lds_retrain -> playpen_attribution.validation.lds_retrain_stage
+# Thin adapter: rule lds_retrain -> playpen_attribution.retraining.lds_retrain_stage
+from playpen_attribution.retraining import lds_retrain_stage
 from playpen_attribution.settings import LdsSubsets, Lora, Training, from_params
 from playpen_attribution.stage import run_stage
-from playpen_attribution.validation import lds_retrain_stage
 
 params = snakemake.params
 run_stage(snakemake, lds_retrain_stage, base_model_dir=snakemake.input.model, train_tokens_dir=snakemake.input.train,
