@@ -92,11 +92,9 @@ def adapter_view_with_absolute_base(adapter_dir: str | Path) -> Iterator[Path]:
         yield view
 
 
-def load_for_attribution(model_ref: str | Path, revision: str | None = None, dtype: str = "float32",
-                         device: str | None = None):
-    """Load a hub id or local folder (base model or LoRA adapter) in eval mode, on the GPU where there is one
-    (or on `device`)."""
-    import torch
+def load_causal_lm(model_ref: str | Path, revision: str | None = None, dtype="float32"):
+    """A hub id or local folder (base model, or LoRA adapter on its base) with eager attention (Gemma 3's advice
+    for training); `dtype` a name or a torch dtype. The one loader: training, attribution and inference."""
     from transformers import AutoModelForCausalLM
 
     kwargs = {"dtype": torch_dtype(dtype) if isinstance(dtype, str) else dtype, "attn_implementation": "eager"}
@@ -106,9 +104,17 @@ def load_for_attribution(model_ref: str | Path, revision: str | None = None, dty
         from peft import PeftModel
 
         base = AutoModelForCausalLM.from_pretrained(adapter_base_path(model_ref), **kwargs)
-        model = PeftModel.from_pretrained(base, str(model_ref))
-    else:
-        model = AutoModelForCausalLM.from_pretrained(str(model_ref), **kwargs)
+        return PeftModel.from_pretrained(base, str(model_ref))
+    return AutoModelForCausalLM.from_pretrained(str(model_ref), **kwargs)
+
+
+def load_for_attribution(model_ref: str | Path, revision: str | None = None, dtype: str = "float32",
+                         device: str | None = None):
+    """Load a hub id or local folder (base model or LoRA adapter) in eval mode, on the GPU where there is one
+    (or on `device`)."""
+    import torch
+
+    model = load_causal_lm(model_ref, revision, dtype)
     model.eval()
     device = device or ("cuda" if torch.cuda.is_available() else None)
     if device:

@@ -16,7 +16,7 @@ import logging
 from pathlib import Path
 
 from playpen_attribution.io import atomic_path, write_json_atomic
-from playpen_attribution.modeling import portable_base_path
+from playpen_attribution.modeling import load_causal_lm, load_tokenizer, portable_base_path, torch_dtype
 from playpen_attribution.provenance import library_versions, tree_hash
 from playpen_attribution.settings import Lora, Training, as_params
 from playpen_attribution.stage import log_time
@@ -39,7 +39,7 @@ def resolve_dtype(name: str):
         return torch.bfloat16 if bf16_supported() else torch.float32
     if name == "bfloat16" and not bf16_supported() and not _cpu_bf16_ok():
         raise RuntimeError("model.dtype is bfloat16 but this machine has no bf16 support; use auto or float32")
-    return {"float32": torch.float32, "bfloat16": torch.bfloat16}[name]
+    return torch_dtype(name)
 
 
 def _cpu_bf16_ok() -> bool:
@@ -73,17 +73,16 @@ def train_adapter(
     import datasets
     import torch
     from peft import LoraConfig
-    from transformers import AutoModelForCausalLM, AutoTokenizer, set_seed
+    from transformers import set_seed
     from trl import SFTConfig, SFTTrainer
 
     base_model_dir = Path(base_model_dir).resolve()
     seed = training.seed
     set_seed(seed)
-    torch_dtype = resolve_dtype(dtype)
-    use_bf16 = torch_dtype == torch.bfloat16
-    tokenizer = AutoTokenizer.from_pretrained(str(base_model_dir))
-    model = AutoModelForCausalLM.from_pretrained(str(base_model_dir), dtype=torch_dtype,
-                                                 attn_implementation="eager")
+    dtype_of_model = resolve_dtype(dtype)
+    use_bf16 = dtype_of_model == torch.bfloat16
+    tokenizer = load_tokenizer(base_model_dir)
+    model = load_causal_lm(base_model_dir, dtype=dtype_of_model)
     tokens = datasets.load_from_disk(str(train_tokens_dir))
     train_dataset = tokens.select_columns(["input_ids", "labels"])
     eval_tokens = datasets.load_from_disk(str(eval_tokens_dir)) if eval_tokens_dir else None
@@ -148,7 +147,7 @@ def train_adapter(
         "n_trained_rows": len(tokens),
         "train_tokens_hash": tree_hash(train_tokens_dir),
         "seed": seed,
-        "dtype": str(torch_dtype).removeprefix("torch."),
+        "dtype": str(dtype_of_model).removeprefix("torch."),
         "lora": as_params(lora),
         "training": as_params(training),
         "max_length": max_length,
