@@ -38,7 +38,7 @@ def tiny_tokenizer(tiny_model_dir):
 
 @pytest.fixture(scope="session")
 def seed_model(tmp_path_factory):
-    """The first seed's setting: a tiny base model with a tokenizer trained on queries/test_query, and that folder's
+    """The command-line tools' setting: a tiny base model with a tokenizer trained on queries/test_query, and that folder's
     rows tokenized in the seed's plain form, in its `--hessian-dataset` columns (input_ids, attention_mask,
     labels): `hessian` (train.json) and `query` (query.json)."""
     from transformers import AutoTokenizer

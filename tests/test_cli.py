@@ -1,4 +1,5 @@
-"""The first seed's command-line tools, end to end on a tiny local model and a queries/ folder."""
+"""The command-line tools fit-hessians and run-query, with their README's flags, end to end on a tiny local model
+and a queries/ folder."""
 
 import json
 import os
