@@ -136,6 +136,15 @@ class BergsonGradients(_FromConfig):
     token_batch_size: int
 
 
+class _VariantDamping:
+    """For the settings of a Bergson variant's stage: the run's damping only where the variant has a preconditioner
+    (None otherwise, so a damping change never reruns a plain variant)."""
+
+    @classmethod
+    def for_variant(cls, run: dict[str, Any], variant: str):
+        return cls.from_run(run, **({"damping_factor": None} if parse_variant(variant)[1] is None else {}))
+
+
 @dataclass(frozen=True)
 class BergsonHessian(BergsonGradients):
     """Rule `bergson_hessian`: gradients, and which labels the Fisher uses."""
@@ -143,15 +152,10 @@ class BergsonHessian(BergsonGradients):
 
 
 @dataclass(frozen=True)
-class BergsonReduce(BergsonGradients):
-    """Rule `bergson_reduce`: gradients, how the queries are combined, and the preconditioner's damping (None for a
-    variant without one, so a damping change never rereduces it)."""
+class BergsonReduce(_VariantDamping, BergsonGradients):
+    """Rule `bergson_reduce`: gradients, how the queries are combined, and the preconditioner's damping."""
     aggregation: str
     damping_factor: float | None
-
-    @classmethod
-    def for_variant(cls, run: dict[str, Any], variant: str):
-        return cls.from_run(run, **_no_damping_without_preconditioner(variant))
 
 
 @dataclass(frozen=True)
@@ -162,19 +166,10 @@ class BergsonMix(_FromConfig):
 
 
 @dataclass(frozen=True)
-class BergsonScoring(_FromConfig):
-    """Rules `bergson_scores`, `planted_bergson_scores`: an index against the queries, no model; only the damping
-    (None for a variant without a preconditioner)."""
+class BergsonScoring(_VariantDamping, _FromConfig):
+    """Rules `bergson_scores`, `planted_bergson_scores`: an index against the queries, no model; only the damping."""
     SECTION: ClassVar[str] = "attribution.bergson"
     damping_factor: float | None
-
-    @classmethod
-    def for_variant(cls, run: dict[str, Any], variant: str):
-        return cls.from_run(run, **_no_damping_without_preconditioner(variant))
-
-
-def _no_damping_without_preconditioner(variant: str) -> dict[str, Any]:
-    return {"damping_factor": None} if parse_variant(variant)[1] is None else {}
 
 
 @dataclass(frozen=True)

@@ -26,6 +26,7 @@ from playpen_attribution.plan import (
     lengths_of,
 )
 from playpen_attribution.provenance import script_code_hash
+from playpen_attribution.retraining import lds_batches
 from playpen_attribution.settings import (
     BergsonGradients,
     BergsonHessian,
@@ -44,7 +45,6 @@ from playpen_attribution.settings import (
 )
 from playpen_attribution.tables import check_shard_count
 from playpen_attribution.tokenization import read_tokens_report
-from playpen_attribution.retraining import lds_batches
 
 WORKFLOW_ROOT = Path(workflow.basedir)
 RUNS = config["runs"]
@@ -248,10 +248,6 @@ def method_shards(wildcards, bergson_only=False):
 
 
 # Bergson inputs by run.
-def bergson_cfg(wildcards):
-    return run_cfg(wildcards)["attribution"]["bergson"]
-
-
 def bergson_hessian(wildcards):
     """The preconditioner folder a variant uses, or none."""
     _, side = parse_variant(wildcards.variant)
