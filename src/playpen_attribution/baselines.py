@@ -49,8 +49,9 @@ def tfidf_scores(query_texts: list[str], row_texts: list[str], corpus: list[str]
 
 def same_word_scores(query_words: list, row_words: list) -> np.ndarray:
     """[queries, rows] 1.0 where both target words are known and equal, else 0.0."""
-    known = [w if isinstance(w, str) else None for w in row_words]
-    return np.array([[1.0 if isinstance(q, str) and q == r else 0.0 for r in known] for q in query_words])
+    query, row = (np.asarray([w if isinstance(w, str) else None for w in words], dtype=object)
+                  for words in (query_words, row_words))
+    return ((query[:, None] == row[None, :]) & (query != None)[:, None]).astype(float)  # noqa: E711 (elementwise)
 
 
 def same_completion_scores(query_completions: list, row_completions: list) -> np.ndarray:

@@ -25,11 +25,6 @@ def _one_hot(words) -> tuple[np.ndarray, list[str]]:
     return matrix, vocabulary
 
 
-def has_words(queries: pd.DataFrame, train: pd.DataFrame) -> bool:
-    return any(isinstance(w, str) for w in queries.get("target_word", [])) and \
-        any(isinstance(w, str) for w in train.get("target_word", []))
-
-
 def word_influence(methods: dict[str, MethodScores], queries: pd.DataFrame, train: pd.DataFrame) -> pd.DataFrame:
     """Per method, query word and training word: the training word's influence (see the module), the mean score
     of its (query, row) pairs, how many of each, and the training word's rank for that query word (1 = helps most).
