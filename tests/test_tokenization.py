@@ -4,21 +4,41 @@ import pytest
 from playpen_attribution.data import read_rows
 from playpen_attribution.tokenization import IGNORE_INDEX, tokenize_example, tokenize_rows, tokenize_table
 
+from conftest import REPO
 
-def test_equals_what_sft_trainer_trains_on(demo_tables, tiny_model_dir, tiny_tokenizer, tmp_path):
+TEMPLATE_DIR = REPO / "src" / "playpen_attribution" / "templates" / "chat"
+
+
+# The two chat templates the project meets: Gemma 3's (the tiny model carries the stock template) and SmolLM2's
+# ChatML (a real pretrained model, from its GGUF); what closes an assistant turn in each.
+TEMPLATES = {"gemma3": "<end_of_turn>\n", "smollm2": "<|im_end|>\n"}
+
+
+@pytest.fixture(scope="module", params=sorted(TEMPLATES))
+def chat_model(request):
+    """(template name, tokenizer, model folder) of each chat template."""
+    fixture = {"gemma3": "tiny_model_dir", "smollm2": "smol_model_dir"}[request.param]
+    model_dir = request.getfixturevalue(fixture)
+    from transformers import AutoTokenizer
+
+    return request.param, AutoTokenizer.from_pretrained(str(model_dir)), model_dir
+
+
+def test_equals_what_sft_trainer_trains_on(demo_tables, chat_model, tmp_path):
     """TRL tokenizes the conversational rows itself; our tokens must be identical, labels included."""
     from transformers import AutoModelForCausalLM
     from trl import SFTConfig, SFTTrainer
 
+    name, tokenizer, model_dir = chat_model
     out, _ = demo_tables
     rows = read_rows(out / "train.parquet")[:24]
-    ours, report = tokenize_rows(rows, tiny_tokenizer, max_length=1024, mode="chat")
+    ours, report = tokenize_rows(rows, tokenizer, max_length=1024, mode="chat")
     assert report["rows_skipped"] == [] and len(ours) == 24
     raw = datasets.Dataset.from_list([{"prompt": r["prompt"], "completion": r["completion"]} for r in rows])
     args = SFTConfig(output_dir=str(tmp_path), completion_only_loss=True, bf16=False, report_to=[],
                      max_length=1024, activation_checkpointing=False)
-    trainer = SFTTrainer(model=AutoModelForCausalLM.from_pretrained(str(tiny_model_dir)), args=args,
-                         train_dataset=raw, processing_class=tiny_tokenizer)
+    trainer = SFTTrainer(model=AutoModelForCausalLM.from_pretrained(str(model_dir)), args=args,
+                         train_dataset=raw, processing_class=tokenizer)
     theirs = trainer.train_dataset
     assert len(theirs) == len(ours)
     for i in range(len(ours)):
@@ -26,7 +46,7 @@ def test_equals_what_sft_trainer_trains_on(demo_tables, tiny_model_dir, tiny_tok
         assert theirs[i]["labels"] == ours[i]["labels"]
     # loss is on the completion and its end-of-turn marker only
     trained = [t for t in ours[0]["labels"] if t != IGNORE_INDEX]
-    assert tiny_tokenizer.decode(trained) == rows[0]["completion"][0]["content"] + "<end_of_turn>\n"
+    assert tokenizer.decode(trained) == rows[0]["completion"][0]["content"] + TEMPLATES[name]
 
 
 def test_long_prompt_is_cut_from_the_left_keeping_bos(tiny_tokenizer):
@@ -115,20 +135,27 @@ def conversations(demo_tables, tmp_path_factory):
     return rows
 
 
-def test_assistant_turn_labels_equal_sft_trainers_assistant_only_loss(conversations, tiny_model_dir, tiny_tokenizer,
-                                                                     tmp_path):
-    """SFTTrainer with assistant_only_loss=True tokenizes the whole conversations itself; our labels must be its."""
+def test_assistant_turn_labels_equal_sft_trainers_assistant_only_loss(conversations, chat_model, tmp_path):
+    """SFTTrainer with assistant_only_loss=True tokenizes the whole conversations itself; our labels must be its.
+    SmolLM2's template has no training variant in TRL: SFTTrainer gets the one the project ships
+    (`chat_template_path`), as a user of TRL would have to give it."""
+    import copy
+
     from transformers import AutoModelForCausalLM
     from trl import SFTConfig, SFTTrainer
 
+    from playpen_attribution.tokenization import SHIPPED_TRAINING_TEMPLATES
+
+    name, tokenizer, model_dir = chat_model
     rows = [r for r in conversations if sum(m["role"] == "assistant" for m in r["prompt"]) >= 1][:40]
-    ours, report = tokenize_rows(rows, tiny_tokenizer, max_length=4096, mode="chat", loss_on="assistant_turns")
+    ours, report = tokenize_rows(rows, tokenizer, max_length=4096, mode="chat", loss_on="assistant_turns")
     assert report["rows_skipped"] == [] and report["loss_on"] == "assistant_turns"
     raw = datasets.Dataset.from_list([{"messages": r["prompt"] + r["completion"]} for r in rows])
+    shipped = {"smollm2": str(TEMPLATE_DIR / SHIPPED_TRAINING_TEMPLATES["smollm2.jinja"])}
     args = SFTConfig(output_dir=str(tmp_path), assistant_only_loss=True, bf16=False, report_to=[],
-                     max_length=4096, activation_checkpointing=False)
-    trainer = SFTTrainer(model=AutoModelForCausalLM.from_pretrained(str(tiny_model_dir)), args=args,
-                         train_dataset=raw, processing_class=tiny_tokenizer)
+                     max_length=4096, activation_checkpointing=False, chat_template_path=shipped.get(name))
+    trainer = SFTTrainer(model=AutoModelForCausalLM.from_pretrained(str(model_dir)), args=args,
+                         train_dataset=raw, processing_class=copy.deepcopy(tokenizer))
     theirs = trainer.train_dataset
     assert len(theirs) == len(ours) == len(rows) > 20
     for i in range(len(ours)):
@@ -141,26 +168,41 @@ def test_assistant_turn_labels_equal_sft_trainers_assistant_only_loss(conversati
         labels = tokens["labels"]
         spans = sum(1 for i, t in enumerate(labels) if t != IGNORE_INDEX and (i == 0 or labels[i - 1] == IGNORE_INDEX))
         assert spans == sum(m["role"] == "assistant" for m in row["prompt"] + row["completion"])
-        last = tokenize_example(tiny_tokenizer, row["prompt"], row["completion"], 4096, "chat")["labels"]
-        assert all(a == b for a, b in zip(labels, last) if b != IGNORE_INDEX)  # last_turn's labels are a subset
+        last = tokenize_example(tokenizer, row["prompt"], row["completion"], 4096, "chat")["labels"]
+        # last_turn's labels are the last span exactly
+        assert [b for b in last if b != IGNORE_INDEX] == [a for a, b in zip(labels, last) if b != IGNORE_INDEX]
 
 
-def test_the_template_with_generation_tags_renders_every_conversation_as_the_original(conversations, tiny_tokenizer):
-    from playpen_attribution.tiny_model import gemma3_chat_template
+def test_the_template_with_generation_tags_renders_every_conversation_as_the_original(conversations, chat_model):
+    from playpen_attribution.model_sources import gemma3_chat_template
     from playpen_attribution.tokenization import training_chat_template
 
-    assert tiny_tokenizer.chat_template == gemma3_chat_template()  # the real Gemma 3 template text
-    training = training_chat_template(tiny_tokenizer)
-    assert "generation" in training and training != tiny_tokenizer.chat_template
+    name, tokenizer, _ = chat_model
+    original_template = {"gemma3": gemma3_chat_template(), "smollm2": (TEMPLATE_DIR / "smollm2.jinja").read_text()}
+    assert tokenizer.chat_template == original_template[name]  # the real template text (Gemma 3's; SmolLM2's own)
+    training = training_chat_template(tokenizer)
+    assert "generation" in training and training != tokenizer.chat_template
     assert len(conversations) > 250  # every real taboo episode but the aborted ones, both roles
     for row in conversations:
         messages = row["prompt"] + row["completion"]
         for extra in ({}, {"add_generation_prompt": True}):
-            original = tiny_tokenizer.apply_chat_template(messages, tokenize=False, **extra)
-            assert tiny_tokenizer.apply_chat_template(messages, tokenize=False, chat_template=training, **extra) == original
-        prompt = tiny_tokenizer.apply_chat_template(row["prompt"], tokenize=False, add_generation_prompt=True)
-        assert tiny_tokenizer.apply_chat_template(row["prompt"], tokenize=False, add_generation_prompt=True,
-                                                  chat_template=training) == prompt
+            original = tokenizer.apply_chat_template(messages, tokenize=False, **extra)
+            assert tokenizer.apply_chat_template(messages, tokenize=False, chat_template=training, **extra) == original
+        prompt = tokenizer.apply_chat_template(row["prompt"], tokenize=False, add_generation_prompt=True)
+        assert tokenizer.apply_chat_template(row["prompt"], tokenize=False, add_generation_prompt=True,
+                                             chat_template=training) == prompt
+
+
+def test_a_template_without_a_training_variant_is_refused_for_assistant_turns_naming_last_turn(tiny_tokenizer):
+    import copy
+
+    tokenizer = copy.deepcopy(tiny_tokenizer)
+    tokenizer.chat_template = "{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}"
+    with pytest.raises(ValueError, match="use tokenization.loss_on: last_turn"):
+        tokenize_example(tokenizer, [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"},
+                                     {"role": "user", "content": "c"}], "d", 64, "chat", loss_on="assistant_turns")
+    # last_turn needs no generation tags
+    assert "error" not in tokenize_example(tokenizer, "a", "b", 64, "chat")
 
 
 def test_assistant_turns_need_chat_turns(tiny_tokenizer):

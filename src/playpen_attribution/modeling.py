@@ -1,5 +1,5 @@
-"""Getting models and running them: a pinned hub download, one loader for base and adapter folders, and the
-summed completion loss every attribution stage measures.
+"""Running models: one loader for base and adapter folders (wherever `model_sources` got the base from), and
+the summed completion loss every attribution stage measures.
 
 An adapter records its base model relative to its own folder where both live in one project
 (`../base_model`), so a moved or copied project still loads; `load_for_attribution` resolves it there.
@@ -16,30 +16,11 @@ import tempfile
 from pathlib import Path
 from typing import Iterator
 
-from playpen_attribution.io import atomic_path, write_json_atomic
 from playpen_attribution.tokenization import IGNORE_INDEX
 
 log = logging.getLogger(__name__)
 
-# Weights, configs and tokenizer files; no original checkpoints or GGUF copies.
-MODEL_FILE_PATTERNS = ["*.json", "*.safetensors", "*.jinja", "tokenizer*", "*.model", "*.txt"]
 ADAPTER_CONFIG = "adapter_config.json"
-
-
-def fetch_base_model(hub_id: str, revision: str, output_dir: str | Path) -> Path:
-    """Download `hub_id` at `revision` into `output_dir` (atomically), recording the resolved commit."""
-    from huggingface_hub import HfApi, snapshot_download
-
-    with atomic_path(output_dir, directory=True) as tmp:
-        snapshot_download(repo_id=hub_id, revision=revision, local_dir=str(tmp),
-                          allow_patterns=MODEL_FILE_PATTERNS)
-        try:
-            sha = HfApi().model_info(hub_id, revision=revision).sha
-        except Exception as err:  # offline mirrors still give a usable folder
-            log.warning("could not resolve the commit of %s@%s: %s", hub_id, revision, err)
-            sha = None
-        write_json_atomic({"kind": "hub", "id": hub_id, "revision": revision, "commit": sha}, Path(tmp) / "source.json")
-    return Path(output_dir)
 
 
 def torch_dtype(name: str):

@@ -21,6 +21,8 @@ import shutil
 import subprocess
 from pathlib import Path
 
+from playpen_attribution.model_sources import read_architecture, text_config
+
 GB = 1e9
 # Resident memory of a stage's process before it holds anything of its own, measured on the CPU rehearsal
 # (torch, transformers, peft, the stage's attribution library): the CPU's counterpart of the CUDA context.
@@ -68,7 +70,11 @@ def architecture_file(model_cfg: dict, root: Path, base_model_dir: Path | None =
         return root / model_cfg["random"]["architecture"]
     if "path" in model_cfg:
         return root / model_cfg["path"] / "config.json"
-    shipped = root / "resources" / "models" / f"{model_cfg['hub'].split('/')[-1]}.config.json"
+    if "package" in model_cfg:  # SmolLM2-135M-Instruct.Q4_1.gguf -> SmolLM2-135M-Instruct.config.json
+        name = model_cfg["package"]["file"].split(".")[0]
+    else:
+        name = model_cfg["hub"].split("/")[-1]
+    shipped = root / "resources" / "models" / f"{name}.config.json"
     if shipped.is_file() or base_model_dir is None:
         return shipped
     return Path(base_model_dir) / "config.json"
@@ -93,16 +99,6 @@ def architecture_of(model_cfg: dict, config_file: str | Path | None) -> dict:
     return arch
 
 
-def read_architecture(path: str | Path) -> dict:
-    """A model's config.json as the fields of its language model (with the defaults the plan relies on)."""
-    config = json.loads(Path(path).read_text())
-    config = config.get("text_config", config)  # multimodal configs nest the language model
-    config.setdefault("head_dim", config["hidden_size"] // config["num_attention_heads"])
-    config.setdefault("num_key_value_heads", config["num_attention_heads"])
-    config.setdefault("tie_word_embeddings", True)
-    return config
-
-
 def linear_shapes(arch: dict) -> dict[str, tuple[int, int]]:
     """(in, out) of every projection of one decoder layer (Gemma 3 / Llama layout)."""
     h, inter, hd = arch["hidden_size"], arch["intermediate_size"], arch["head_dim"]
@@ -112,8 +108,11 @@ def linear_shapes(arch: dict) -> dict[str, tuple[int, int]]:
 
 
 def parameter_count(arch: dict) -> int:
-    # + four RMS norms of the hidden state and Gemma 3's query and key norms per layer; the final norm
-    norms = 4 * arch["hidden_size"] + 2 * arch["head_dim"]
+    # RMS norms per layer: Gemma 3 has four of the hidden state and a query and a key norm; Llama two; a final norm
+    if arch.get("model_type", "gemma3_text").startswith("gemma3"):
+        norms = 4 * arch["hidden_size"] + 2 * arch["head_dim"]
+    else:
+        norms = 2 * arch["hidden_size"]
     per_layer = sum(i * o for i, o in linear_shapes(arch).values()) + norms
     embedding = arch["vocab_size"] * arch["hidden_size"]
     return (arch["num_hidden_layers"] * per_layer + arch["hidden_size"]
@@ -134,12 +133,10 @@ def meta_device_shapes(arch: dict, lora: dict) -> list[tuple[int, int]]:
     """The LoRA A/B shapes of the real architecture built on the meta device (no memory), for checking."""
     import torch
     from peft import LoraConfig, get_peft_model
-    from transformers import Gemma3ForCausalLM
-
-    from playpen_attribution.tiny_model import gemma3_text_config
+    from transformers import AutoModelForCausalLM
 
     with torch.device("meta"):
-        model = Gemma3ForCausalLM(gemma3_text_config(arch))
+        model = AutoModelForCausalLM.from_config(text_config(arch))
     model = get_peft_model(model, LoraConfig(r=lora["r"], lora_alpha=lora["alpha"],
                                              target_modules=list(lora["target_modules"])))
     return [(m.in_features, m.out_features) for n, m in model.named_modules()

@@ -64,18 +64,38 @@ def render(tokenizer, prompt, completion, mode: str) -> tuple[list[int], int]:
     raise ValueError(f"unknown render mode {mode!r}; expected 'chat' or 'plain'")
 
 
+# Training variants (with `{% generation %}` tags) the project ships for chat templates TRL has none for: the
+# original template's text (its file) -> the variant's file, under templates/chat/. The same text for every
+# message; TRL's convention for ChatML (its Qwen 2.5 variant) puts the loss on the turn's text, `<|im_end|>` and
+# the newline after it, as the last_turn labels do.
+SHIPPED_TRAINING_TEMPLATES = {"smollm2.jinja": "smollm2_training.jinja"}
+
+
+def _shipped_template(name: str) -> str:
+    import importlib.resources
+
+    return importlib.resources.files("playpen_attribution").joinpath("templates", "chat", name).read_text()
+
+
 def training_chat_template(tokenizer) -> str:
     """The tokenizer's chat template with `{% generation %}` tags: itself if it has them, else TRL's training
-    variant of it (TRL ships one for Gemma 3, among others), the template SFTTrainer uses for
-    `assistant_only_loss=True`."""
+    variant of it (TRL ships one for Gemma 3, among others; the template SFTTrainer uses for
+    `assistant_only_loss=True`), else one this project ships (SmolLM2's ChatML)."""
     from trl.chat_template_utils import get_training_chat_template, has_generation_markers
 
     if has_generation_markers(tokenizer.chat_template):
         return tokenizer.chat_template
-    template = get_training_chat_template(tokenizer)
+    for original, training in SHIPPED_TRAINING_TEMPLATES.items():
+        if tokenizer.chat_template == _shipped_template(original):
+            return _shipped_template(training)
+    try:
+        template = get_training_chat_template(tokenizer)
+    except ValueError:  # TRL 1.16 raises for a template it cannot patch
+        template = None
     if template is None:
-        raise ValueError("the tokenizer's chat template has no {% generation %} tags and TRL has no training variant "
-                         "of it; use tokenization.loss_on: last_turn")
+        raise ValueError("the tokenizer's chat template has no {% generation %} tags and neither TRL nor this project "
+                         "has a training variant of it, so the assistant turns cannot be told apart; use "
+                         "tokenization.loss_on: last_turn")
     return template
 
 

@@ -74,6 +74,7 @@ def run_names(predicate):
 TINY_MODEL_RUNS = run_names(lambda c: "tiny" in c["model"])
 RANDOM_MODEL_RUNS = run_names(lambda c: "random" in c["model"])
 HUB_MODEL_RUNS = run_names(lambda c: "hub" in c["model"])
+PACKAGE_MODEL_RUNS = run_names(lambda c: "package" in c["model"])
 ANY_RUN = run_names(lambda c: True)
 
 
@@ -135,6 +136,8 @@ def base_model_source(wildcards):
         return {"id": resolve(model["path"]), "revision": None}
     if "random" in model:
         return {"id": "random-weights", "revision": None, "random": random_model_settings(wildcards)}
+    if "package" in model:
+        return {"id": f"{model['package']['name']}/{model['package']['file']}", "revision": model["package"]["version"]}
     return {"id": "tiny-random-gemma3", "revision": None, "tiny": model["tiny"]}
 
 

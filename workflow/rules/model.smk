@@ -1,4 +1,5 @@
-# Model stage: the base model (tiny random Gemma 3 for the demo, or a pinned hub download) and LoRA SFT.
+# Model stage: the base model (tiny random Gemma 3 for the demo, a random model of a published architecture, a pinned
+# hub download, or a model shipped in an installed package; playpen_attribution.model_sources) and LoRA SFT.
 
 
 localrules:
@@ -64,6 +65,27 @@ rule fetch_base_model:
         CONDA_ENV
     script:
         "../scripts/fetch_base_model.py"
+
+
+rule convert_packaged_model:
+    output:
+        directory("results/{run}/base_model"),
+    wildcard_constraints:
+        run=PACKAGE_MODEL_RUNS,
+    params:
+        package=lambda wc: run_cfg(wc)["model"]["package"],
+        code=script_code("convert_packaged_model.py"),
+    log:
+        "logs/{run}/convert_packaged_model.log",
+    benchmark:
+        "benchmarks/{run}/convert_packaged_model.tsv"
+    resources:
+        # the dequantized model twice (as loaded, and the fresh copy that is saved), float32
+        mem_mb=4000,
+    conda:
+        CONDA_ENV
+    script:
+        "../scripts/convert_packaged_model.py"
 
 
 rule train_adapter:

@@ -1,6 +1,6 @@
-# Thin adapter: rule build_random_model -> playpen_attribution.tiny_model.build_random_model
+# Thin adapter: rule build_random_model -> playpen_attribution.model_sources.build_random_model
 from playpen_attribution.stage import run_stage
-from playpen_attribution.tiny_model import build_random_model, corpus_from_source
+from playpen_attribution.model_sources import build_random_model, corpus_from_source
 
 
 def build(source, settings, output_dir):

@@ -1,6 +1,6 @@
-# Thin adapter: rule build_tiny_model -> playpen_attribution.tiny_model.build_tiny_model
+# Thin adapter: rule build_tiny_model -> playpen_attribution.model_sources.build_tiny_model
 from playpen_attribution.stage import run_stage
-from playpen_attribution.tiny_model import build_tiny_model, corpus_from_source
+from playpen_attribution.model_sources import build_tiny_model, corpus_from_source
 
 
 def build(source, tiny, output_dir):

