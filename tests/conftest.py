@@ -132,7 +132,7 @@ def demo_tokens(demo_tables, tiny_model_dir, tmp_path_factory):
     return folder
 
 
-def train_demo_adapter(tiny_model_dir, tokens, out, seed=0, epochs=3):
+def train_demo_adapter(tiny_model_dir, tokens, out, seed=0, epochs=3, dtype="auto"):
     from playpen_attribution.config import validate_config
     from playpen_attribution.settings import Lora, Training
     from playpen_attribution.training import train_adapter
@@ -143,7 +143,7 @@ def train_demo_adapter(tiny_model_dir, tokens, out, seed=0, epochs=3):
                                                        "learning_rate": 0.003, "warmup_ratio": 0.0, "seed": seed}}}})
     run = run["runs"]["r"]
     train_adapter(tiny_model_dir, tokens / "train", out, lora=Lora.from_run(run), training=Training.from_run(run),
-                  max_length=256)
+                  max_length=256, dtype=dtype)
     return out
 
 

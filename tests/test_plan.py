@@ -30,7 +30,7 @@ def arch_of(run: str) -> dict:
     return architecture_of(model, architecture_file(model, REPO))
 
 
-@pytest.mark.parametrize("run", ["rehearsal", "taboo", "demo"])
+@pytest.mark.parametrize("run", ["rehearsal", "taboo", "demo", "smol"])
 def test_layer_arithmetic_equals_the_architecture_on_the_meta_device(run):
     import torch
     from transformers import AutoModelForCausalLM
@@ -43,6 +43,18 @@ def test_layer_arithmetic_equals_the_architecture_on_the_meta_device(run):
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(text_config(arch))
     assert parameter_count(arch) == sum(p.numel() for p in model.parameters())
+
+
+def test_the_plans_llama_arithmetic_is_smollm2s_real_config(smol_model_dir):
+    """The smol run's plan reads the architecture shipped under resources/models; it must be the converted model's
+    own config, and the plan's parameter count the real model's."""
+    from playpen_attribution.model_sources import read_architecture
+
+    arch, real = arch_of("smol"), read_architecture(smol_model_dir / "config.json")
+    keys = ("model_type", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+            "num_key_value_heads", "head_dim", "vocab_size", "tie_word_embeddings")
+    assert {k: arch[k] for k in keys} == {k: real[k] for k in keys}
+    assert parameter_count(arch) == 134_515_008  # the converted model's (source.json, counted by torch)
 
 
 def test_gemma3_1b_shapes_are_the_published_ones():

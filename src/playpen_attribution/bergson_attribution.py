@@ -26,7 +26,12 @@ import numpy as np
 
 from playpen_attribution.io import atomic_path, write_csv_atomic, write_json_atomic
 from playpen_attribution.methods import parse_variant
-from playpen_attribution.modeling import adapter_view_with_absolute_base, is_adapter
+from playpen_attribution.modeling import (
+    adapter_view_with_absolute_base,
+    is_adapter,
+    model_type_of,
+    refuse_float16_for_gemma3,
+)
 from playpen_attribution.settings import BergsonGradients, BergsonHessian, BergsonMix, BergsonReduce, BergsonScoring
 from playpen_attribution.stage import log_gradient_pass, token_count
 
@@ -49,6 +54,9 @@ def _bergson_model(model_dir):
 
 def _index_config(run_path: Path, model, tokens_dir, settings: BergsonGradients, split: str = "train"):
     from bergson.config.config import DataConfig, DistributedConfig, IndexConfig
+
+    # Bergson loads the model itself: "auto" takes the checkpoint's own dtype, which is never float16 for Gemma 3
+    refuse_float16_for_gemma3(model_type_of(model), settings.precision, "attribution.bergson.precision")
 
     return IndexConfig(
         run_path=str(run_path),

@@ -73,12 +73,28 @@ def adapter_view_with_absolute_base(adapter_dir: str | Path) -> Iterator[Path]:
         yield view
 
 
+def model_type_of(model_ref: str | Path, revision: str | None = None) -> str:
+    """The architecture (`model_type`) of a hub id or local folder; an adapter's is its base model's."""
+    from transformers import AutoConfig
+
+    base = adapter_base_path(model_ref) if is_adapter(model_ref) else str(model_ref)
+    return AutoConfig.from_pretrained(base, **({"revision": revision} if revision else {})).model_type
+
+
+def refuse_float16_for_gemma3(model_type: str, dtype, where: str) -> None:
+    """Gemma 3's activations overflow float16's range (Google's advice: bf16 or fp32)."""
+    if model_type.startswith("gemma3") and str(dtype).removeprefix("torch.") in ("float16", "fp16"):
+        raise ValueError(f"{where}: Gemma 3 overflows in float16 (its activations exceed float16's range); use "
+                         f"bfloat16 (bf16) or float32")
+
+
 def load_causal_lm(model_ref: str | Path, revision: str | None = None, dtype="float32"):
     """A hub id or local folder (base model, or LoRA adapter on its base) with eager attention (Gemma 3's advice
     for training); `dtype` a name or a torch dtype. The one loader: training, attribution and inference."""
     from transformers import AutoModelForCausalLM
 
     kwargs = {"dtype": torch_dtype(dtype) if isinstance(dtype, str) else dtype, "attn_implementation": "eager"}
+    refuse_float16_for_gemma3(model_type_of(model_ref, revision), kwargs["dtype"], f"loading {model_ref}")
     if revision:
         kwargs["revision"] = revision
     if is_adapter(model_ref):

@@ -110,6 +110,8 @@ def train_adapter(
         seed=seed,
         data_seed=seed,
         bf16=use_bf16,
+        # bf16 on a CPU (reference kernels, slow but exact enough for a test) needs the Trainer told it is on one
+        use_cpu=use_bf16 and not torch.cuda.is_available(),
         max_length=max_length,
         completion_only_loss=True,
         activation_checkpointing=False,
