@@ -137,3 +137,44 @@ def test_bfloat16_default_runs_on_cpu(cli_model, tmp_path):
     run_query(query_args(cli_model, tmp_path / "f", tmp_path / "out")[:-2])  # default --dtype bfloat16
     scores = pd.read_csv(tmp_path / "out" / "influences.csv")["influence_score"]
     assert len(scores) == 24 and scores.abs().max() > 0
+
+
+def test_the_tools_on_a_real_pretrained_model_converted_from_its_package(smol_model_dir, tmp_path):
+    """fit-hessians and run-query with the README's flags on SmolLM2-135M-Instruct (Llama layout, tied embeddings),
+    the converted folder as --model: the seed's MLP modules of every 10th layer, the examples cap recorded, and
+    query.csv's loss equal to the summed completion cross-entropy computed here by hand."""
+    import datasets
+    import numpy as np
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from playpen_attribution.data import load_pair_json
+    from playpen_attribution.tokenization import tokenize_rows
+
+    tokenizer = AutoTokenizer.from_pretrained(str(smol_model_dir))
+    rows = load_pair_json(TEST_QUERY / "train.json").to_dict("records")
+    hessian, _ = tokenize_rows(rows, tokenizer, 128, "plain")
+    hessian.select_columns(["input_ids", "attention_mask", "labels"]).save_to_disk(str(tmp_path / "hessian"))
+    factors = tmp_path / "factors"
+    fit_hessians(["--model", str(smol_model_dir), "--hessian-dataset", str(tmp_path / "hessian"), "--output-dir",
+                  str(factors), "--layer-stride", "10", "--max-examples", "6", "--dtype", "float32"])
+    meta = json.loads((factors / "metadata.json").read_text())
+    assert meta["num_examples"] == 6 and meta["layer_stride"] == 10
+    assert meta["tracked_modules"] == [f"model.layers.{i}.mlp.{p}_proj" for i in (0, 10, 20)
+                                       for p in ("gate", "up", "down")]
+    run_query(["--model", str(smol_model_dir), "--factors-dir", str(factors), "--train-json",
+               str(TEST_QUERY / "train.json"), "--query-json", str(TEST_QUERY / "query.json"), "--output-dir",
+               str(tmp_path / "out"), "--dtype", "float32"])
+    query = pd.read_csv(tmp_path / "out" / "query.csv")
+    influences = pd.read_csv(tmp_path / "out" / "influences.csv")
+    assert len(influences) == 2 * 12 and np.isfinite(influences["influence_score"]).all()
+    model = AutoModelForCausalLM.from_pretrained(str(smol_model_dir), dtype=torch.float32)
+    queries = load_pair_json(TEST_QUERY / "query.json").to_dict("records")
+    for row, loss in zip(queries, query["loss"]):
+        prompt = tokenizer(row["prompt"], add_special_tokens=False)["input_ids"]
+        completion = tokenizer(row["completion"], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        ids = torch.tensor([prompt + completion])
+        with torch.no_grad():
+            logits = model(ids).logits[0, len(prompt) - 1:-1]
+        expected = torch.nn.functional.cross_entropy(logits, torch.tensor(completion), reduction="sum").item()
+        assert loss == pytest.approx(expected, rel=1e-4)
