@@ -114,7 +114,8 @@ def test_shards_and_query_batches_merged_equal_one_unsharded_single_batch_run(de
 
     def settings(query_batch_size):
         return KronfluenceScoring(train_batch_size=8, query_batch_size=query_batch_size, query_gradient_rank=None,
-                                  per_token_scores=False, per_token_max_gb=4.0, dtype="float32", damping_factor=1e-8)
+                                  query_batches_per_pass=1, per_token_scores=False, per_token_max_gb=4.0,
+                                  dtype="float32", damping_factor=1e-8)
 
     score_shard_stage(out_path=tmp_path / "all.npz", shard=0, shards=1, settings=settings(None), **common)
     for i in range(3):  # 27 queries in batches of 5: the last batch is partial
@@ -163,3 +164,33 @@ def test_missing_or_incomplete_factors_are_refused(demo_adapter, factors, tokens
     shutil.rmtree(next((tmp_path / "partial" / "influence").iterdir()))
     with pytest.raises(FactorsError, match="missing or incomplete"):
         score_pairs(str(demo_adapter), tmp_path / "partial", query, train)
+
+
+@pytest.mark.parametrize("strategy", ["identity", "kfac", "ekfac"])
+def test_one_pass_over_the_training_rows_gives_the_scores_of_one_pass_per_query_batch(demo_adapter, factors, tokens,
+                                                                                     strategy):
+    """Kronfluence's query_gradient_accumulation_steps keeps the preconditioned gradients of every query batch and
+    streams the training rows once; the scores (per-token ones too) are those of one pass per batch. Measured
+    here: max relative difference 0 (the same products, grouped differently)."""
+    from playpen_attribution.influence import query_passes
+
+    query, train = tokens
+    query, train = query.select(range(7)), train.select(range(8))
+    groups = (None, 1, 3) if strategy == "ekfac" else (None, 1)  # 3: two passes, the second over a partial group
+    runs = {per_pass: score_pairs(str(demo_adapter), factors[strategy], query, train, query_batch_size=2,
+                                  query_batches_per_pass=per_pass, per_token=True, damping_factor=None)
+            for per_pass in groups}
+    assert [query_passes(7, 2, p) for p in runs] == [1, 4, 2][:len(groups)]
+    reference = runs[1]
+    for per_pass in set(groups) - {1}:
+        for key in ("scores", "per_token"):
+            np.testing.assert_allclose(runs[per_pass][key], reference[key], rtol=1e-5,
+                                       atol=1e-6 * np.abs(reference[key]).max())
+
+
+def test_the_pass_count_does_not_grow_with_the_queries():
+    from playpen_attribution.influence import query_passes
+
+    assert [query_passes(q, 8, None) for q in (8, 32, 300)] == [1, 1, 1]
+    assert [query_passes(q, 8, 1) for q in (8, 32, 300)] == [1, 4, 38]  # one per batch, as before
+    assert query_passes(300, 8, 20) == 2 and query_passes(300, None, None) == 1

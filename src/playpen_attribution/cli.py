@@ -94,8 +94,11 @@ def run_query_parser() -> argparse.ArgumentParser:
     p.add_argument("--score-batch-size", type=int, default=8, help="Batch size for score computation")
     # beyond the seed: queries in batches (the seed put every query in one), Kronfluence's low-rank query gradients
     p.add_argument("--query-batch-size", type=int, default=8,
-                   help="Queries per batch (each batch holds its logits and gradients; training gradients are "
-                        "recomputed once per batch, so larger is faster where it fits)")
+                   help="Queries per batch (each batch holds its logits and the gradients of its backward pass)")
+    p.add_argument("--query-batches-per-pass", type=int, default=None,
+                   help="Query batches whose preconditioned gradients are kept together while the training examples "
+                        "stream past once (Kronfluence's query_gradient_accumulation_steps; default: all, one pass "
+                        "over the training examples); lower it where the kept gradients do not fit")
     p.add_argument("--query-gradient-rank", type=int, default=None,
                    help="Store query gradients at this rank (Kronfluence's query_gradient_low_rank), for large models")
     p.add_argument("--per-token-max-gb", type=float, default=PER_TOKEN_MAX_GB,
@@ -159,7 +162,8 @@ def run_query(argv: list[str] | None = None) -> None:
         losses = query_losses(args.model, query_tokens, revision=args.revision, dtype=args.dtype, model=model)
         result = score_pairs(args.model, args.factors_dir, query_tokens, train_tokens, revision=args.revision, model=model,
                              train_batch_size=args.score_batch_size, query_batch_size=args.query_batch_size,
-                             query_gradient_rank=args.query_gradient_rank, per_token=args.per_token_scores,
+                             query_gradient_rank=args.query_gradient_rank,
+                             query_batches_per_pass=args.query_batches_per_pass, per_token=args.per_token_scores,
                              per_token_max_gb=args.per_token_max_gb, dtype=args.dtype)
         query = rows_frame(query_rows, "query_id", drop=SEED_EXTRA_EXCLUDED)
         query.insert(3, "loss", losses)

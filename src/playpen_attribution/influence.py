@@ -349,6 +349,7 @@ def score_pairs(
     train_batch_size: int = 8,
     query_batch_size: int | None = 8,
     query_gradient_rank: int | None = None,
+    query_batches_per_pass: int | None = None,
     per_token: bool = False,
     per_token_max_gb: float = PER_TOKEN_MAX_GB,
     dtype: str = "float32",
@@ -357,10 +358,12 @@ def score_pairs(
 ) -> dict:
     """Scores of every query against every training row: {"scores": [Q, T], "per_token": [Q, T, S] or None}.
 
-    Queries go in batches of `query_batch_size` (None = all in one): each batch holds its logits and its
-    preconditioned gradients, and Kronfluence recomputes the training gradients once per query batch, so
-    larger batches are faster as long as they fit. `query_gradient_rank` stores the query gradients at that
-    rank (Kronfluence's low-rank option, for large models). `model`: the model already loaded from `model_ref`
+    Queries go in batches of `query_batch_size` (None = all in one): each batch holds its logits and the gradients
+    of its backward pass. The preconditioned gradients of `query_batches_per_pass` batches (None = all) are kept
+    together, and the training rows stream past them once (Kronfluence's `query_gradient_accumulation_steps`):
+    `query_passes` passes over the training rows, one whatever the number of queries by default.
+    `query_gradient_rank` stores the query gradients at that rank (Kronfluence's low-rank option, for large
+    models). `model`: the model already loaded from `model_ref`
     (one load per call of run-query; Kronfluence wraps its modules in place). Per-token scores are a dense [Q, T, S] array:
     refused before any model is loaded when it would exceed `per_token_max_gb`. Scores are computed in a
     private temporary folder, so concurrent calls on one factors folder never overwrite each other.
@@ -377,8 +380,11 @@ def score_pairs(
     tokenizer = load_tokenizer(model_ref, revision)
     task = make_task(tracked, metadata.get("fisher", "empirical"))
     name = metadata["factors_name"]
+    query_batch = min(query_batch_size or len(query_dataset), len(query_dataset))
+    batches = math.ceil(len(query_dataset) / query_batch)
     score_args = ScoreArguments(compute_per_token_scores=per_token, damping_factor=damping_factor,
-                                query_gradient_low_rank=query_gradient_rank)
+                                query_gradient_low_rank=query_gradient_rank,
+                                query_gradient_accumulation_steps=min(query_batches_per_pass or batches, batches))
     with tempfile.TemporaryDirectory(prefix="scores-", dir=os.environ.get("TMPDIR")) as scratch:
         analysis_dir = Path(scratch) / ANALYSIS_NAME
         analysis_dir.mkdir()
@@ -389,7 +395,7 @@ def score_pairs(
             factors_name=name,
             query_dataset=TokenRows(query_dataset),
             train_dataset=TokenRows(train_dataset),
-            per_device_query_batch_size=min(query_batch_size or len(query_dataset), len(query_dataset)),
+            per_device_query_batch_size=query_batch,
             per_device_train_batch_size=train_batch_size,
             dataloader_kwargs=_dataloader_kwargs(tokenizer, pad_to=width if per_token else None),
             score_args=score_args,
@@ -405,10 +411,17 @@ def score_pairs(
 # ----------------------------------------------------------------------------------------------
 # workflow stages
 # ----------------------------------------------------------------------------------------------
-def _log_score_passes(tokens_dir, rows, queries: int, query_batch_size: int | None, purpose: str) -> None:
-    """Kronfluence recomputes the training gradients once per query batch: one logged pass over `rows` each."""
+def query_passes(queries: int, query_batch_size: int | None, query_batches_per_pass: int | None) -> int:
+    """Passes over the training rows `score_pairs` makes: Kronfluence streams them once per group of
+    `query_batches_per_pass` query batches (all batches in one group by default)."""
+    batches = math.ceil(queries / min(query_batch_size or queries, queries)) if queries else 0
+    return math.ceil(batches / min(query_batches_per_pass or batches, batches)) if batches else 0
+
+
+def _log_score_passes(tokens_dir, rows, queries: int, settings, purpose: str) -> None:
+    """One logged pass over `rows` per training pass of the scoring (`query_passes`)."""
     tokens = token_count(rows)
-    for _ in range(math.ceil(queries / min(query_batch_size or queries, queries))):
+    for _ in range(query_passes(queries, settings.query_batch_size, settings.query_batches_per_pass)):
         log_gradient_pass(tokens_dir, len(rows), tokens, purpose)
 
 
@@ -428,8 +441,7 @@ def score_shard_stage(model_dir, factors_dir, query_tokens_dir, train_tokens_dir
     train = datasets.load_from_disk(str(train_tokens_dir))
     train = train.select(shard_indices(len(train), shards, shard))
     result = score_pairs(str(model_dir), factors_dir, query, train, **settings.score_pairs_kwargs())
-    _log_score_passes(train_tokens_dir, train, len(query), settings.query_batch_size,
-                      f"kronfluence scores, shard {shard}")
+    _log_score_passes(train_tokens_dir, train, len(query), settings, f"kronfluence scores, shard {shard}")
     save_shard(out_path, result["scores"], query["row_id"], train["row_id"], result["per_token"])
 
 
@@ -468,6 +480,5 @@ def damping_sweep_stage(model_dir, factors_dir, query_tokens_dir, train_tokens_d
             result = score_pairs(str(model_dir), factors_dir, query, rows, **dataclasses.asdict(settings),
                                  damping_factor=None)
         scores.append(result["scores"])
-        _log_score_passes(train_tokens_dir, rows, len(query), settings.query_batch_size,
-                          f"kronfluence damping {scale:g}")
+        _log_score_passes(train_tokens_dir, rows, len(query), settings, f"kronfluence damping {scale:g}")
     save_sweep(out_path, np.stack(scores), damping, list(query["row_id"]), list(rows["row_id"]))

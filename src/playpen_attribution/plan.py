@@ -242,9 +242,14 @@ def stage_estimates(run: dict, arch: dict, lengths: dict, device: str) -> dict[s
                                              batch(kf["covariance_batch_size"]), batch(kf["lambda_batch_size"]))
         queries = lengths["queries"]
         query_batch = min(kf["query_batch_size"] or queries, queries)
+        # the preconditioned gradients of every query batch kept for one pass over the rows (all by default), at
+        # the query-gradient rank where one is set, beside the batch being preconditioned
+        kept = min(query_batch * (kf["query_batches_per_pass"] or math.ceil(queries / query_batch)), queries)
+        rank = kf["query_gradient_rank"]
+        kept_floats = sum(rank * (i + o) if rank and rank < min(i, o) else i * o for i, o in tracked)
         score = {
             "runtime": runtime, "weights": weights, "factors": factors,
-            "preconditioned query gradients": query_batch * gradient_floats * 4 * 2 / GB,
+            "preconditioned query gradients": (kept * kept_floats + query_batch * gradient_floats) * 4 / GB,
             "activations": _activations_gb(arch, max(kf["train_batch_size"], query_batch) * seq, kf_bytes),
             "logits": _logits_gb(arch, _completion_positions(lengths, max(kf["train_batch_size"], query_batch)),
                                  copies["kronfluence"]),
@@ -321,8 +326,9 @@ def smallest_fix(job: str, plan: dict, run: dict) -> str:
             "eigendecomposition work (float64)": f"raise attribution.kronfluence.layer_stride (now {kf['layer_stride']})",
             "preconditioner": f"lower attribution.bergson.projection_dim (now {bg['projection_dim']})",
             "per-token scores": "turn off attribution.kronfluence.per_token_scores or raise attribution.shards",
-            "preconditioned query gradients": "lower attribution.kronfluence.query_batch_size or set "
-                                              "query_gradient_rank",
+            "preconditioned query gradients": "set attribution.kronfluence.query_batches_per_pass (query batches "
+                                              "kept per pass over the training rows; each more pass costs one "
+                                              "more gradient pass) or query_gradient_rank",
         }.get(largest, "a larger GPU (resources.gpu_mem_gb) or a smaller model")
     return f"{lever} (largest part: {largest} {parts[largest]:.1f} GB)"
 

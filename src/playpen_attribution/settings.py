@@ -104,6 +104,7 @@ class KronfluenceScoring(_FromConfig):
     train_batch_size: int
     query_batch_size: int | None
     query_gradient_rank: int | None
+    query_batches_per_pass: int | None
     per_token_scores: bool
     per_token_max_gb: float
     dtype: str
@@ -123,6 +124,7 @@ class KronfluenceSweep(_FromConfig):
     train_batch_size: int
     query_batch_size: int | None
     query_gradient_rank: int | None
+    query_batches_per_pass: int | None
     dtype: str
 
 

@@ -42,6 +42,18 @@ def keep_inputs_unchanged() -> None:
     datasets.disable_caching()
 
 
+def use_job_threads(threads: int) -> None:
+    """Compute with the threads Snakemake gave the job (its `threads:`, 1 unless the rule says more; on SLURM its
+    --cpus-per-task), not with every core: torch starts one thread per core in each process, so two jobs side by
+    side on two cores would run four threads and slow each other down. Set before torch is imported (the stages
+    import it lazily); torch's own setting too, where something imported it already."""
+    threads = str(max(1, int(threads)))
+    for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ[name] = threads
+    if "torch" in sys.modules:
+        sys.modules["torch"].set_num_threads(int(threads))
+
+
 def run_stage(snakemake, function, **kwargs):
     """Call `function(**kwargs)` with logging, warnings and library output sent to the rule's log file.
 
@@ -49,6 +61,7 @@ def run_stage(snakemake, function, **kwargs):
     bad input is explained where the user looks, then the job fails.
     """
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    use_job_threads(snakemake.threads)
     keep_inputs_unchanged()
     log_path = snakemake.log[0] if snakemake.log else os.devnull
     terminal = sys.stderr
