@@ -115,3 +115,26 @@ def test_local_gpus_are_counted_from_the_environment_or_nvidia_smi(tmp_path, mon
     assert local_gpu_count() == 2
     monkeypatch.setenv("PATH", "/nonexistent")
     assert local_gpu_count() == 0
+
+
+def test_kept_query_gradients_are_planned_and_refused_naming_the_queries_kept_per_pass():
+    """One pass over the training rows keeps every query's preconditioned gradient: with many queries that is the
+    score job's largest part, and the plan names query_batches_per_pass (or the rank) as the fix."""
+    import copy
+
+    from playpen_attribution.plan import lora_shapes, smallest_fix
+
+    run = copy.deepcopy(CONFIG["runs"]["taboo"])
+    arch = arch_of("taboo")
+    lengths = {"source": "test", "train_rows": 2000, "queries": 5000, "longest_sequence": 240, "longest_completion": 8}
+    floats = sum(i * o for i, o in lora_shapes(arch, run["lora"], run["attribution"]["kronfluence"]["layer_stride"]))
+    plan = build_plan(run, arch, lengths, gpu_mem_gb=40)
+    kept = plan["jobs"]["kronfluence_scores"]["parts_gb"]["preconditioned query gradients"]
+    assert kept == pytest.approx((5000 + 8) * floats * 4 / 1e9, rel=1e-3)  # all queries, and the batch at work
+    assert not plan["jobs"]["kronfluence_scores"]["fits"]
+    assert smallest_fix("kronfluence_scores", plan, run).startswith("set attribution.kronfluence.query_batches_per_pass")
+    run["attribution"]["kronfluence"]["query_batches_per_pass"] = 25  # 200 queries per pass: 25 passes
+    plan = build_plan(run, arch, lengths, gpu_mem_gb=40)
+    assert plan["jobs"]["kronfluence_scores"]["parts_gb"]["preconditioned query gradients"] == pytest.approx(
+        (200 + 8) * floats * 4 / 1e9, rel=1e-3)
+    assert plan["jobs"]["kronfluence_scores"]["fits"]
