@@ -5,7 +5,7 @@ import os
 from snakemake.utils import min_version
 
 from playpen_attribution.config import validate_config
-from playpen_attribution.plan import local_gpu_count
+from playpen_attribution.plan import local_gpu_count, local_memory_mb
 
 min_version("9.0")
 
@@ -22,6 +22,11 @@ validate_config(config, source="the workflow config (config/config.yaml and any 
 # `--resources gpu=N` overrides; on a cluster each job gets its own GPU from the scheduler.
 if workflow.local_exec and "gpu" not in workflow.global_resources and local_gpu_count():
     workflow.register_resource("gpu", 1)
+# Run here, the jobs share this machine's memory: together they may ask for at most what it has (each job's mem_mb;
+# the model-holding jobs' from the memory plan), so two large score jobs queue instead of being killed side by side.
+# `--resources mem_mb=N` overrides.
+if workflow.local_exec and "mem_mb" not in workflow.global_resources:
+    workflow.register_resource("mem_mb", local_memory_mb())
 
 
 include: "workflow/rules/common.smk"

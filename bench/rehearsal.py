@@ -25,9 +25,11 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import REPO, bench_arguments, machine_line, snakemake_command  # noqa: E402
 
+from playpen_attribution.devices import GPU_PEAK_LINE  # noqa: E402
 from playpen_attribution.stage import PEAK_RSS_LINE  # noqa: E402
 
 PEAK_PATTERN = re.escape(PEAK_RSS_LINE).replace(r"\{:\.0f\}", r"([\d.]+)")
+GPU_PEAK_PATTERN = re.escape(GPU_PEAK_LINE).replace(r"\{:\.0f\}", r"([\d.]+)")
 
 RUN = "rehearsal"
 TARGET_FILES = ("influences.csv", "train_scores.csv", "report/index.html")
@@ -55,9 +57,13 @@ def read_benchmarks(workdir: Path, run: str = RUN) -> list[dict]:
         with open(path) as handle:
             record = next(csv.DictReader(handle, delimiter="\t"))
         log = workdir / "logs" / run / f"{path.stem}.log"
-        found = re.findall(PEAK_PATTERN, log.read_text()) if log.is_file() else []
+        text = log.read_text() if log.is_file() else ""
+        found, gpu = re.findall(PEAK_PATTERN, text), re.findall(GPU_PEAK_PATTERN, text)
         rows.append({"job": path.stem, "seconds": float(record["s"]), "sampled_rss_mb": float(record["max_rss"]),
-                     "peak_mb": float(found[-1]) if found else None})
+                     "peak_mb": float(found[-1]) if found else None,
+                     # on CUDA: the tensors' peak and the caching allocator's (what the card must hold)
+                     "gpu_allocated_mb": float(gpu[-1][0]) if gpu else None,
+                     "gpu_reserved_mb": float(gpu[-1][1]) if gpu else None})
     return rows
 
 
@@ -79,20 +85,33 @@ def plan_estimates(workdir: Path, device: str, run: str = RUN) -> dict[str, floa
 
 
 def table(rows: list[dict], estimates: dict[str, float], wall: float, header: str) -> str:
-    lines = [header, "", "| job | wall s | peak MB | sampled MB | plan MB | plan / peak |",
-             "|---|---:|---:|---:|---:|---:|"]
+    """Each job's wall time and peak beside the plan's estimate. On a GPU run (some job logged its CUDA peak) the
+    peak compared with the plan is the GPU's (reserved by the caching allocator: what the card must hold), and
+    the host peak stays in its own column; otherwise it is the host's."""
+    gpu = any(r["gpu_reserved_mb"] for r in rows)
+
+    def compared(row):
+        return row["gpu_reserved_mb"] if gpu else row["peak_mb"]
+
+    head = "| job | wall s | host peak MB | sampled MB |" + (" GPU allocated MB | GPU reserved MB |" if gpu else "")
+    lines = [header, "", head + " plan MB | plan / peak |",
+             "|---|---:|---:|---:|" + ("---:|---:|" if gpu else "") + "---:|---:|"]
     for row in sorted(rows, key=lambda r: -r["seconds"]):
         kind = plan_kind(row["job"], estimates)
         estimate = estimates.get(kind) if kind else None
-        peak = row["peak_mb"]
-        cells = [row["job"], f"{row['seconds']:.1f}", f"{peak:.0f}" if peak else "", f"{row['sampled_rss_mb']:.0f}",
-                 f"{estimate:.0f}" if estimate else "", f"{estimate / peak:.2f}" if estimate and peak else ""]
+        peak = compared(row)
+        cells = [row["job"], f"{row['seconds']:.1f}", f"{row['peak_mb']:.0f}" if row["peak_mb"] else "",
+                 f"{row['sampled_rss_mb']:.0f}"]
+        if gpu:
+            cells += [f"{row[k]:.0f}" if row[k] else "" for k in ("gpu_allocated_mb", "gpu_reserved_mb")]
+        cells += [f"{estimate:.0f}" if estimate else "", f"{estimate / peak:.2f}" if estimate and peak else ""]
         lines.append("| " + " | ".join(cells) + " |")
-    planned = [r for r in rows if plan_kind(r["job"], estimates) and r["peak_mb"]]
+    planned = [r for r in rows if plan_kind(r["job"], estimates) and compared(r)]
     if planned:
-        ratios = [estimates[plan_kind(r["job"], estimates)] / r["peak_mb"] for r in planned]
-        lines.append(f"\nPlan / peak over the {len(planned)} model-holding jobs: {min(ratios):.2f} to {max(ratios):.2f}.")
-    lines.append(f"Whole DAG: {wall / 60:.1f} min wall ({len(rows)} jobs). Peak = the job's own getrusage maximum "
+        ratios = [estimates[plan_kind(r["job"], estimates)] / compared(r) for r in planned]
+        lines.append(f"\nPlan / {'GPU reserved' if gpu else 'host'} peak over the {len(planned)} model-holding jobs: "
+                     f"{min(ratios):.2f} to {max(ratios):.2f}.")
+    lines.append(f"Whole DAG: {wall / 60:.1f} min wall ({len(rows)} jobs). Host peak = the job's own getrusage maximum "
                  f"(logged by every stage); sampled = Snakemake's benchmark file, which samples every 30 s after a "
                  f"job's first 30 s and can miss the peak.")
     return "\n".join(lines)

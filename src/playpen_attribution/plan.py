@@ -53,6 +53,22 @@ def local_gpu_count() -> int:
     return sum(line.startswith("GPU ") for line in listing.splitlines())
 
 
+def local_memory_mb() -> int:
+    """This machine's memory (MB) as the local scheduler's budget: the cgroup's limit where one is set (a container,
+    a SLURM allocation), else the physical memory."""
+    limit = None
+    for path in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
+        try:
+            text = Path(path).read_text().strip()
+        except OSError:
+            continue
+        if text.isdigit():
+            limit = int(text)
+            break
+    physical = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return int(min(limit or physical, physical) / 1e6)
+
+
 class PlanError(ValueError):
     """A stage that will not fit in the memory its job gets."""
 

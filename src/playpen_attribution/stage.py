@@ -9,6 +9,8 @@ import resource
 import sys
 import traceback
 
+from playpen_attribution.devices import log_gpu_memory, settle_job_device
+
 PEAK_RSS_LINE = "peak resident memory (getrusage): {:.0f} MB"
 # One line per forward+backward pass over a tokenized dataset (or a slice of it), for bench/gradient_passes.py.
 GRADIENT_PASS_LINE = "gradient pass: {rows} rows, {tokens} tokens of {dataset} ({purpose})"
@@ -64,12 +66,16 @@ def run_stage(snakemake, function, **kwargs):
     use_job_threads(snakemake.threads)
     keep_inputs_unchanged()
     log_path = snakemake.log[0] if snakemake.log else os.devnull
+    wants_gpu = int(getattr(snakemake.resources, "gpu", 0) or 0) > 0
     terminal = sys.stderr
     with open(log_path, "w") as log_file, contextlib.redirect_stdout(log_file), contextlib.redirect_stderr(log_file):
         logging.basicConfig(level=logging.INFO, stream=log_file, force=True,
                             format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         logging.captureWarnings(True)
         try:
+            device = settle_job_device(wants_gpu)  # before the stage imports torch
+            if device is not None:
+                logging.getLogger(__name__).info("GPU %s (CUDA_VISIBLE_DEVICES)", device)
             return function(**kwargs)
         except Exception as err:
             traceback.print_exc(file=log_file)
@@ -82,3 +88,6 @@ def run_stage(snakemake, function, **kwargs):
             # (written straight to the log: libraries such as Kronfluence raise the logging level)
             peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
             print(PEAK_RSS_LINE.format(peak_mb), file=log_file, flush=True)
+            gpu_peak = log_gpu_memory()
+            if gpu_peak:
+                print(gpu_peak, file=log_file, flush=True)

@@ -15,6 +15,7 @@ import json
 import logging
 from pathlib import Path
 
+from playpen_attribution.devices import single_device_check
 from playpen_attribution.io import atomic_path, write_json_atomic
 from playpen_attribution.modeling import load_causal_lm, load_tokenizer, portable_base_path, torch_dtype
 from playpen_attribution.provenance import library_versions, tree_hash
@@ -122,6 +123,7 @@ def train_adapter(
         disable_tqdm=True,
         dataloader_num_workers=0,
     )
+    single_device_check(args.n_gpu)
     trainer = SFTTrainer(
         model=model,
         args=args,
