@@ -141,3 +141,31 @@ def test_a_stage_settles_its_device_and_threads_before_it_runs(tmp_path, monkeyp
         __import__("torch").set_num_threads(before)
     assert seen == {"cuda": "", "omp": "1", "torch_threads": 1}
     assert "peak resident memory" in (tmp_path / "job.log").read_text()
+
+
+def test_cuda_training_needs_triton_build_tools_and_names_what_is_missing(tmp_path, monkeypatch):
+    import sysconfig
+
+    monkeypatch.setenv("PATH", str(tmp_path))  # no compiler
+    monkeypatch.delenv("CC", raising=False)
+    monkeypatch.setattr(sysconfig, "get_paths", lambda: {"include": str(tmp_path / "no-headers")})
+    read_only = tmp_path / "cache"
+    read_only.mkdir()
+    read_only.chmod(0o500)
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(read_only))
+    problems = devices.triton_toolchain_problems()
+    assert problems[0].startswith("no C compiler") and problems[1].startswith("no Python headers")
+    if __import__("os").geteuid() != 0:  # root writes anywhere
+        assert "is not writable" in problems[2]
+    with pytest.raises(devices.DeviceError, match=r"compiles TRL's loss kernels with Triton .* no C compiler .* "
+                                                  r"apt-get install gcc python3-dev"):
+        devices.check_triton_toolchain()
+
+
+def test_each_job_gets_its_own_triton_cache_in_its_tmp_folder(tmp_path, monkeypatch):
+    monkeypatch.delenv("TRITON_CACHE_DIR", raising=False)
+    devices.triton_cache_in(str(tmp_path))
+    assert __import__("os").environ["TRITON_CACHE_DIR"] == str(tmp_path / "triton-cache")
+    monkeypatch.setenv("TRITON_CACHE_DIR", "/users/choice")
+    devices.triton_cache_in(str(tmp_path))
+    assert __import__("os").environ["TRITON_CACHE_DIR"] == "/users/choice"

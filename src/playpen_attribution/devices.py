@@ -126,6 +126,45 @@ def settle_job_device(wants_gpu: bool) -> str | None:
     return device
 
 
+def triton_cache_in(tmpdir: str | None) -> None:
+    """Triton compiles TRL's loss kernels on a job's first CUDA step into ~/.triton by default: on a cluster that
+    home may be read-only, full or shared by many jobs at once. Each job gets its own cache in its tmp folder
+    (Snakemake's `tmpdir` resource: $TMPDIR, which SLURM sets per job) unless the user chose one."""
+    if tmpdir and "TRITON_CACHE_DIR" not in os.environ:
+        os.environ["TRITON_CACHE_DIR"] = str(Path(tmpdir) / "triton-cache")
+
+
+def triton_toolchain_problems() -> list[str]:
+    """What Triton needs to JIT-compile TRL 1.16's chunked loss on CUDA (its launcher is C, built on first use): a C
+    compiler, the Python headers, a writable cache folder. Empty when all is there."""
+    import sysconfig
+
+    problems = []
+    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
+    if not compiler or not shutil.which(compiler):
+        problems.append("no C compiler (cc, gcc or clang on PATH, or $CC)")
+    headers = Path(sysconfig.get_paths()["include"]) / "Python.h"
+    if not headers.is_file():
+        problems.append(f"no Python headers ({headers} is missing)")
+    cache = Path(os.environ.get("TRITON_CACHE_DIR") or Path.home() / ".triton" / "cache")
+    try:
+        cache.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=cache):
+            pass
+    except OSError as err:
+        problems.append(f"Triton's cache {cache} is not writable ({err.strerror}); set TRITON_CACHE_DIR")
+    return problems
+
+
+def check_triton_toolchain() -> None:
+    """Before a CUDA training job loads its model: TRL computes the loss with Triton kernels there."""
+    problems = triton_toolchain_problems()
+    if problems:
+        raise DeviceError("training on CUDA compiles TRL's loss kernels with Triton on first use, and this node has "
+                          + "; ".join(problems) + ". Install them on the compute node (Debian/Ubuntu: apt-get install "
+                          "gcc python3-dev; on a cluster often `module load gcc`) or run training where they are.")
+
+
 def single_device_check(n_gpu: int) -> None:
     """Training on one device only: more would make the Trainer wrap the model in DataParallel (an N-times larger
     batch than the manifest says, or a device-mismatch crash with TRL's patched forward)."""

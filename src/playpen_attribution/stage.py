@@ -9,7 +9,7 @@ import resource
 import sys
 import traceback
 
-from playpen_attribution.devices import log_gpu_memory, settle_job_device
+from playpen_attribution.devices import log_gpu_memory, settle_job_device, triton_cache_in
 
 PEAK_RSS_LINE = "peak resident memory (getrusage): {:.0f} MB"
 # One line per forward+backward pass over a tokenized dataset (or a slice of it), for bench/gradient_passes.py.
@@ -67,6 +67,7 @@ def run_stage(snakemake, function, **kwargs):
     keep_inputs_unchanged()
     log_path = snakemake.log[0] if snakemake.log else os.devnull
     wants_gpu = int(getattr(snakemake.resources, "gpu", 0) or 0) > 0
+    triton_cache_in(getattr(snakemake.resources, "tmpdir", None))
     terminal = sys.stderr
     with open(log_path, "w") as log_file, contextlib.redirect_stdout(log_file), contextlib.redirect_stderr(log_file):
         logging.basicConfig(level=logging.INFO, stream=log_file, force=True,

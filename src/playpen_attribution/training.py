@@ -15,7 +15,7 @@ import json
 import logging
 from pathlib import Path
 
-from playpen_attribution.devices import single_device_check
+from playpen_attribution.devices import check_triton_toolchain, single_device_check
 from playpen_attribution.io import atomic_path, write_json_atomic
 from playpen_attribution.modeling import load_causal_lm, load_tokenizer, portable_base_path, torch_dtype
 from playpen_attribution.provenance import library_versions, tree_hash
@@ -80,6 +80,8 @@ def train_adapter(
     base_model_dir = Path(base_model_dir).resolve()
     seed = training.seed
     set_seed(seed)
+    if torch.cuda.is_available():
+        check_triton_toolchain()  # before the model loads: TRL's loss compiles Triton kernels on the first step
     dtype_of_model = resolve_dtype(dtype)
     use_bf16 = dtype_of_model == torch.bfloat16
     tokenizer = load_tokenizer(base_model_dir)
