@@ -169,3 +169,42 @@ def test_each_job_gets_its_own_triton_cache_in_its_tmp_folder(tmp_path, monkeypa
     monkeypatch.setenv("TRITON_CACHE_DIR", "/users/choice")
     devices.triton_cache_in(str(tmp_path))
     assert __import__("os").environ["TRITON_CACHE_DIR"] == "/users/choice"
+
+
+def test_a_cuda_out_of_memory_error_is_not_run_again_on_the_same_gpu_with_the_same_settings(tmp_path, monkeypatch):
+    """The SLURM profile retries failed jobs with more host memory and time; after a CUDA OOM that cannot help: the
+    retry stops at once. A different GPU, or other settings, run again."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from playpen_attribution import stage
+
+    gpu = {"name": "NVIDIA A100-SXM4-40GB, 40 GB"}
+    monkeypatch.setattr(stage, "settle_job_device", lambda wants_gpu: "0")
+    monkeypatch.setattr(devices, "gpu_identity", lambda: gpu["name"])
+    calls = []
+
+    def out_of_memory():
+        calls.append(1)
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    def job(batch_size):
+        return SimpleNamespace(log=[str(tmp_path / "fit.log")], threads=1, resources=SimpleNamespace(gpu=1),
+                               rule="fit_factors", input=["results/r/adapter"],
+                               params=SimpleNamespace(items=lambda: [("batch_size", batch_size)]))
+
+    with pytest.raises(SystemExit):
+        stage.run_stage(job(8), out_of_memory)
+    assert len(calls) == 1 and (tmp_path / "fit.log.cuda-oom.json").is_file()
+    with pytest.raises(SystemExit):  # the retry: refused before the stage runs
+        stage.run_stage(job(8), out_of_memory)
+    assert len(calls) == 1
+    assert "ran out of GPU memory on this GPU (NVIDIA A100-SXM4-40GB, 40 GB) with the same settings" in (
+        tmp_path / "fit.log").read_text()
+    with pytest.raises(SystemExit):  # other settings run
+        stage.run_stage(job(4), out_of_memory)
+    assert len(calls) == 2
+    gpu["name"] = "NVIDIA H100 80GB HBM3, 80 GB"  # a larger GPU runs, and success clears the record
+    stage.run_stage(job(4), lambda: None)
+    assert not (tmp_path / "fit.log.cuda-oom.json").exists()

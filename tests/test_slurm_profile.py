@@ -133,3 +133,31 @@ def test_slurm_profile_dry_run_plans_gpu_rules_on_gpu_partition(tmp_path):
     for rule, resources in planned.items():
         partition = settings["set-resources"].get(rule, settings["default-resources"])["slurm_partition"]
         assert all(f"slurm_partition={partition}" in r for r in resources), rule
+
+
+def test_gpu_type_and_capped_retries_reach_the_gpu_jobs(tmp_path):
+    """A GPU constraint added to the profile's GPU entry reaches every GPU job and no CPU job; the runs'
+    resources.max_mem_mb / max_runtime_min cap what a retry may ask for."""
+    settings = profile()
+    for entry in settings["set-resources"].values():
+        entry["constraint"] = "a100_80g"
+    folder = tmp_path / "profile"
+    folder.mkdir()
+    (folder / "config.yaml").write_text(yaml.safe_dump(settings))
+    caps = tmp_path / "caps.yaml"
+    caps.write_text(yaml.safe_dump({"runs": {"taboo": {"resources": {"gpu_mem_gb": 80, "max_mem_mb": 20000,
+                                                                     "max_runtime_min": 100}}}}))
+    proc = snakemake(tmp_path, "--workflow-profile", str(folder), "--dry-run", "results/taboo/report/index.html",
+                     "--configfile", str(caps))
+    planned, rule = {}, None
+    for line in proc.stdout.splitlines():
+        if match := re.match(r"(?:local)?rule (\w+):$", line):
+            rule = match.group(1)
+        elif rule and (match := re.match(r"\s+resources: (.*)", line)):
+            planned.setdefault(rule, []).append(dict(kv.split("=", 1) for kv in match.group(1).split(", ")))
+    for rule, jobs in planned.items():
+        for res in jobs:
+            assert (res.get("constraint") == "a100_80g") == (res.get("gpu") == "1"), rule
+            assert int(res.get("mem_mb", 0)) <= 20000 and int(res.get("runtime", 0)) <= 100, (rule, res)
+    # the caps bind: the EK-FAC fit's plan asks for more, training's configured time is longer
+    assert planned["fit_factors"][0]["mem_mb"] == "20000" and planned["train_adapter"][0]["runtime"] == "100"

@@ -165,6 +165,43 @@ def check_triton_toolchain() -> None:
                           "gcc python3-dev; on a cluster often `module load gcc`) or run training where they are.")
 
 
+# ---------------------------------------------------------------------------------------------------------
+# a CUDA out-of-memory error is not retried on the same GPU with the same settings
+# ---------------------------------------------------------------------------------------------------------
+def gpu_identity() -> str:
+    import torch
+
+    props = torch.cuda.get_device_properties(0)
+    return f"{props.name}, {props.total_memory / 1e9:.0f} GB"
+
+
+def is_cuda_oom(err: BaseException) -> bool:
+    torch = sys.modules.get("torch")
+    return torch is not None and isinstance(err, torch.cuda.OutOfMemoryError)
+
+
+def record_cuda_oom(record: Path, settings_digest: str, err: BaseException) -> None:
+    """Remember that this job ran out of GPU memory, on which GPU and with which settings."""
+    import json
+
+    record.write_text(json.dumps({"settings": settings_digest, "gpu": gpu_identity(), "error": str(err)[:500]}))
+
+
+def refuse_repeated_cuda_oom(record: Path, settings_digest: str, fix: str) -> None:
+    """Before a GPU job loads anything: if its last run ran out of GPU memory on the same kind of GPU with the same
+    settings, a retry (Snakemake's, with more host memory and time) cannot succeed: stop at once instead of running
+    for hours to the same failure. A different GPU or changed settings run; deleting the record forces a run."""
+    import json
+
+    if not record.is_file():
+        return
+    last = json.loads(record.read_text())
+    if last["settings"] == settings_digest and last["gpu"] == gpu_identity():
+        raise DeviceError(f"the last run of this job ran out of GPU memory on this GPU ({last['gpu']}) with the same "
+                          f"settings ({last['error'][:200]}); a retry cannot succeed. {fix}; or delete {record} to "
+                          f"try again as it is")
+
+
 def single_device_check(n_gpu: int) -> None:
     """Training on one device only: more would make the Trainer wrap the model in DataParallel (an N-times larger
     batch than the manifest says, or a device-mismatch crash with TRL's patched forward)."""

@@ -8,8 +8,19 @@ import os
 import resource
 import sys
 import traceback
+from pathlib import Path
 
-from playpen_attribution.devices import log_gpu_memory, settle_job_device, triton_cache_in
+from playpen_attribution.devices import (
+    is_cuda_oom,
+    log_gpu_memory,
+    record_cuda_oom,
+    refuse_repeated_cuda_oom,
+    settle_job_device,
+    triton_cache_in,
+)
+
+CUDA_OOM_FIX = ("Lower the batch sizes of the stage (the memory plan, results/<run>/plan.txt, names the setting of its "
+                "largest part), or ask for a larger GPU (resources.gpu_mem_gb and the SLURM profile's constraint)")
 
 PEAK_RSS_LINE = "peak resident memory (getrusage): {:.0f} MB"
 # One line per forward+backward pass over a tokenized dataset (or a slice of it), for bench/gradient_passes.py.
@@ -56,6 +67,16 @@ def use_job_threads(threads: int) -> None:
         sys.modules["torch"].set_num_threads(int(threads))
 
 
+def settings_digest(snakemake) -> str:
+    """The job's inputs and params, as a digest: what a retry would run with."""
+    import hashlib
+
+    params = getattr(snakemake, "params", None)
+    items = sorted(dict(params.items()).items()) if hasattr(params, "items") else []
+    text = repr((sorted(getattr(snakemake, "input", []) or []), items))
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
 def run_stage(snakemake, function, **kwargs):
     """Call `function(**kwargs)` with logging, warnings and library output sent to the rule's log file.
 
@@ -73,12 +94,20 @@ def run_stage(snakemake, function, **kwargs):
         logging.basicConfig(level=logging.INFO, stream=log_file, force=True,
                             format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         logging.captureWarnings(True)
+        oom_record = Path(f"{log_path}.cuda-oom.json") if snakemake.log else None
         try:
             device = settle_job_device(wants_gpu)  # before the stage imports torch
             if device is not None:
                 logging.getLogger(__name__).info("GPU %s (CUDA_VISIBLE_DEVICES)", device)
-            return function(**kwargs)
+                if oom_record:
+                    refuse_repeated_cuda_oom(oom_record, settings_digest(snakemake), CUDA_OOM_FIX)
+            result = function(**kwargs)
+            if oom_record:
+                oom_record.unlink(missing_ok=True)
+            return result
         except Exception as err:
+            if oom_record and is_cuda_oom(err):
+                record_cuda_oom(oom_record, settings_digest(snakemake), err)
             traceback.print_exc(file=log_file)
             log_file.flush()
             print(f"\nERROR in rule {snakemake.rule}: {type(err).__name__}: {err}\n(full traceback in {log_path})",

@@ -206,9 +206,26 @@ def planned_mem_mb(job, configured):
 
     def mem_mb(wildcards, attempt):
         estimate = run_plan(wildcards)["cpu_jobs"][job]["total_gb"] * 1.2 * 1000
-        return max(int(math.ceil(estimate)), configured(run_cfg(wildcards))) * attempt
+        return capped_mem(wildcards, max(int(math.ceil(estimate)), configured(run_cfg(wildcards))) * attempt)
 
     return mem_mb
+
+
+def capped_mem(wildcards, mem_mb):
+    """A memory request no larger than the nodes have (resources.max_mem_mb): a retry never asks for more."""
+    cap = run_cfg(wildcards)["resources"]["max_mem_mb"]
+    return min(mem_mb, cap) if cap else mem_mb
+
+
+def capped_runtime(wildcards, minutes):
+    """A time limit no longer than the partition allows (resources.max_runtime_min)."""
+    cap = run_cfg(wildcards)["resources"]["max_runtime_min"]
+    return min(minutes, cap) if cap else minutes
+
+
+def train_runtime(wildcards, attempt):
+    """Time limit (minutes) of the training job; grows with each retry, up to resources.max_runtime_min."""
+    return capped_runtime(wildcards, run_cfg(wildcards)["resources"]["train_runtime_min"] * attempt)
 
 
 def score_mem(job):
@@ -221,12 +238,12 @@ def train_mem(job):
 
 def table_mem_mb(wildcards, attempt):
     """Memory of a CPU job that reads the merged tables (merges, audits' statistics, report); grows with retries."""
-    return run_cfg(wildcards)["resources"]["table_mem_mb"] * attempt
+    return capped_mem(wildcards, run_cfg(wildcards)["resources"]["table_mem_mb"] * attempt)
 
 
 def attribution_runtime(wildcards, attempt):
     """Time limit (minutes) of a factor, gradient or score job; grows with each retry."""
-    return run_cfg(wildcards)["attribution"]["score_runtime_min"] * attempt
+    return capped_runtime(wildcards, run_cfg(wildcards)["attribution"]["score_runtime_min"] * attempt)
 
 
 def shard_count(wildcards):

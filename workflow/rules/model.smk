@@ -112,7 +112,7 @@ rule train_adapter:
     resources:
         gpu=1,
         mem_mb=train_mem("train_adapter"),
-        runtime=lambda wc, attempt: run_cfg(wc)["resources"]["train_runtime_min"] * attempt,
+        runtime=train_runtime,
     conda:
         CONDA_ENV
     script:

@@ -140,7 +140,9 @@ rule lds_retrain:
     resources:
         gpu=1,
         mem_mb=train_mem("lds_retrain"),
-        runtime=lambda wc, attempt: run_cfg(wc)["resources"]["train_runtime_min"] * len(lds_batch_subsets(wc)) * attempt,
+        runtime=lambda wc, attempt: capped_runtime(
+            wc, run_cfg(wc)["resources"]["train_runtime_min"] * len(lds_batch_subsets(wc)) * attempt
+        ),
     conda:
         CONDA_ENV
     script:
@@ -222,7 +224,7 @@ rule damping_sweep_kronfluence:
     resources:
         gpu=1,
         mem_mb=score_mem("kronfluence_scores"),
-        runtime=lambda wc, attempt: attribution_runtime(wc, attempt) * len(sweep_factors(wc)),
+        runtime=lambda wc, attempt: capped_runtime(wc, attribution_runtime(wc, attempt) * len(sweep_factors(wc))),
     conda:
         CONDA_ENV
     script:
