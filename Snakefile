@@ -40,6 +40,16 @@ include: "workflow/rules/report.smk"
 include: "workflow/rules/validate.smk"
 
 
+# A dry run shows every job's resources, so the memory plan is checked while it prints them; a real run evaluates a
+# job's resources only when the job is about to start, after earlier jobs (a download, training) have run. So the
+# plan of every run in the DAG is checked here, after the DAG is built and before any job starts.
+onstart:
+    from types import SimpleNamespace
+
+    for name in sorted(RUNS_IN_DAG):
+        run_plan(SimpleNamespace(run=name), keep=False)
+
+
 rule all:
     default_target: True
     input:

@@ -79,7 +79,13 @@ def test_a_stage_that_does_not_fit_is_refused_with_the_smallest_change():
 
 
 def test_dry_run_prints_the_plan_takes_mem_mb_from_it_and_refuses_what_will_not_fit(tmp_path):
-    proc = snakemake(tmp_path, "results/taboo/influences.csv", "-n")
+    from playpen_attribution.plan import local_memory_mb
+
+    # run here, no job may ask for more than this machine's memory (Snakemake's local mem_mb budget)
+    local = snakemake(tmp_path, "results/taboo/influences.csv", "-n")
+    job = local.stdout.split("rule train_adapter:")[1].split("rule ")[0]
+    assert f"mem_mb={min(local_memory_mb(), 32000)}," in job
+    proc = snakemake(tmp_path, "results/taboo/influences.csv", "-n", "--resources", "mem_mb=1000000")
     assert "Memory plan of run taboo: 1000M parameters, 26 layers, vocabulary 262,144" in proc.stderr
     run = CONFIG["runs"]["taboo"]
     plan = build_plan(run, arch_of("taboo"), lengths_of(run, None, None), 80)
@@ -92,12 +98,14 @@ def test_dry_run_prints_the_plan_takes_mem_mb_from_it_and_refuses_what_will_not_
     assert math.ceil(plan["cpu_jobs"]["fit_factors"]["total_gb"] * 1.2 * 1000) > run["attribution"]["score_mem_mb"]
     small = tmp_path / "small-gpu.yaml"
     small.write_text(yaml.safe_dump({"runs": {"taboo": {"resources": {"gpu_mem_gb": 16}}}}))
-    refused = snakemake(tmp_path, "results/taboo/influences.csv", "-n", "--configfile", str(small), check=False)
+    # a real run (not a dry run) is refused while the DAG is built: no job runs (the first would be the download)
+    refused = snakemake(tmp_path, "results/taboo/influences.csv", "--configfile", str(small), check=False)
     assert refused.returncode != 0
     assert "the memory plan says these stages will not fit" in refused.stdout + refused.stderr
     assert re.search(r"fit_factors: [\d.]+ GB > resources.gpu_mem_gb 16 GB; lower "
                      r"attribution.kronfluence.covariance_batch_size", refused.stdout + refused.stderr)
-    assert not (tmp_path / "results").exists()
+    assert not (tmp_path / "results").exists() and not (tmp_path / "logs").exists()
+    assert "Job stats" not in refused.stdout
 
 
 def test_local_gpus_are_counted_from_the_environment_or_nvidia_smi(tmp_path, monkeypatch):

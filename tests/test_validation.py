@@ -108,8 +108,10 @@ def test_cluster_bootstrap_counts_a_repeated_query_once_and_draws_whole_words():
     mean, low, high = mean_and_cluster_interval(values, counted, clusters, seed=0)
     # two clusters, {1, 1, 1} and {0}: a resample holds both (3/4), the word twice (1) or the other twice (0)
     assert mean == 0.75 and (low, high) == (0.0, 1.0)
-    # treated as four independent queries, the same values would claim a far narrower interval
-    assert 1.96 * np.std([1, 1, 1, 0], ddof=1) / 2 < 0.5
+    # the same values as four independent queries (each its own cluster) claim a narrower interval
+    _, low_alone, high_alone = mean_and_cluster_interval([1.0, 1.0, 1.0, 0.0], [True] * 4, ["a", "b", "c", "d"],
+                                                         seed=0)
+    assert (low_alone, high_alone) == (0.25, 1.0)
 
 
 def _taboo_tables(tmp_path, rng):

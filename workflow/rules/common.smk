@@ -82,7 +82,13 @@ wildcard_constraints:
     run=ANY_RUN,
 
 
+# The runs whose jobs the DAG holds (every job's params and inputs ask run_cfg while the DAG is built): their memory
+# plans are checked before the first job starts (onstart, in the Snakefile).
+RUNS_IN_DAG = set()
+
+
 def run_cfg(wildcards):
+    RUNS_IN_DAG.add(wildcards.run)
     return run_config(config, wildcards.run)
 
 
@@ -186,7 +192,9 @@ def plan_architecture_file(wildcards):
     return resolve(config_file) if config_file else None
 
 
-def run_plan(wildcards):
+def run_plan(wildcards, keep=True):
+    """The run's plan, checked (PlanError where a stage will not fit). `keep=False`: checked but not kept for the
+    jobs' mem_mb, which then come from the lengths known when the first model-holding job is scheduled."""
     name = wildcards.run
     if name not in _PLANS:
         run = run_cfg(wildcards)
@@ -196,6 +204,8 @@ def run_plan(wildcards):
         plan = build_plan(run, arch, lengths, run["resources"]["gpu_mem_gb"])
         print(format_plan(plan, name), file=sys.stderr)
         check_plan(plan, run, name)
+        if not keep:
+            return plan
         _PLANS[name] = plan
     return _PLANS[name]
 
