@@ -2,6 +2,8 @@
 command, reduced = mean of per-query, shards, planted copies, preconditioners that change the scores, and a
 crashed score job that leaves nothing behind."""
 
+import json
+
 import datasets
 import numpy as np
 import pytest
@@ -72,7 +74,7 @@ def split_preconditioner(hessians, modules, device, dtype):
     return lambda grads: {m: grads[m].to(device, dtype) @ matrices[m] for m in modules}
 
 
-def bergson_score_command(demo_adapter, small, query_dir, variant, hessian, run_path):
+def bergson_score_command(demo_adapter, small, query_dir, variant, hessian, run_path, monkeypatch):
     """Bergson's own `score` command on the model (gradients collected again, preprocessed its way): [rows, q]."""
     import bergson.score.score as bergson_score
     from bergson.cli.commands import Score
@@ -80,7 +82,7 @@ def bergson_score_command(demo_adapter, small, query_dir, variant, hessian, run_
     from bergson.data import load_scores
 
     unit_normalize, _ = ba.parse_variant(variant)
-    bergson_score._make_split_hessian = split_preconditioner
+    monkeypatch.setattr(bergson_score, "_make_split_hessian", split_preconditioner)
     Score(score_cfg=ScoreConfig(query_path=str(query_dir), precision="fp32"),
           index_cfg=ba._index_config(run_path, demo_adapter.resolve(), small / "train", BergsonGradients.from_run(RUN)),
           preprocess_cfg=ba._preprocess(SETTINGS["damping_factor"], unit_normalize, hessian)).execute()
@@ -89,16 +91,16 @@ def bergson_score_command(demo_adapter, small, query_dir, variant, hessian, run_
 
 
 @pytest.mark.parametrize("variant", ["dot", "dot_query", "cosine_train"])
-def test_index_scores_equal_bergsons_own_score_command(demo_adapter, small, prepared, tmp_path, variant):
+def test_index_scores_equal_bergsons_own_score_command(demo_adapter, small, prepared, tmp_path, variant, monkeypatch):
     """The index path (gradients once, every variant from them, no model) gives the numbers Bergson's one-shot
     `score` gives, per query and against the reduced query."""
     _, side = ba.parse_variant(variant)
     hessian = prepared / "hessian" / side if side else None
     result = load_shards([score(demo_adapter, small, prepared, variant, tmp_path / "s.npz")])
     per_query = bergson_score_command(demo_adapter, small, prepared / "per_query", variant, hessian,
-                                      tmp_path / "per_query")
+                                      tmp_path / "per_query", monkeypatch)
     reduced = bergson_score_command(demo_adapter, small, prepared / "reduced" / variant, variant, hessian,
-                                    tmp_path / "reduced")
+                                    tmp_path / "reduced", monkeypatch)
     scale = np.abs(per_query).max()
     np.testing.assert_allclose(result["scores"], per_query.T, rtol=1e-4, atol=1e-5 * scale)
     np.testing.assert_allclose(result["reduced"], reduced[:, 0], rtol=1e-4, atol=1e-5 * scale)
@@ -264,3 +266,20 @@ def test_scores_are_the_same_bytes_whatever_the_processs_hash_seed(demo_adapter,
     assert orders[0] != orders[1], "the two hash seeds happen to give one set order: pick other seeds"
     for key in ("scores", "reduced"):
         assert results[0][key].tobytes() == results[1][key].tobytes(), key
+
+
+def test_bergson_runs_in_the_job_process_whatever_gpus_are_visible(demo_adapter, small, tmp_path, monkeypatch):
+    """Bergson's launcher starts one worker per visible GPU unless told otherwise; a job's index is built in the
+    job's own process (one device, the split-preconditioner fix applied), even where four GPUs show."""
+    import bergson.distributed
+    import torch
+
+    def no_spawn(*args, **kwargs):
+        raise AssertionError("Bergson spawned worker processes")
+
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    monkeypatch.setattr(bergson.distributed.mp, "get_context", no_spawn)
+    ba.index_stage(demo_adapter, small / "train", tmp_path / "index", shard=0, shards=1,
+                   settings=BergsonGradients.from_run(RUN))
+    rows = json.loads((tmp_path / "index" / ba.INDEX_ROWS).read_text())["row_ids"]
+    assert rows == list(datasets.load_from_disk(str(small / "train"))["row_id"])

@@ -59,18 +59,53 @@ def test_run_query_writes_the_seed_csvs_with_per_token_scores(cli_model, factors
     assert set(os.listdir(factors_dir)) == {"metadata.json", "influence"}, "scores are not written into the factors"
 
 
+# Loaded by the console scripts of the concurrency test (PYTHONPATH): a barrier at the entry of the scoring, so both
+# processes are inside it at once, each recording when it entered and left.
+BARRIER = """
+import json, os, sys, time
+from pathlib import Path
+
+import playpen_attribution.influence as influence
+
+_score_pairs = influence.score_pairs
+folder = Path(os.environ["RUN_QUERY_BARRIER"])
+
+
+def score_pairs(*args, **kwargs):
+    (folder / f"in-{os.getpid()}").write_text(str(time.time()))
+    deadline = time.time() + 240
+    while len(list(folder.glob("in-*"))) < 2 and time.time() < deadline:
+        time.sleep(0.05)
+    try:
+        return _score_pairs(*args, **kwargs)
+    finally:
+        (folder / f"out-{os.getpid()}").write_text(str(time.time()))
+
+
+influence.score_pairs = score_pairs
+"""
+
+
 def test_console_scripts_run_concurrently_on_one_factors_folder(cli_model, factors_dir, tmp_path):
-    """Two run-query processes on one factors folder; each result equals its own run alone."""
+    """Two run-query processes scoring on one factors folder at the same time (a barrier holds each at the scoring's
+    entry until both are there); each result equals its own run alone."""
     other_query = tmp_path / "query2.json"
     other_query.write_text(json.dumps([{"pair_id": "q-peru", "prompt": "The capital of Peru is", "completion": " Lima."}]))
+    hooks, barrier = tmp_path / "hooks", tmp_path / "barrier"
+    hooks.mkdir(), barrier.mkdir()
+    (hooks / "sitecustomize.py").write_text(BARRIER)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "RUN_QUERY_BARRIER": str(barrier),
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(hooks), os.environ.get("PYTHONPATH")]))}
     exe = Path(sys.executable).parent / "run-query"
     procs = [subprocess.Popen([str(exe), *query_args(cli_model, factors_dir, tmp_path / name, query=q)],
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                              env={**os.environ, "HF_HUB_OFFLINE": "1"})
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
              for name, q in (("a", TEST_QUERY / "query.json"), ("b", other_query))]
     for proc in procs:
         _, err = proc.communicate(timeout=300)
         assert proc.returncode == 0, err[-3000:]
+    entered = [float((barrier / f"in-{p.pid}").read_text()) for p in procs]
+    left = [float((barrier / f"out-{p.pid}").read_text()) for p in procs]
+    assert max(entered) < min(left)  # both were scoring at the same time
     run_query(query_args(cli_model, factors_dir, tmp_path / "alone", query=other_query))
     together = pd.read_csv(tmp_path / "b" / "influences.csv")
     alone = pd.read_csv(tmp_path / "alone" / "influences.csv")
@@ -100,43 +135,70 @@ def test_bad_query_json_fails_clearly_without_partial_csv(cli_model, factors_dir
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
 
 
+def fails_with(capsys, message, call, *args):
+    """`call(*args)` exits with status 2 (the tools' bad-input status) and says `message` on stderr."""
+    with pytest.raises(SystemExit) as exit_info:
+        call(*args)
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+
+
 def test_bad_factors_fail_clearly(cli_model, factors_dir, tmp_path, capsys):
-    with pytest.raises(SystemExit):
-        run_query(query_args(cli_model, tmp_path / "missing", tmp_path / "out"))
-    assert "does not exist; run fit-hessians first" in capsys.readouterr().err
+    fails_with(capsys, "does not exist; run fit-hessians first", run_query,
+               query_args(cli_model, tmp_path / "missing", tmp_path / "out"))
     incomplete = tmp_path / "incomplete"
     shutil.copytree(factors_dir, incomplete)
     (incomplete / "metadata.json").unlink()
-    with pytest.raises(SystemExit):
-        run_query(query_args(cli_model, incomplete, tmp_path / "out"))
-    assert "not a complete factors folder" in capsys.readouterr().err
+    fails_with(capsys, "not a complete factors folder", run_query, query_args(cli_model, incomplete, tmp_path / "out"))
     foreign = tmp_path / "foreign"
     shutil.copytree(factors_dir, foreign)
     meta = json.loads((foreign / "metadata.json").read_text())
     meta["weights_hash"] = "0123456789abcdef"
     (foreign / "metadata.json").write_text(json.dumps(meta))
-    with pytest.raises(SystemExit):
-        run_query(query_args(cli_model, foreign, tmp_path / "out"))
-    assert "fitted on a different model" in capsys.readouterr().err
+    fails_with(capsys, "fitted on a different model", run_query, query_args(cli_model, foreign, tmp_path / "out"))
     assert not (tmp_path / "out").exists()
 
 
 def test_unknown_strategy_and_too_short_max_length(cli_model, factors_dir, tmp_path, capsys):
-    with pytest.raises(SystemExit) as exit_info:
+    fails_with(capsys, "invalid choice: 'exact'", fit_hessians,
+               ["--model", str(cli_model / "model"), "--hessian-dataset", str(cli_model / "hessian"),
+                "--output-dir", str(tmp_path / "f"), "--strategy", "exact"])
+    fails_with(capsys, "do not fit in --max-length 2", run_query,
+               query_args(cli_model, factors_dir, tmp_path / "out") + ["--max-length", "2"])
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_non_empty_output_dir_is_refused_and_kept(cli_model, tmp_path, capsys):
+    out = tmp_path / "f"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    fails_with(capsys, "holds other files; give an empty or new folder", fit_hessians,
+               ["--model", str(cli_model / "model"), "--hessian-dataset", str(cli_model / "hessian"),
+                "--output-dir", str(out)])
+    assert (out / "notes.txt").read_text() == "mine"
+
+
+def test_bfloat16_default_runs_on_cpu_and_ranks_as_float32_does(cli_model, tmp_path):
+    """The tools' default dtype (bf16) on a CPU: the scores of the fp32 run, to bf16's precision; --max-examples
+    reaches the factors' metadata."""
+    import numpy as np
+    from scipy.stats import spearmanr
+
+    scores = {}
+    for dtype in ("bfloat16", "float32"):
         fit_hessians(["--model", str(cli_model / "model"), "--hessian-dataset", str(cli_model / "hessian"),
-                      "--output-dir", str(tmp_path / "f"), "--strategy", "exact"])
-    assert exit_info.value.code == 2 and "invalid choice: 'exact'" in capsys.readouterr().err
-    with pytest.raises(SystemExit):
-        run_query(query_args(cli_model, factors_dir, tmp_path / "out") + ["--max-length", "2"])
-    assert "do not fit in --max-length 2" in capsys.readouterr().err
-
-
-def test_bfloat16_default_runs_on_cpu(cli_model, tmp_path):
-    fit_hessians(["--model", str(cli_model / "model"), "--hessian-dataset", str(cli_model / "hessian"),
-                  "--output-dir", str(tmp_path / "f"), "--strategy", "diagonal", "--max-examples", "6"])
-    run_query(query_args(cli_model, tmp_path / "f", tmp_path / "out")[:-2])  # default --dtype bfloat16
-    scores = pd.read_csv(tmp_path / "out" / "influences.csv")["influence_score"]
-    assert len(scores) == 24 and scores.abs().max() > 0
+                      "--output-dir", str(tmp_path / dtype), "--strategy", "diagonal", "--max-examples", "6",
+                      "--dtype", dtype])
+        meta = json.loads((tmp_path / dtype / "metadata.json").read_text())
+        assert meta["num_examples"] == 6 and meta["dtype"] == dtype
+        args = query_args(cli_model, tmp_path / dtype, tmp_path / f"out-{dtype}")
+        run_query(args[:-2] if dtype == "bfloat16" else args)  # bf16: the default --dtype
+        frame = pd.read_csv(tmp_path / f"out-{dtype}" / "influences.csv")
+        scores[dtype] = frame.pivot(index="query_id", columns="train_id", values="influence_score")
+    bf16, fp32 = scores["bfloat16"].to_numpy(), scores["float32"].to_numpy()
+    assert bf16.shape == (2, 12) and not np.array_equal(bf16, fp32)
+    # measured here: Spearman 0.993 and 1.0 per query
+    assert min(spearmanr(a, b).statistic for a, b in zip(bf16, fp32)) >= 0.9
 
 
 def test_the_tools_on_a_real_pretrained_model_converted_from_its_package(smol_model_dir, tmp_path):

@@ -106,6 +106,23 @@ def test_run_query_scores_a_chat_adapter_on_the_workflow_tokens_of_the_same_rows
     for row in ours:
         theirs = workflow[index[row["row_id"]]]
         assert row["input_ids"] == theirs["input_ids"] and row["labels"] == theirs["labels"]
+    # run-query itself, the rendering left to --render auto: the scores of the workflow's own tokens of those rows
+    import pandas as pd
+
+    from playpen_attribution.cli import run_query
+
+    rows_tokens = workflow.select([index[r["pair_id"]] for r in items])
+    rows_tokens.save_to_disk(str(tmp_path / "tokens"))
+    fit_factors(str(demo_adapter), tmp_path / "tokens", tmp_path / "factors", strategy="diagonal", modules="lora")
+    run_query(["--model", str(demo_adapter), "--factors-dir", str(tmp_path / "factors"), "--train-json",
+               str(tmp_path / "train.json"), "--query-json", str(tmp_path / "train.json"), "--output-dir",
+               str(tmp_path / "out"), "--dtype", "float32", "--max-length", "256"])
+    written = pd.read_csv(tmp_path / "out" / "influences.csv").pivot(index="query_id", columns="train_id",
+                                                                     values="influence_score")
+    ids = list(rows_tokens["row_id"])
+    expected = score_pairs(str(demo_adapter), tmp_path / "factors", rows_tokens, rows_tokens)["scores"]
+    np.testing.assert_allclose(written.loc[ids, ids].to_numpy(), expected, rtol=1e-5,
+                               atol=1e-6 * np.abs(expected).max())
 
 
 def test_plain_is_auto_for_a_base_model(plain_model):

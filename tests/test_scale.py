@@ -140,18 +140,6 @@ def test_logits_only_where_the_loss_needs_them_give_the_same_loss(tiny_model_dir
     torch.testing.assert_close(ours, full, rtol=1e-5, atol=1e-5)
 
 
-def test_bergson_runs_one_process_per_job_whatever_gpus_are_visible(monkeypatch, tmp_path):
-    import torch
-
-    from playpen_attribution.bergson_attribution import _index_config
-    from playpen_attribution.settings import BergsonGradients
-
-    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
-    settings = BergsonGradients(precision="fp32", projection_dim=16, seed=0, token_batch_size=512)
-    config = _index_config(tmp_path / "run", tmp_path / "model", tmp_path / "tokens", settings)
-    assert config.distributed.world_size == 1
-
-
 def test_adapter_records_its_base_relative_to_itself_inside_the_project(tmp_path, monkeypatch):
     from playpen_attribution.modeling import adapter_base_path, portable_base_path
 
