@@ -77,13 +77,25 @@ def test_conda_environment_lists_exactly_the_pyproject_dependencies():
     assert sorted(r for r in pip if not r.startswith("-e")) == sorted(r.replace(" ", "") for r in set(project) - left_out)
 
 
-def test_the_package_carries_its_schema():
-    """Validation works from an installed package, not only from this checkout."""
-    from pathlib import Path
+def test_the_wheel_carries_the_schema_and_templates(tmp_path):
+    """Validation, the report and the shipped chat templates work from an installed package, not only from this
+    checkout (whose editable install would hide a file the wheel leaves out): the built wheel holds them."""
+    import os
+    import shutil
+    import subprocess
+    import zipfile
 
-    from playpen_attribution import config
-
-    assert config.SCHEMA_PATH.parent == Path(config.__file__).resolve().parent and config.SCHEMA_PATH.is_file()
+    uv = os.environ.get("UV") or shutil.which("uv")  # `uv run` tells its children where it is
+    if uv is None:
+        assert not os.environ.get("CI"), "uv is needed to build the wheel"
+        pytest.skip("uv is not on PATH")
+    subprocess.run([uv, "build", "--wheel", "--out-dir", str(tmp_path), str(REPO)], check=True, capture_output=True,
+                   timeout=300)
+    (wheel,) = tmp_path.glob("playpen_attribution-*.whl")
+    names = set(zipfile.ZipFile(wheel).namelist())
+    for name in ("config.schema.yaml", "templates/report.html.j2", "templates/chat/smollm2.jinja",
+                 "templates/chat/smollm2_training.jinja"):
+        assert f"playpen_attribution/{name}" in names, name
 
 
 @pytest.mark.parametrize("sweep, message", [
