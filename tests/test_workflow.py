@@ -318,6 +318,15 @@ def test_new_query_set_rescores_without_refitting_or_retraining(demo_workdir):
                     "damping_sweep": 1, "lds_losses": 1, "lds": 1, "memory_plan": 1, "report": 1}
 
 
+def test_another_query_split_rescores_without_retraining(demo_workdir):
+    """The query set from another split: the eval rows training evaluates on are their own setting (splits.eval),
+    so neither the adapter nor the factors nor the training-side Bergson artifacts are rebuilt."""
+    path = overlay(demo_workdir, "query-split", {"demo": {"data": {"splits": {"query": "train"}}}})
+    jobs = planned_jobs(snakemake(demo_workdir, *DEMO_TARGETS, "-n", "--configfile", path))
+    assert jobs["prepare_data"] == 1 and jobs["tokenize"] == 1 and jobs["kronfluence_scores"] == 2
+    assert not {"train_adapter", "fit_factors", "bergson_index", "lds_retrain"} & set(jobs)
+
+
 def test_lora_rank_change_retrains_without_refiltering(demo_workdir):
     path = overlay(demo_workdir, "rank", {"demo": {"lora": {"r": 4}}})
     jobs = planned_jobs(snakemake(demo_workdir, *DEMO_TARGETS, "-n", "--configfile", path))

@@ -169,22 +169,22 @@ def split_config(data_cfg: dict, split_role: str) -> dict:
     """The values that decide one split's table ("train", "query" or "eval"), and nothing else.
 
     The rule for each split gets only these as params, so editing the query set never rewrites the
-    training table (which would retrain the adapter and refit the factors). "eval" is the query split's source
-    and filters without its row cap: training evaluates on it, so a smaller query selection never retrains.
+    training table (which would retrain the adapter and refit the factors). "eval" (the rows training evaluates on)
+    has its own setting (`data.splits.eval`, a json source's `eval` file) and no row cap: no query setting changes
+    it, so a new query selection never retrains.
     """
     if split_role == "eval":
         data_cfg = {**data_cfg, "max_rows": {**data_cfg["max_rows"], "eval": None}}
-        split_role_source = "query"
-    else:
-        split_role_source = split_role
     source = data_cfg["source"]
     if source["kind"] == "json":
-        return {"source": {"kind": "json", "path": source[split_role_source]},
+        if split_role not in source:
+            raise DataError(f"data.source has no {split_role!r} file; a json source's eval rows are source.eval")
+        return {"source": {"kind": "json", "path": source[split_role]},
                 "max_rows": data_cfg["max_rows"][split_role]}
     for key in ("game", "role"):
         if not data_cfg.get(key):
             raise DataError(f"data.{key} is required for a playpen source (e.g. game: taboo, role: WordGuesser)")
-    return {"source": source, "split": data_cfg["splits"][split_role_source], "game": data_cfg["game"],
+    return {"source": source, "split": data_cfg["splits"][split_role], "game": data_cfg["game"],
             "role": data_cfg["role"], "drop_outcomes": data_cfg["drop_outcomes"],
             "null_outcome": data_cfg["null_outcome"], "max_rows": data_cfg["max_rows"][split_role]}
 

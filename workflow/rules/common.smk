@@ -107,7 +107,7 @@ def data_config(wildcards):
     """The run's data section with local paths made absolute (a hub source is left as it is)."""
     data = copy.deepcopy(run_cfg(wildcards)["data"])
     source = data["source"]
-    for key in ("path", "train", "query"):
+    for key in ("path", "train", "query", "eval"):
         if key in source:
             source[key] = resolve(source[key])
     return data
@@ -118,8 +118,7 @@ def data_source_files(wildcards):
     source = data_config(wildcards)["source"]
     if source["kind"] == "json":
         split = getattr(wildcards, "split", None)
-        # the eval rows are the query split's
-        return [source["query" if split == "eval" else split]] if split else [source["train"], source["query"]]
+        return [source[split]] if split else [source[key] for key in ("train", "query", "eval") if key in source]
     if "path" in source:
         return sorted(str(p) for p in Path(source["path"]).rglob("*") if p.is_file())
     return []
@@ -148,8 +147,9 @@ def base_model_source(wildcards):
 
 
 def eval_tokens_input(wildcards):
-    """{"eval": tokens} where training evaluates (training.evaluate), else {}."""
-    if run_cfg(wildcards)["training"]["evaluate"]:
+    """{"eval": tokens} where training evaluates (training.evaluate, and a json source names its eval rows), else {}."""
+    run = run_cfg(wildcards)
+    if run["training"]["evaluate"] and (run["data"]["source"]["kind"] != "json" or "eval" in run["data"]["source"]):
         return {"eval": f"results/{wildcards.run}/data/tokens/eval"}
     return {}
 

@@ -15,8 +15,8 @@ rule prepare_data:
     wildcard_constraints:
         split="train|query|eval",
     params:
-        # only what decides this split: a new query set never rewrites the training table (eval: the query split's
-        # source and filters without its row cap, which training evaluates on)
+        # only what decides this split: a new query set never rewrites the training table, nor the eval rows that
+        # training evaluates on (data.splits.eval, uncapped)
         data=lambda wc: split_config(data_config(wc), wc.split),
         code=script_code("prepare_data.py"),
     log:

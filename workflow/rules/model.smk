@@ -92,8 +92,8 @@ rule train_adapter:
     input:
         unpack(eval_tokens_input),
         model=base_model_dir,
-        # no query tokens: a new query set must never retrain (query.csv has the queries' losses); the eval split is
-        # the query split uncapped, so a new query selection does not change it
+        # no query tokens: a new query set must never retrain (query.csv has the queries' losses); the eval rows have
+        # their own setting (data.splits.eval), which no query selection changes
         train="results/{run}/data/tokens/train",
     output:
         directory("results/{run}/adapter"),
