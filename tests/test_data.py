@@ -170,3 +170,31 @@ def test_a_failed_guessers_target_word_comes_from_the_describer_of_the_same_epis
                  "meta": {"game": "taboo", "game_role": "WordDescriber", "experiment": "e", "task_id": 1, "model": "m"}}
     assert describer_words([describer]) == {("taboo", "e", 1, "m"): "apple"}
     assert describer_words([describer, describer]) == {}
+
+
+def test_a_hub_dataset_branch_is_resolved_to_its_commit_loaded_and_recorded(sample_source, tmp_path, monkeypatch):
+    """`revision: main` moves: the data stage asks the hub which commit it is now, loads that commit (so every split
+    of the run reads the same data) and writes it into the split's report."""
+    from types import SimpleNamespace
+
+    import datasets
+    import huggingface_hub
+
+    sha = "89abcdef0123456789abcdef0123456789abcdef"
+    asked, loaded = [], []
+    monkeypatch.setattr(huggingface_hub.HfApi, "dataset_info",
+                        lambda self, repo_id, revision=None, **kw: asked.append((repo_id, revision))
+                        or SimpleNamespace(sha=sha))
+    real_load = datasets.load_dataset
+
+    def hub(path, name=None, revision=None, split=None, **kwargs):  # the hub, served from the local sample
+        loaded.append((path, revision))
+        return real_load(sample_source["path"], name, split=split, cache_dir=str(tmp_path / "cache"))
+
+    monkeypatch.setattr(datasets, "load_dataset", hub)
+    source = {"kind": "playpen", "hub": "colab-potsdam/playpen-data", "revision": "main", "name": "interactions"}
+    report = prepare_split(split_config(data_cfg(source), "train"), tmp_path / "train.parquet",
+                           tmp_path / "train.report.json")
+    assert asked == [("colab-potsdam/playpen-data", "main")] and loaded == [("colab-potsdam/playpen-data", sha)]
+    assert report["revision"] == "main" and report["commit"] == sha and sha in report["source"]
+    assert json.loads((tmp_path / "train.report.json").read_text())["commit"] == sha

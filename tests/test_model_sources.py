@@ -90,3 +90,44 @@ def test_a_packaged_model_of_an_unsupported_architecture_is_refused_before_its_w
                              r"supported .* choose a model"):
         model_sources.convert_packaged_model(output_dir=tmp_path / "base_model", **SMOL)
     assert list(tmp_path.iterdir()) == []
+
+
+# ---------------------------------------------------------------------------------------------------------
+# a hub model already in the user's Hugging Face cache, offline
+# ---------------------------------------------------------------------------------------------------------
+def fake_hub_cache(root, repo_id, sha, files, ref="main"):
+    """The Hugging Face cache layout (blobs, snapshots/<sha>/ of links to them, refs/<ref>) of one model revision."""
+    repo = root / f"models--{repo_id.replace('/', '--')}"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / ref).write_text(sha)
+    for source in files:
+        blob = repo / "blobs" / f"blob-{source.name}"
+        blob.parent.mkdir(exist_ok=True)
+        blob.write_bytes(source.read_bytes())
+        link = repo / "snapshots" / sha / source.name
+        link.parent.mkdir(parents=True, exist_ok=True)
+        link.symlink_to(blob)
+    return root
+
+
+def test_a_hub_model_in_the_cache_is_used_offline_at_its_pinned_revision(tiny_model_dir, tmp_path, monkeypatch):
+    from playpen_attribution.model_sources import ModelSourceError, fetch_base_model
+    from playpen_attribution.modeling import load_causal_lm
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    sha = "0123456789abcdef0123456789abcdef01234567"
+    files = [p for p in tiny_model_dir.iterdir() if p.name != "source.json"]
+    cache = fake_hub_cache(tmp_path / "hub", "google/gemma-3-1b-it", sha, files)
+    import json
+
+    for revision in (sha, "main"):  # a pinned commit, or a branch the cache resolves
+        out = fetch_base_model("google/gemma-3-1b-it", revision, tmp_path / revision / "base_model", cache_dir=cache)
+        assert json.loads((out / "source.json").read_text()) == {
+            "kind": "hub", "id": "google/gemma-3-1b-it", "revision": revision, "commit": sha, "from": "cache"}
+        assert not any(p.is_symlink() for p in out.iterdir())  # real files, not links into the cache
+        assert type(load_causal_lm(out)).__name__ == "Gemma3ForCausalLM"
+    # another revision is not in the cache, and offline it cannot be downloaded: said so, nothing left behind
+    with pytest.raises(ModelSourceError, match=r"is not in the Hugging Face cache and the hub cannot be reached .*"
+                                               r"`hf download google/gemma-3-1b-it --revision f+`"):
+        fetch_base_model("google/gemma-3-1b-it", "f" * 40, tmp_path / "other" / "base_model", cache_dir=cache)
+    assert not (tmp_path / "other" / "base_model").exists()

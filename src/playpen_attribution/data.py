@@ -47,6 +47,23 @@ def describe_source(source: dict) -> str:
     return f"{source['path']} (config {source.get('name', 'interactions')})"
 
 
+def resolve_dataset_commit(source: dict) -> str | None:
+    """The commit sha a hub source's revision (a branch such as `main`, a tag or a sha) points at now, for the data
+    report; None for a local folder, or offline (with a warning: the report then cannot say which commit it was)."""
+    if not source.get("hub"):
+        return None
+    revision = source["revision"]
+    if len(revision) == 40 and all(c in "0123456789abcdef" for c in revision):
+        return revision
+    from huggingface_hub import HfApi
+
+    try:
+        return HfApi().dataset_info(source["hub"], revision=revision).sha
+    except Exception as err:  # offline, or a mirror without the API
+        log.warning("could not resolve revision %r of %s to a commit: %s", revision, source["hub"], err)
+        return None
+
+
 def load_playpen_split(source: dict, split: str) -> list[dict]:
     """Load one raw split as a list of {messages, meta} rows, from the hub or a local folder.
 
@@ -192,6 +209,9 @@ def split_config(data_cfg: dict, split_role: str) -> dict:
 def prepare_playpen(cfg: dict) -> tuple[pd.DataFrame, dict]:
     """Load, id, filter and convert one playpen split (`cfg` from `split_config`)."""
     source, split = cfg["source"], cfg["split"]
+    commit = resolve_dataset_commit(source)
+    if commit:  # load the commit the report names, whatever the branch does meanwhile
+        source = {**source, "revision": commit}
     label = f"split {split!r} of {describe_source(source)}"
     raw = assign_ids(load_playpen_split(source, split), split)
     rows, counts = filter_episodes(raw, game=cfg["game"], role=cfg["role"], drop_outcomes=cfg["drop_outcomes"],
@@ -209,6 +229,8 @@ def prepare_playpen(cfg: dict) -> tuple[pd.DataFrame, dict]:
                     [s["row_id"] for s in skipped[:10]])
     frame = _cap_and_check(frame, cfg["max_rows"], label, counts)
     report = {"source": describe_source(source), "split": split, "counts": counts, "skipped": skipped}
+    if cfg["source"].get("hub"):
+        report["revision"], report["commit"] = cfg["source"]["revision"], commit
     return frame, report
 
 

@@ -178,19 +178,45 @@ def build_random_model(texts: list[str], output_dir: str | Path, *, architecture
                                "corpus_texts": len(texts)})
 
 
-def fetch_base_model(hub_id: str, revision: str, output_dir: str | Path) -> Path:
-    """Download `hub_id` at `revision` into `output_dir` (atomically), recording the resolved commit."""
-    from huggingface_hub import HfApi, snapshot_download
+def fetch_base_model(hub_id: str, revision: str, output_dir: str | Path, cache_dir: str | Path | None = None) -> Path:
+    """`hub_id` at `revision` into `output_dir` (atomically), recording the commit: from the Hugging Face cache where
+    it holds that revision (offline login and compute nodes, HF_HUB_OFFLINE=1), else downloaded."""
+    import shutil
 
+    from huggingface_hub import HfApi, snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    try:
+        cached = Path(snapshot_download(repo_id=hub_id, revision=revision, allow_patterns=MODEL_FILE_PATTERNS,
+                                        local_files_only=True, cache_dir=cache_dir))
+    except (LocalEntryNotFoundError, FileNotFoundError, OSError):
+        cached = None
+    if cached is not None and not (cached / "config.json").is_file():
+        cached = None  # a snapshot of other files only
     with atomic_path(output_dir, directory=True) as tmp:
-        snapshot_download(repo_id=hub_id, revision=revision, local_dir=str(tmp),
-                          allow_patterns=MODEL_FILE_PATTERNS)
-        try:
-            sha = HfApi().model_info(hub_id, revision=revision).sha
-        except Exception as err:  # offline mirrors still give a usable folder
-            log.warning("could not resolve the commit of %s@%s: %s", hub_id, revision, err)
-            sha = None
-        write_json_atomic({"kind": "hub", "id": hub_id, "revision": revision, "commit": sha}, Path(tmp) / SOURCE_RECORD)
+        if cached is not None:
+            for item in cached.rglob("*"):
+                if item.is_file():  # the cache's files are links into its blob store: copy what they point at
+                    (Path(tmp) / item.relative_to(cached)).parent.mkdir(parents=True, exist_ok=True)
+                    shutil.copyfile(item.resolve(), Path(tmp) / item.relative_to(cached))
+            sha, where = cached.name, "cache"  # a snapshot folder is named by its commit
+        else:
+            try:
+                snapshot_download(repo_id=hub_id, revision=revision, local_dir=str(tmp),
+                                  allow_patterns=MODEL_FILE_PATTERNS, cache_dir=cache_dir)
+            except LocalEntryNotFoundError as err:
+                raise ModelSourceError(f"{hub_id}@{revision} is not in the Hugging Face cache and the hub cannot be "
+                                       f"reached (HF_HUB_OFFLINE or no network); download it once where there is "
+                                       f"network (`hf download {hub_id} --revision {revision}`), with the same "
+                                       f"HF_HOME") from err
+            try:
+                sha = HfApi().model_info(hub_id, revision=revision).sha
+            except Exception as err:  # offline mirrors still give a usable folder
+                log.warning("could not resolve the commit of %s@%s: %s", hub_id, revision, err)
+                sha = None
+            where = "download"
+        write_json_atomic({"kind": "hub", "id": hub_id, "revision": revision, "commit": sha, "from": where},
+                          Path(tmp) / SOURCE_RECORD)
     return Path(output_dir)
 
 
