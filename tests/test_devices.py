@@ -1,6 +1,7 @@
 """A GPU node's traps, faked on a CPU: a GPU torch cannot use, several GPUs shared by concurrent jobs, CPU jobs that
 must not touch a GPU, and training that must never wrap the model in DataParallel."""
 
+import re
 import subprocess
 import sys
 import textwrap
@@ -130,8 +131,12 @@ def test_a_stage_settles_its_device_and_threads_before_it_runs(tmp_path, monkeyp
     def stage():
         import torch
 
+        from playpen_attribution.stage import log_gradient_pass
+
         seen.update(cuda=os.environ["CUDA_VISIBLE_DEVICES"], omp=os.environ["OMP_NUM_THREADS"],
                     torch_threads=torch.get_num_threads())
+        log_gradient_pass("tokens/train", rows=3, tokens=600, purpose="test")
+        log_gradient_pass("tokens/train", rows=3, tokens=600, purpose="test")
 
     before = __import__("torch").get_num_threads()
     job = SimpleNamespace(log=[str(tmp_path / "job.log")], threads=1, resources=SimpleNamespace(gpu=0), rule="r")
@@ -140,7 +145,9 @@ def test_a_stage_settles_its_device_and_threads_before_it_runs(tmp_path, monkeyp
     finally:
         __import__("torch").set_num_threads(before)
     assert seen == {"cuda": "", "omp": "1", "torch_threads": 1}
-    assert "peak resident memory" in (tmp_path / "job.log").read_text()
+    log = (tmp_path / "job.log").read_text()
+    assert "peak resident memory" in log
+    assert re.search(r"throughput: 1200 tokens of gradient passes in [\d.]+ s, \d+ tokens/s \(whole job\)", log)
 
 
 def test_cuda_training_needs_triton_build_tools_and_names_what_is_missing(tmp_path, monkeypatch):

@@ -7,6 +7,7 @@ import logging
 import os
 import resource
 import sys
+import time
 import traceback
 from pathlib import Path
 
@@ -27,8 +28,14 @@ PEAK_RSS_LINE = "peak resident memory (getrusage): {:.0f} MB"
 GRADIENT_PASS_LINE = "gradient pass: {rows} rows, {tokens} tokens of {dataset} ({purpose})"
 
 
+# Tokens this process passed through forward+backward passes (log_gradient_pass), for the job's throughput line.
+_passed_tokens = [0]
+THROUGHPUT_LINE = "throughput: {tokens} tokens of gradient passes in {seconds:.1f} s, {rate:.0f} tokens/s (whole job)"
+
+
 def log_gradient_pass(dataset_dir, rows: int, tokens: int, purpose: str) -> None:
     """Record a pass in the job's log (stderr: the libraries raise the logging level)."""
+    _passed_tokens[0] += tokens
     print(GRADIENT_PASS_LINE.format(rows=rows, tokens=tokens, dataset=dataset_dir, purpose=purpose), file=sys.stderr,
           flush=True)
 
@@ -90,6 +97,7 @@ def run_stage(snakemake, function, **kwargs):
     wants_gpu = int(getattr(snakemake.resources, "gpu", 0) or 0) > 0
     triton_cache_in(getattr(snakemake.resources, "tmpdir", None))
     terminal = sys.stderr
+    started, _passed_tokens[0] = time.perf_counter(), 0
     with open(log_path, "w") as log_file, contextlib.redirect_stdout(log_file), contextlib.redirect_stderr(log_file):
         logging.basicConfig(level=logging.INFO, stream=log_file, force=True,
                             format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -121,3 +129,7 @@ def run_stage(snakemake, function, **kwargs):
             gpu_peak = log_gpu_memory()
             if gpu_peak:
                 print(gpu_peak, file=log_file, flush=True)
+            if _passed_tokens[0]:  # model loading included: what a job of this kind costs, per token
+                seconds = time.perf_counter() - started
+                print(THROUGHPUT_LINE.format(tokens=_passed_tokens[0], seconds=seconds,
+                                             rate=_passed_tokens[0] / max(seconds, 1e-9)), file=log_file, flush=True)

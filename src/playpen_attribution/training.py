@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from pathlib import Path
 
 from playpen_attribution.devices import check_triton_toolchain, single_device_check
@@ -20,7 +21,7 @@ from playpen_attribution.io import atomic_path, write_json_atomic
 from playpen_attribution.modeling import load_causal_lm, load_tokenizer, portable_base_path, torch_dtype
 from playpen_attribution.provenance import library_versions, tree_hash
 from playpen_attribution.settings import Lora, Training, as_params
-from playpen_attribution.stage import log_time
+from playpen_attribution.stage import log_gradient_pass, log_time, token_count
 from playpen_attribution.tokenization import read_tokens_report
 
 log = logging.getLogger(__name__)
@@ -140,6 +141,8 @@ def train_adapter(
                            "the tokenization should have made every row fit")
     result = trainer.train()
     log_time(f"training {output_dir.name}", result.metrics["train_runtime"])
+    for epoch in range(math.ceil(training.epochs)):  # one forward+backward pass over the rows per epoch
+        log_gradient_pass(train_tokens_dir, len(tokens), token_count(tokens), f"training epoch {epoch + 1}")
     metrics = without_timings(result.metrics)
     model = trainer.model
     model.eval()
