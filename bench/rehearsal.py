@@ -8,6 +8,8 @@ real taboo transcripts. `--run smol`: the real pretrained SmolLM2-135M-Instruct 
     uv run python bench/rehearsal.py --readme        # ... and write the table into README.md
     uv run python bench/rehearsal.py --gpu           # 26 layers, bf16, every real guesser episode, on a GPU box
     uv run python bench/rehearsal.py --run smol --readme   # the pretrained model (at most an hour on 2 cores)
+    uv run python bench/rehearsal.py --gpu --quick  # bench/gpu_check.sh: training, factors, one score shard and
+                                                    # one Bergson index shard at 26 layers, in minutes on one GPU
 
 A benchmark, not a test: about half an hour (rehearsal) or an hour (smol) on 2 CPU cores.
 """
@@ -33,6 +35,9 @@ GPU_PEAK_PATTERN = re.escape(GPU_PEAK_LINE).replace(r"\{:\.0f\}", r"([\d.]+)")
 
 RUN = "rehearsal"
 TARGET_FILES = ("influences.csv", "train_scores.csv", "report/index.html")
+# --quick: the stages whose GPU memory and speed a first GPU run must check, on the first of two shards
+QUICK_TARGET_FILES = ("adapter", "kronfluence/factors/ekfac", "kronfluence/scores/ekfac/shard-0.npz",
+                      "bergson/index/shard-0", "plan.json")
 GPU_OVERLAY = {"runs": {RUN: {
     "model": {"random": {"architecture": "resources/models/gemma-3-1b-it.config.json", "num_layers": None,
                          "tokenizer_vocab_size": 4096}},
@@ -44,6 +49,8 @@ GPU_OVERLAY = {"runs": {RUN: {
 def extra(parser):
     parser.add_argument("--run", default=RUN, help="the run to build (default: rehearsal)")
     parser.add_argument("--gpu", action="store_true", help="rehearsal: 26 layers, bf16, all real guesser episodes")
+    parser.add_argument("--quick", action="store_true",
+                        help="only training, the EK-FAC fit, one score shard and one Bergson index shard")
     parser.add_argument("--readme", action="store_true", help="write the table into README.md")
     parser.add_argument("--cores", type=int, default=2)
     parser.add_argument("--table-only", action="store_true",
@@ -59,11 +66,13 @@ def read_benchmarks(workdir: Path, run: str = RUN) -> list[dict]:
         log = workdir / "logs" / run / f"{path.stem}.log"
         text = log.read_text() if log.is_file() else ""
         found, gpu = re.findall(PEAK_PATTERN, text), re.findall(GPU_PEAK_PATTERN, text)
+        rate = re.findall(r"throughput: \d+ tokens of gradient passes in [\d.]+ s, (\d+) tokens/s", text)
         rows.append({"job": path.stem, "seconds": float(record["s"]), "sampled_rss_mb": float(record["max_rss"]),
                      "peak_mb": float(found[-1]) if found else None,
                      # on CUDA: the tensors' peak and the caching allocator's (what the card must hold)
                      "gpu_allocated_mb": float(gpu[-1][0]) if gpu else None,
-                     "gpu_reserved_mb": float(gpu[-1][1]) if gpu else None})
+                     "gpu_reserved_mb": float(gpu[-1][1]) if gpu else None,
+                     "tokens_per_s": float(rate[-1]) if rate else None})
     return rows
 
 
@@ -93,15 +102,16 @@ def table(rows: list[dict], estimates: dict[str, float], wall: float, header: st
     def compared(row):
         return row["gpu_reserved_mb"] if gpu else row["peak_mb"]
 
-    head = "| job | wall s | host peak MB | sampled MB |" + (" GPU allocated MB | GPU reserved MB |" if gpu else "")
+    head = "| job | wall s | tokens/s | host peak MB | sampled MB |" + (
+        " GPU allocated MB | GPU reserved MB |" if gpu else "")
     lines = [header, "", head + " plan MB | plan / peak |",
-             "|---|---:|---:|---:|" + ("---:|---:|" if gpu else "") + "---:|---:|"]
+             "|---|---:|---:|---:|---:|" + ("---:|---:|" if gpu else "") + "---:|---:|"]
     for row in sorted(rows, key=lambda r: -r["seconds"]):
         kind = plan_kind(row["job"], estimates)
         estimate = estimates.get(kind) if kind else None
         peak = compared(row)
-        cells = [row["job"], f"{row['seconds']:.1f}", f"{row['peak_mb']:.0f}" if row["peak_mb"] else "",
-                 f"{row['sampled_rss_mb']:.0f}"]
+        cells = [row["job"], f"{row['seconds']:.1f}", f"{row['tokens_per_s']:.0f}" if row["tokens_per_s"] else "",
+                 f"{row['peak_mb']:.0f}" if row["peak_mb"] else "", f"{row['sampled_rss_mb']:.0f}"]
         if gpu:
             cells += [f"{row[k]:.0f}" if row[k] else "" for k in ("gpu_allocated_mb", "gpu_reserved_mb")]
         cells += [f"{estimate:.0f}" if estimate else "", f"{estimate / peak:.2f}" if estimate and peak else ""]
@@ -111,7 +121,8 @@ def table(rows: list[dict], estimates: dict[str, float], wall: float, header: st
         ratios = [estimates[plan_kind(r["job"], estimates)] / compared(r) for r in planned]
         lines.append(f"\nPlan / {'GPU reserved' if gpu else 'host'} peak over the {len(planned)} model-holding jobs: "
                      f"{min(ratios):.2f} to {max(ratios):.2f}.")
-    lines.append(f"Whole DAG: {wall / 60:.1f} min wall ({len(rows)} jobs). Host peak = the job's own getrusage maximum "
+    lines.append(f"Whole DAG: {wall / 60:.1f} min wall ({len(rows)} jobs). tokens/s = the job's gradient-pass tokens "
+                 f"over its whole wall time (model loading included). Host peak = the job's own getrusage maximum "
                  f"(logged by every stage); sampled = Snakemake's benchmark file, which samples every 30 s after a "
                  f"job's first 30 s and can miss the peak.")
     return "\n".join(lines)
@@ -130,7 +141,7 @@ def main() -> None:
         overlay = workdir / "gpu.yaml"
         overlay.write_text(yaml.safe_dump(GPU_OVERLAY))
         options = ["--configfile", str(overlay)]
-    targets = [f"results/{run}/{name}" for name in TARGET_FILES]
+    targets = [f"results/{run}/{name}" for name in (QUICK_TARGET_FILES if args.quick else TARGET_FILES)]
     command = snakemake_command(workdir, *targets, "--cores", str(args.cores), *options)
     record = workdir / f"{run}.json"
     if args.table_only:
