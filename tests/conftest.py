@@ -170,3 +170,47 @@ def independent_gradients(adapter_dir, rows):
         loss = torch.nn.functional.cross_entropy(logits[:-1][keep], labels[1:][keep], reduction="sum")
         grads.append(torch.cat([g.reshape(-1) for g in torch.autograd.grad(loss, params)]))
     return torch.stack(grads), model, params
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the demo DAG, built in the background from the start of the session
+# ---------------------------------------------------------------------------------------------------------
+# The demo's whole DAG (a few minutes of jobs, most of them one thread each) runs in a project copy as a user runs it,
+# started as soon as the tests are collected, so that the unit tests use the cores its sequential stretches leave
+# idle; the workflow tests, which pytest runs last (test_workflow.py), wait for it.
+_DEMO = {}
+
+
+def pytest_collection_finish(session):
+    if session.config.option.collectonly:
+        return
+    if any("demo_workdir" in getattr(item, "fixturenames", ()) for item in session.items):
+        import tempfile
+
+        root = Path(tempfile.mkdtemp(prefix="demo-run-", dir=session.config._tmp_path_factory.getbasetemp()))
+        workdir = project_copy(root)
+        log = open(root / "snakemake.out", "w")
+        cmd = [sys.executable, "-m", "snakemake", "-s", str(workdir / "Snakefile"), "--directory", str(workdir),
+               "--cores", "2"]
+        _DEMO.update(workdir=workdir, log=log, process=subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
+                                                                         env={**os.environ}))
+
+
+def pytest_sessionfinish(session):
+    process = _DEMO.get("process")
+    if process is not None and process.poll() is None:  # a run that selected no workflow test after all
+        process.terminate()
+        process.wait(timeout=60)
+
+
+@pytest.fixture(scope="session")
+def demo_workdir():
+    """The project copy in which the demo's default target (influences.csv, train_scores.csv, the report) was built
+    by `snakemake --cores 2`, as a user runs it (no GPU here: the "GPU" jobs share the cores with the rest)."""
+    process = _DEMO["process"]
+    code = process.wait(timeout=1800)
+    _DEMO["log"].flush()
+    if code != 0:
+        output = (_DEMO["workdir"].parent / "snakemake.out").read_text()
+        raise AssertionError(f"the demo DAG failed (exit {code}):\n{output[-8000:]}")
+    return _DEMO["workdir"]

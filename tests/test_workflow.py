@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import yaml
 
-from conftest import REPO, project_copy, snakemake
+from conftest import REPO, snakemake
 
 pytestmark = pytest.mark.slow
 DEMO_TARGETS = ("results/demo/influences.csv", "results/demo/train_scores.csv", "results/demo/report/index.html")
@@ -36,16 +36,6 @@ def overlay(workdir, name, runs):
     path = workdir / f"{name}.yaml"
     path.write_text(yaml.safe_dump({"runs": runs}))
     return str(path)
-
-
-@pytest.fixture(scope="module")
-def demo_workdir(tmp_path_factory):
-    # the demo in a copy of the project, run from its own root as a user runs it
-    workdir = project_copy(tmp_path_factory.mktemp("demo-run"))
-    # rule all: influences.csv, train_scores.csv and the report of the demo (no GPU here: the "GPU" jobs share
-    # the cores with the rest)
-    snakemake(workdir)
-    return workdir
 
 
 def test_demo_builds_an_adapter(demo_workdir):
