@@ -84,6 +84,26 @@ def test_a_datasetdict_folder_takes_a_split_and_missing_columns_are_named(plain_
     holes.save_to_disk(str(tmp_path / "holes"))
     with pytest.raises(ValueError, match=r"row 0: attention_mask has gaps"):
         load_token_dataset(tmp_path / "holes")
+    empty = rows.map(lambda row, i: {"attention_mask": [0] * len(row["attention_mask"]) if i == 2
+                                     else row["attention_mask"]}, with_indices=True)
+    empty.save_to_disk(str(tmp_path / "empty"))
+    with pytest.raises(ValueError, match=r"empty, row 2: attention_mask is all zeros; drop the row"):
+        load_token_dataset(tmp_path / "empty")
+
+
+def test_module_selection_that_finds_nothing_says_why(plain_model):
+    from playpen_attribution.influence import select_modules
+    from playpen_attribution.modeling import load_model
+
+    root, _ = plain_model
+    model = load_model(root / "model")
+    with pytest.raises(ValueError, match=r"no lora modules found to track \(layer stride 1\); is the model a LoRA "
+                                         r"adapter\?"):
+        select_modules(model, "lora")
+    with pytest.raises(ValueError, match="layer_stride must be at least 1, got 0"):
+        select_modules(model, "mlp", layer_stride=0)
+    # a stride past the last layer keeps layer 0 only
+    assert {n.split(".layers.")[1].split(".")[0] for n in select_modules(model, "mlp", layer_stride=50)} == {"0"}
 
 
 def test_run_query_scores_a_chat_adapter_on_the_workflow_tokens_of_the_same_rows(demo_adapter, demo_tokens,

@@ -413,6 +413,12 @@ def test_unknown_config_key_is_refused_by_name(tmp_path):
     assert "runs.demo.lora: unknown key(s) ['rank']" in proc.stdout + proc.stderr
 
 
+def test_an_unknown_run_is_refused_by_name(tmp_path):
+    proc = snakemake(tmp_path, "results/demp/influences.csv", "-n", check=False)
+    assert proc.returncode != 0
+    assert "unknown run 'demp'; the runs of the config are ['demo', 'real'" in proc.stdout + proc.stderr
+
+
 def test_bad_filter_fails_clearly_and_leaves_no_output(tmp_path):
     path = overlay(tmp_path, "role", {"demo": {"data": {"role": "Nobody"}}})
     proc = snakemake(tmp_path, "results/demo/data/train.parquet", "--configfile", path, check=False)

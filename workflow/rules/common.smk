@@ -7,7 +7,7 @@ import re
 import sys
 from pathlib import Path
 
-from playpen_attribution.config import run_config
+from playpen_attribution.config import ConfigError, run_config
 from playpen_attribution.methods import (
     STRATEGY_PATTERN,
     VARIANT_PATTERN,
@@ -80,6 +80,23 @@ ANY_RUN = run_names(lambda c: True)
 
 wildcard_constraints:
     run=ANY_RUN,
+
+
+def refuse_unknown_run(wildcards):
+    raise ConfigError(f"results/{wildcards.run}/{wildcards.path}: unknown run {wildcards.run!r}; the runs of the "
+                      f"config are {sorted(RUNS)} (config/config.yaml, or a --configfile that adds one)")
+
+
+# A target under results/ of a run the config does not define: refused by name (Snakemake would only say that no rule
+# produces the file).
+rule unknown_run:
+    input:
+        refuse_unknown_run,
+    output:
+        "results/{run}/{path}",
+    wildcard_constraints:
+        run="(?!(?:" + ANY_RUN + ")/)[^/]+",
+        path=".+",
 
 
 # The runs whose jobs the DAG holds (every job's params and inputs ask run_cfg while the DAG is built): their memory
