@@ -61,3 +61,15 @@ rule all:
             if any(map(is_bergson, RUNS[config["default_run"]]["attribution"]["methods"]))
             else []
         ),
+
+
+# A target under results/ of a run the config does not define: refused by name (Snakemake would only say that no rule
+# produces the file).
+rule unknown_run:
+    input:
+        refuse_unknown_run,
+    output:
+        "results/{run}/{path}",
+    wildcard_constraints:
+        run=f"(?!(?:{ANY_RUN})/)[^/]+",
+        path=".+",

@@ -87,16 +87,6 @@ def refuse_unknown_run(wildcards):
                       f"config are {sorted(RUNS)} (config/config.yaml, or a --configfile that adds one)")
 
 
-# A target under results/ of a run the config does not define: refused by name (Snakemake would only say that no rule
-# produces the file).
-rule unknown_run:
-    input:
-        refuse_unknown_run,
-    output:
-        "results/{run}/{path}",
-    wildcard_constraints:
-        run="(?!(?:" + ANY_RUN + ")/)[^/]+",
-        path=".+",
 
 
 # The runs whose jobs the DAG holds (every job's params and inputs ask run_cfg while the DAG is built): their memory
