@@ -14,11 +14,8 @@ from playpen_attribution.training import train_adapter
 
 
 @pytest.fixture(scope="module")
-def train_tokens(demo_tables, tiny_model_dir, tmp_path_factory):
-    out, _ = demo_tables
-    tokens = tmp_path_factory.mktemp("tokens") / "train"
-    tokenize_table(out / "train.parquet", tiny_model_dir, tokens, max_length=256, mode="chat")
-    return tokens
+def train_tokens(demo_tokens):
+    return demo_tokens / "train"  # the demo's training rows, chat template, max length 256
 
 
 def settings():
@@ -36,12 +33,21 @@ def train(tiny_model_dir, tokens, out):
                          base_model_source={"id": "tiny-random-gemma3", "revision": None})
 
 
-def test_same_seed_same_bytes_and_reload_gives_identical_logits(tiny_model_dir, train_tokens, tmp_path, monkeypatch):
-    trained = train(tiny_model_dir, train_tokens, tmp_path / "a")
-    train(tiny_model_dir, train_tokens, tmp_path / "b")
+@pytest.fixture(scope="module")
+def two_adapters(tiny_model_dir, train_tokens, tmp_path_factory):
+    """Two adapters trained with the same seed, settings and rows; and the first one's PEFT model."""
+    root = tmp_path_factory.mktemp("adapters")
+    trained = train(tiny_model_dir, train_tokens, root / "a")
+    train(tiny_model_dir, train_tokens, root / "b")
+    return root, trained
+
+
+def test_same_seed_same_bytes_and_reload_gives_identical_logits(tiny_model_dir, train_tokens, two_adapters, tmp_path,
+                                                                monkeypatch):
+    root, trained = two_adapters
     # the manifest too: the trainer's timings go to the log, not into it
     for name in ("adapter_model.safetensors", "adapter_config.json", "manifest.json"):
-        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes(), name
+        assert (root / "a" / name).read_bytes() == (root / "b" / name).read_bytes(), name
 
     batch = datasets.load_from_disk(str(train_tokens)).with_format("torch")[:1]
     with torch.no_grad():
@@ -49,7 +55,7 @@ def test_same_seed_same_bytes_and_reload_gives_identical_logits(tiny_model_dir, 
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     monkeypatch.chdir(elsewhere)  # the adapter records an absolute base path: loads from any directory
-    reloaded = load_model(tmp_path / "a")
+    reloaded = load_model(root / "a")
     with torch.no_grad():
         assert torch.equal(reloaded(input_ids=batch["input_ids"]).logits, expected)
     base = load_model(tiny_model_dir)
@@ -57,9 +63,9 @@ def test_same_seed_same_bytes_and_reload_gives_identical_logits(tiny_model_dir, 
         assert not torch.equal(base(input_ids=batch["input_ids"]).logits, expected), "training changed the model"
 
 
-def test_adapter_folder_is_self_contained(tiny_model_dir, train_tokens, tmp_path):
-    train(tiny_model_dir, train_tokens, tmp_path / "adapter")
-    folder = tmp_path / "adapter"
+def test_adapter_folder_is_self_contained(train_tokens, two_adapters):
+    root, _ = two_adapters
+    folder = root / "a"
     names = {p.name for p in folder.iterdir()}
     assert {"adapter_config.json", "adapter_model.safetensors", "tokenizer.json", "config.json", "manifest.json"} <= names
     config = json.loads((folder / "config.json").read_text())
@@ -71,7 +77,7 @@ def test_adapter_folder_is_self_contained(tiny_model_dir, train_tokens, tmp_path
     assert manifest["versions"]["trl"] and manifest["versions"]["torch"].startswith("2.11")
     adapter_config = json.loads((folder / "adapter_config.json").read_text())
     assert os.path.isabs(adapter_config["base_model_name_or_path"])
-    assert not list(tmp_path.glob(".adapter*")), "no scratch or temporary folder left behind"
+    assert sorted(p.name for p in root.iterdir()) == ["a", "b"], "no scratch or temporary folder left behind"
 
 
 def test_every_assistant_turn_trains_evaluates_and_is_scored_on_the_same_labels(demo_tables, tiny_model_dir, tmp_path):
@@ -111,3 +117,15 @@ def test_every_assistant_turn_trains_evaluates_and_is_scored_on_the_same_labels(
     g_train, _, _ = independent_gradients(tmp_path / "adapter", train_subset)
     expected = (g_query.double() @ g_train.double().T).numpy()
     np.testing.assert_allclose(scores, expected, rtol=2e-3, atol=1e-3 * np.abs(expected).max())
+
+
+def test_rows_sft_trainer_would_drop_stop_training_with_the_count(tiny_model_dir, train_tokens, tmp_path):
+    """TRL silently drops rows without a trainable token; the manifest records the rows trained on, so a drop is an
+    error, not a quietly different training set."""
+    rows = datasets.load_from_disk(str(train_tokens)).select(range(6))
+    rows = rows.map(lambda row, i: {"labels": [-100] * len(row["labels"]) if i == 2 else row["labels"]},
+                    with_indices=True)
+    rows.save_to_disk(str(tmp_path / "tokens"))
+    with pytest.raises(RuntimeError, match=r"SFTTrainer kept 5 of 6 tokenized rows"):
+        train(tiny_model_dir, tmp_path / "tokens", tmp_path / "adapter")
+    assert not (tmp_path / "adapter").exists()
