@@ -13,7 +13,7 @@ from playpen_attribution.scores import per_token_lists
 from playpen_attribution.settings import KronfluenceScoring
 from playpen_attribution.tables import load_shards
 
-from conftest import independent_gradients, train_demo_adapter
+from conftest import independent_gradients
 
 
 @pytest.fixture(scope="module")
@@ -107,10 +107,13 @@ def test_planted_copy_of_a_query_is_in_the_top_3_for_ekfac(demo_adapter, factors
         assert "copy-of-" + query[q]["row_id"] in top3, top3
 
 
-def test_shards_and_query_batches_merged_equal_one_unsharded_single_batch_run(demo_adapter, factors, demo_tokens,
+def test_shards_and_query_batches_merged_equal_one_unsharded_single_batch_run(demo_adapter, factors, tokens,
                                                                              tmp_path):
-    common = dict(model_dir=demo_adapter, factors_dir=factors["ekfac"], query_tokens_dir=demo_tokens / "query",
-                  train_tokens_dir=demo_tokens / "train")
+    query, train = tokens
+    query.select(range(11)).save_to_disk(str(tmp_path / "query"))
+    train.select(range(30)).save_to_disk(str(tmp_path / "train"))
+    common = dict(model_dir=demo_adapter, factors_dir=factors["ekfac"], query_tokens_dir=tmp_path / "query",
+                  train_tokens_dir=tmp_path / "train")
 
     def settings(query_batch_size):
         return KronfluenceScoring(train_batch_size=8, query_batch_size=query_batch_size, query_gradient_rank=None,
@@ -118,7 +121,7 @@ def test_shards_and_query_batches_merged_equal_one_unsharded_single_batch_run(de
                                   dtype="float32", damping_factor=1e-8)
 
     score_shard_stage(out_path=tmp_path / "all.npz", shard=0, shards=1, settings=settings(None), **common)
-    for i in range(3):  # 27 queries in batches of 5: the last batch is partial
+    for i in range(3):  # 11 queries in batches of 5: the last batch is partial
         score_shard_stage(out_path=tmp_path / f"shard-{i}.npz", shard=i, shards=3, settings=settings(5), **common)
     merged = load_shards([tmp_path / f"shard-{i}.npz" for i in range(3)])
     whole = load_shards([tmp_path / "all.npz"])
@@ -126,20 +129,30 @@ def test_shards_and_query_batches_merged_equal_one_unsharded_single_batch_run(de
     np.testing.assert_allclose(merged["scores"], whole["scores"], rtol=1e-5, atol=1e-6 * np.abs(whole["scores"]).max())
 
 
-def test_same_inputs_give_the_same_factors(demo_adapter, demo_tokens, factors, tmp_path):
-    fit_factors(str(demo_adapter), demo_tokens / "train", tmp_path / "again", strategy="ekfac", modules="lora")
+def test_same_inputs_give_the_same_factors(demo_adapter, tokens, tmp_path):
     from safetensors.torch import load_file
 
-    originals = sorted((factors["ekfac"] / "influence").rglob("*.safetensors"))
+    _, train = tokens
+    train.select(range(16)).save_to_disk(str(tmp_path / "rows"))
+    for name in ("first", "again"):
+        fit_factors(str(demo_adapter), tmp_path / "rows", tmp_path / name, strategy="ekfac", modules="lora")
+    originals = sorted((tmp_path / "first" / "influence").rglob("*.safetensors"))
     assert len(originals) >= 5  # covariances, eigenvectors, eigenvalues, lambdas, ...
     for original in originals:
-        a, b = load_file(original), load_file(tmp_path / "again" / original.relative_to(factors["ekfac"]))
+        a, b = load_file(original), load_file(tmp_path / "again" / original.relative_to(tmp_path / "first"))
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), original.name
 
 
-def test_factors_from_another_model_are_refused(demo_adapter, factors, tokens, tiny_model_dir, demo_tokens, tmp_path):
+def test_factors_from_another_model_are_refused(demo_adapter, factors, tokens, tmp_path):
+    from safetensors.torch import load_file, save_file
+
     query, train = tokens
-    other = train_demo_adapter(tiny_model_dir, demo_tokens, tmp_path / "other", seed=1, epochs=1)
+    other = tmp_path / "other"  # the same adapter with one weight changed: another model
+    shutil.copytree(demo_adapter, other)
+    weights = load_file(other / "adapter_model.safetensors")
+    name = sorted(weights)[0]
+    weights[name] = weights[name] + 1e-3
+    save_file(weights, other / "adapter_model.safetensors")
     # a local model is known by its weights (not its path, so a moved project keeps its factors)
     with pytest.raises(FactorsError, match=r"fitted on a different model:\n  weights_hash: factors have '\w+', "
                                            r"the model has '\w+'"):
