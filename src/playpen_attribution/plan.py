@@ -35,7 +35,14 @@ LOGIT_COPIES = {
     "cuda": {"training": 4, "kronfluence": 4, "forward": 2, "bergson": 4.5},
 }
 ADAM_BYTES_PER_PARAM = 16  # fp32 master weight, gradient, two moments
-ACTIVATION_FLOATS_PER_TOKEN_LAYER = 4 + 3  # x hidden (attention inputs/outputs, norms); x intermediate (gate/up/act)
+# Copies of the attention scores a layer holds in eager attention: the product, its scaling, the mask added, the
+# softmax (the dropout of a p=0 layer returns its input).
+SCORE_COPIES = 4
+# Measured peak activations over the layers' saved tensors (`activation_floats`), per stage family: fitted on the
+# smol run (SmolLM2-135M, 30 layers, 274-token rows: activations are most of every job there) and checked on the
+# rehearsal (Gemma 3 1B's widths, 2 layers: logits dominate), README "The memory plan". Kronfluence runs the model
+# in eval mode (no LoRA dropout) and Bergson packs rows into token batches, each with its own temporaries.
+ACTIVATION_OVERHEAD = {"training": 1.25, "kronfluence": 1.0, "bergson": 1.2}
 
 
 def local_gpu_count() -> int:
@@ -172,12 +179,36 @@ def factor_floats(shapes: list[tuple[int, int]], strategy: str) -> int:
 # ---------------------------------------------------------------------------------------------------------
 # the stages
 # ---------------------------------------------------------------------------------------------------------
-def _activations_gb(arch: dict, tokens: int, dtype_bytes: int, backward: bool = True) -> float:
-    """What a forward pass keeps for its backward pass (or, without one, about a layer's worth at a time)."""
-    h, inter = arch["hidden_size"], arch["intermediate_size"]
-    per_token_layer = dtype_bytes * (4 * h + 3 * inter)
+def activation_floats(arch: dict, seq: int, lora: dict | None = None) -> int:
+    """Floats one token keeps per decoder layer for the backward pass, as the layers are written (eager attention,
+    which `load_causal_lm` asks for): the residual stream and the norms' inputs and outputs, the attention and MLP
+    outputs (hidden-sized; Gemma 3 has four norms where Llama has two); the query before and after RoPE, keys and values
+    (and RoPE's key), keys and values repeated to every query head under grouped-query attention, the attention output;
+    four MLP intermediates (gate, up, the activation, their product); the attention scores through their scaling,
+    mask, softmax and dropout (`SCORE_COPIES` x heads x sequence: quadratic in the length); and with LoRA dropout, its
+    copy of every targeted module's input."""
+    h, inter, hd = arch["hidden_size"], arch["intermediate_size"], arch["head_dim"]
+    heads, kv_heads = arch["num_attention_heads"], arch["num_key_value_heads"]
+    q, kv = heads * hd, kv_heads * hd
+    gemma = arch.get("model_type", "gemma3_text").startswith("gemma3")
+    hidden = (12 if gemma else 8) * h
+    attention = 2 * q + 3 * kv + (2 * q if kv < q else 0) + q
+    mlp = 4 * inter
+    scores = SCORE_COPIES * heads * seq
+    dropout = 0
+    if lora and lora.get("dropout", 0) > 0:
+        inputs = {"q_proj": h, "k_proj": h, "v_proj": h, "o_proj": q, "gate_proj": h, "up_proj": h, "down_proj": inter}
+        dropout = sum(size for name, size in inputs.items() if name in lora["target_modules"])
+    return hidden + attention + mlp + scores + dropout
+
+
+def _activations_gb(arch: dict, tokens: int, dtype_bytes: int, seq: int, lora: dict | None = None,
+                    backward: bool = True, family: str = "training") -> float:
+    """What a forward pass keeps for its backward pass (or, without one, about a layer's worth at a time), times
+    the stage family's measured overhead (`ACTIVATION_OVERHEAD`: the allocator's and autograd's temporaries)."""
     layers = arch["num_hidden_layers"] if backward else 1
-    return tokens * per_token_layer * layers / GB
+    overhead = ACTIVATION_OVERHEAD[family] if backward else 1.0
+    return tokens * activation_floats(arch, seq, lora) * dtype_bytes * layers * overhead / GB
 
 
 def _logits_gb(arch: dict, positions: int, copies: int) -> float:
@@ -232,7 +263,7 @@ def stage_estimates(run: dict, arch: dict, lengths: dict, device: str) -> dict[s
     plans["train_adapter"] = {
         "runtime": runtime, "weights": n_params * train_bytes / GB,
         "lora + gradients + Adam": lora_params * ADAM_BYTES_PER_PARAM / GB,
-        "activations": _activations_gb(arch, train["batch_size"] * seq, train_bytes),
+        "activations": _activations_gb(arch, train["batch_size"] * seq, train_bytes, seq, lora),
         "logits": _logits_gb(arch, train["batch_size"] * seq, copies["training"]),
     }
     plans["lds_retrain"] = plans["train_adapter"]
@@ -240,7 +271,7 @@ def stage_estimates(run: dict, arch: dict, lengths: dict, device: str) -> dict[s
     kf_bytes = dtype_bytes(kf["dtype"])
     weights = n_params * kf_bytes / GB  # Kronfluence's stages and the query losses load the model in its dtype
     forward_only = {"runtime": runtime, "weights": weights,
-                    "activations": _activations_gb(arch, 8 * seq, kf_bytes, backward=False),
+                    "activations": _activations_gb(arch, 8 * seq, kf_bytes, seq, backward=False),
                     "logits": _logits_gb(arch, _completion_positions(lengths, 8), copies["forward"])}
     plans["query_losses"] = plans["lds_losses"] = forward_only
 
@@ -251,7 +282,7 @@ def stage_estimates(run: dict, arch: dict, lengths: dict, device: str) -> dict[s
         gradient_floats = sum(i * o for i, o in tracked)
 
         def batch(size: int) -> dict:
-            return {"activations": _activations_gb(arch, size * seq, kf_bytes),
+            return {"activations": _activations_gb(arch, size * seq, kf_bytes, seq, family="kronfluence"),
                     "logits": _logits_gb(arch, _completion_positions(lengths, size), copies["kronfluence"])}
 
         plans["fit_factors"] = _fitting_peak(tracked, strategies, {"runtime": runtime, "weights": weights},
@@ -266,7 +297,8 @@ def stage_estimates(run: dict, arch: dict, lengths: dict, device: str) -> dict[s
         score = {
             "runtime": runtime, "weights": weights, "factors": factors,
             "preconditioned query gradients": (kept * kept_floats + query_batch * gradient_floats) * 4 / GB,
-            "activations": _activations_gb(arch, max(kf["train_batch_size"], query_batch) * seq, kf_bytes),
+            "activations": _activations_gb(arch, max(kf["train_batch_size"], query_batch) * seq, kf_bytes, seq,
+                                           family="kronfluence"),
             "logits": _logits_gb(arch, _completion_positions(lengths, max(kf["train_batch_size"], query_batch)),
                                  copies["kronfluence"]),
         }
@@ -282,7 +314,7 @@ def stage_estimates(run: dict, arch: dict, lengths: dict, device: str) -> dict[s
         bergson_bytes = dtype_bytes(bg["precision"])
         tokens = bg["token_batch_size"]  # Bergson packs rows into batches of this many tokens
         token_batch = {"runtime": runtime, "weights": n_params * bergson_bytes / GB,
-                       "activations": _activations_gb(arch, tokens, bergson_bytes),
+                       "activations": _activations_gb(arch, tokens, bergson_bytes, min(seq, tokens), family="bergson"),
                        "logits": _logits_gb(arch, tokens, copies["bergson"])}
         preconditioner = (modules * (p * p) ** 2 * 4 / GB) if p else 0.0
         plans["bergson_query_gradients"] = {**token_batch, "gradients": lengths["queries"] * grad_floats * 4 / GB}

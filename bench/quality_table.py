@@ -1,0 +1,74 @@
+"""A run's attribution quality as README tables, from its own validation files: each method's LDS with its 95%
+interval and its margin over the best baseline (lds.csv), planted recall (planted_summary.csv), and each
+preconditioned method against its plain counterpart (EK-FAC against identity, a Bergson variant against the plain
+cosine), paired per query with the same word-clustered bootstrap the LDS uses (lds_per_query.csv).
+
+    uv run python bench/quality_table.py --workdir DIR --run smol [--run real ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import pandas as pd
+
+from playpen_attribution.scores import mean_and_cluster_interval, plain_counterpart
+
+
+def interval(value, low, high) -> str:
+    return f"{value:.3f} [{low:.3f}, {high:.3f}]"
+
+
+def signed(value, low, high) -> str:
+    return f"{value:+.3f} [{low:+.3f}, {high:+.3f}]"
+
+
+def lds_table(folder: Path, run: str) -> list[str]:
+    lds = pd.read_csv(folder / "lds.csv")
+    planted = pd.read_csv(folder / "planted_summary.csv") if (folder / "planted_summary.csv").is_file() else None
+    recall = dict(zip(planted.method, planted.recall_at_1)) if planted is not None else {}
+    means = dict(zip(lds.method, lds.lds))
+    lines = []
+    for row in lds[lds.kind == "method"].itertuples():
+        lines.append(f"| {run} | {row.method} | {interval(row.lds, row.ci95_low, row.ci95_high)} | {row.best_baseline} "
+                     f"| {means[row.best_baseline]:.3f} | "
+                     f"{signed(row.margin, row.margin_ci95_low, row.margin_ci95_high)} | {recall.get(row.method, '')} |")
+    return lines
+
+
+def paired_table(folder: Path, run: str, seed: int = 0) -> list[str]:
+    """Each preconditioned method minus its plain counterpart, per query, with the clustered interval."""
+    per_query = pd.read_csv(folder / "lds_per_query.csv")
+    methods = [m for m in per_query.method.unique() if not m.startswith(("random", "tfidf", "same_"))
+               and not m.endswith("_query_independent")]
+    lines = []
+    for method in methods:
+        plain = plain_counterpart(method, methods)
+        if plain is None:
+            continue
+        a = per_query[per_query.method == method].set_index("query_id")
+        b = per_query[per_query.method == plain].set_index("query_id").loc[a.index]
+        diff = (a.lds - b.lds).to_numpy()
+        mean, low, high = mean_and_cluster_interval(diff, a.counted.to_numpy(), list(a.cluster), seed=seed)
+        lines.append(f"| {run} | {method} - {plain} | {signed(mean, low, high)} |")
+    return lines
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--workdir", type=Path, required=True)
+    parser.add_argument("--run", action="append", required=True)
+    args = parser.parse_args()
+    print("| run | method | LDS [95%] | best baseline | its LDS | margin [95%] | planted recall@1 |")
+    print("|---|---|---|---|---|---|---|")
+    for run in args.run:
+        print("\n".join(lds_table(args.workdir / "results" / run / "validation", run)))
+    print("\n| run | preconditioned - plain | LDS difference [95%], paired per query |")
+    print("|---|---|---|")
+    for run in args.run:
+        print("\n".join(paired_table(args.workdir / "results" / run / "validation", run)))
+
+
+if __name__ == "__main__":
+    main()
