@@ -9,10 +9,15 @@ from conftest import SAMPLE
 
 
 def test_committed_sample_is_what_the_generator_writes(tmp_path):
+    """The same card and the same rows (the parquet bytes also hold the writing pyarrow's version: compared as
+    tables, schema included)."""
+    import pyarrow.parquet as pq
+
     write_sample(tmp_path)
-    for rel in ["README.md", "interactions/train-00000-of-00001.parquet",
-                "interactions/validation-00000-of-00001.parquet"]:
-        assert filecmp.cmp(tmp_path / rel, SAMPLE / rel, shallow=False), rel
+    assert filecmp.cmp(tmp_path / "README.md", SAMPLE / "README.md", shallow=False)
+    for rel in ["interactions/train-00000-of-00001.parquet", "interactions/validation-00000-of-00001.parquet"]:
+        written, committed = pq.read_table(tmp_path / rel), pq.read_table(SAMPLE / rel)
+        assert written.schema.equals(committed.schema) and written.equals(committed), rel
 
 
 def test_sample_loads_like_the_hub_dataset():

@@ -58,8 +58,9 @@ def fake_slurm_env(tmp_path, monkeypatch):
     monkeypatch.setenv("FAKE_SLURM_LOG", str(log))
     monkeypatch.setenv("FAKE_SLURM_ACCOUNTS", f"other-account,{accounts}")
     monkeypatch.setenv("FAKE_SLURM_FAIL_ONCE", "train_adapter")
-    # status queries wait for running jobs, so the plugin's growing poll interval never adds up
-    monkeypatch.setenv("FAKE_SLURM_SACCT_WAIT", "50")
+    # status queries wait for running jobs (just under the plugin's 60 s limit on one query), so a poll finds a job
+    # finished unless it runs longer than that; only then the plugin's interval grows (10 s per empty poll)
+    monkeypatch.setenv("FAKE_SLURM_SACCT_WAIT", "55")
     yield log
     # a failed or timed-out run may leave jobs behind: end them by their process group
     for job in fake_slurm.all_jobs() if state.exists() else []:
@@ -76,7 +77,7 @@ def test_slurm_profile_submits_gpu_jobs_and_retries_bigger(tmp_path, fake_slurm_
     workdir = tmp_path / "work"
     workdir.mkdir()
     snakemake(workdir, "--workflow-profile", str(PROFILE), "--slurm-init-seconds-before-status-checks", "1",
-              f"results/{RUN}/adapter", timeout=400)
+              f"results/{RUN}/adapter", timeout=900)  # a slow machine's long jobs grow the poll interval
 
     assert (workdir / "results" / RUN / "adapter" / "adapter_model.safetensors").exists()
     submitted = [submission(c) for c in calls(log, "sbatch")]
