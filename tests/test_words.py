@@ -43,3 +43,26 @@ def test_word_difficulty_puts_the_hardest_word_first_beside_its_total_influence(
     assert table.loc["apple", "success_rate"] == 0.5 and table.loc["apple", "training_episodes"] == 2
     assert table.loc["river", "queries"] == 1 and table.loc["chair", "queries"] == 0
     np.testing.assert_allclose(table.loc["apple", "influence_m"], s.mean(axis=0)[[0, 1]].sum())
+
+
+def test_words_csv_keeps_the_k_words_that_help_and_harm_each_query_word_most():
+    """The whole table grows with methods x query words x training words; words.csv keeps each query word's k most
+    helpful and k most harmful training words, in rank order."""
+    from playpen_attribution.words import top_and_bottom_words
+
+    rng = np.random.default_rng(0)
+    words = [f"w{i}" for i in range(30)]
+    queries = pd.DataFrame({"query_id": [f"q{i}" for i in range(12)], "target_word": words[:12]})
+    train = pd.DataFrame({"train_id": [f"t{i}" for i in range(60)], "target_word": words * 2})
+    scores = rng.normal(size=(12, 60))
+    methods = {m: MethodScores(m, scores * s, (scores * s).mean(axis=0), "mean") for m, s in (("a", 1), ("b", -1))}
+    table = word_influence(methods, queries, train)
+    assert len(table) == 2 * 12 * 30
+    kept = top_and_bottom_words(table, 3)
+    assert len(kept) == 2 * 12 * 6
+    for (method, word), group in table.groupby(["method", "query_word"]):
+        ordered = group.sort_values("influence", ascending=False).train_word.tolist()
+        mine = kept[(kept.method == method) & (kept.query_word == word)]
+        assert mine.train_word.tolist() == ordered[:3] + ordered[-3:] and mine["rank"].is_monotonic_increasing
+    assert top_and_bottom_words(table, 20).equals(table.sort_values(["method", "query_word", "rank"],
+                                                                    ignore_index=True))  # k past half: every row

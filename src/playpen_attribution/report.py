@@ -223,7 +223,7 @@ def training_section(manifest: dict) -> dict:
 
 
 def words_section(methods: dict[str, MethodScores], queries: pd.DataFrame, train: pd.DataFrame,
-                  influence: pd.DataFrame, difficulty: pd.DataFrame) -> dict | None:
+                  influence: pd.DataFrame, difficulty: pd.DataFrame, k: int = 10) -> dict | None:
     """Influence by taboo target word: heat map, what helps and harms each query word, the hard words (None when
     the run's episodes name no word)."""
     from playpen_attribution.words import helps_and_harms, word_heat_map
@@ -239,7 +239,7 @@ def words_section(methods: dict[str, MethodScores], queries: pd.DataFrame, train
             "query_rows": len(queries), "heat_map": png_bytes(word_heat_map(influence, train)), "method": first,
             "helps_and_harms": table_data(helps_and_harms(influence[influence.method == first]).drop(columns="method"),
                                           text_columns=()),
-            "difficulty": _numbers(difficulty)}
+            "difficulty": _numbers(difficulty), "k": k}
 
 
 def _template():
@@ -307,7 +307,8 @@ def render_page(*, title: str, summary: dict, methods: dict[str, MethodScores], 
 
 
 def build_report(*, query_csv, train_csv, influences_csv, out_dir, train_scores_csv=None, train_tokens_dir=None,
-                 tokenizer_file=None, top_k: int = 10, queries_shown: int = 10, title: str = "Attribution report",
+                 tokenizer_file=None, top_k: int = 10, queries_shown: int = 10, words_k: int = 10,
+                 title: str = "Attribution report",
                  planted_summary_csv=None, lds_csv=None, damping_csv=None, damping_png=None, adapter_manifest=None):
     """Rule `report`: every file of `report/` from the merged tables; returns their paths."""
     out_dir = Path(out_dir)
@@ -341,10 +342,10 @@ def build_report(*, query_csv, train_csv, influences_csv, out_dir, train_scores_
         tokens = token_strings(train_tokens_dir, tokenizer_file, {key[2] for key in per_token})
         per_token_spans = {key: token_spans(tokens[key[2]], scores) for key, scores in per_token.items()
                            if key[2] in tokens}
-    from playpen_attribution.words import word_difficulty, word_influence
+    from playpen_attribution.words import top_and_bottom_words, word_difficulty, word_influence
 
     words, difficulty = (word_influence(methods, queries, train), word_difficulty(methods, queries, train))
-    write_csv_atomic(words, paths["words.csv"])
+    write_csv_atomic(top_and_bottom_words(words, words_k), paths["words.csv"])
     write_csv_atomic(difficulty, paths["word_difficulty.csv"])
     training = None
     if adapter_manifest is not None and Path(adapter_manifest).is_file():
@@ -359,7 +360,7 @@ def build_report(*, query_csv, train_csv, influences_csv, out_dir, train_scores_
                        lds=pd.read_csv(lds_csv) if lds_csv else None,
                        damping=pd.read_csv(damping_csv) if damping_csv else None,
                        damping_png=Path(damping_png).read_bytes() if damping_png else None, training=training,
-                       words=words_section(methods, queries, train, words, difficulty))
+                       words=words_section(methods, queries, train, words, difficulty, words_k))
     with atomic_path(paths["index.html"]) as tmp:
         Path(tmp).write_text(page, encoding="utf-8")
     return paths

@@ -53,6 +53,16 @@ def word_influence(methods: dict[str, MethodScores], queries: pd.DataFrame, trai
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
 
 
+def top_and_bottom_words(influence: pd.DataFrame, k: int) -> pd.DataFrame:
+    """Per method and query word, the k training words that help it most and the k that harm it most (by `rank`),
+    in rank order: what words.csv keeps of a table that grows with methods x query words x training words."""
+    if influence.empty:
+        return influence
+    words = influence.groupby(["method", "query_word"])["rank"].transform("max")
+    kept = influence[(influence["rank"] <= k) | (influence["rank"] > words - k)]
+    return kept.sort_values(["method", "query_word", "rank"], kind="stable", ignore_index=True)
+
+
 def word_difficulty(methods: dict[str, MethodScores], queries: pd.DataFrame, train: pd.DataFrame) -> pd.DataFrame:
     """Per training target word: episodes, successes, success rate, queries about it, and per method the total
     influence of its episodes against the whole query set (sum of their scores against all queries). Hardest

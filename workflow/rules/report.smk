@@ -25,6 +25,7 @@ rule report:
     params:
         top_k=lambda wc: run_cfg(wc)["report"]["top_k"],
         queries_shown=lambda wc: run_cfg(wc)["report"]["queries_shown"],
+        words_k=lambda wc: run_cfg(wc)["report"]["words_k"],
         title=lambda wc: f"Attribution report: {wc.run} ({run_cfg(wc)['description']})",
         code=script_code("report.py"),
     log:

@@ -8,7 +8,7 @@ run_stage(snakemake, build_report, query_csv=snakemake.input.query, train_csv=sn
           influences_csv=snakemake.input.influences, out_dir=Path(snakemake.output.page).parent,
           train_scores_csv=snakemake.input.get("train_scores"), train_tokens_dir=snakemake.input.train_tokens,
           tokenizer_file=Path(snakemake.input.model) / "tokenizer.json", top_k=snakemake.params.top_k,
-          queries_shown=snakemake.params.queries_shown, title=snakemake.params.title,
+          queries_shown=snakemake.params.queries_shown, words_k=snakemake.params.words_k, title=snakemake.params.title,
           planted_summary_csv=snakemake.input.get("planted"), lds_csv=snakemake.input.get("lds"),
           damping_csv=snakemake.input.get("damping"), damping_png=snakemake.input.get("damping_plot"),
           adapter_manifest=Path(snakemake.input.model) / "manifest.json")
