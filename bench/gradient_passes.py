@@ -9,6 +9,10 @@ tokens they passed over, in units of the whole training set:
   + 3 variants         the same run with bergson_dot, bergson_cosine_train and bergson_cosine_mixed added
   fresh, 4 variants    all four Bergson variants + EK-FAC from scratch (Bergson and Kronfluence outputs removed)
 
+Then Kronfluence's passes over a shard's training rows against the number of queries (8, 32, 300: the demo's
+queries repeated), counted where the rows go through the model (the task's training loss), with one pass per
+query batch (`query_batches_per_pass: 1`, as before) and with the default (all batches kept for one pass).
+
     uv run python bench/gradient_passes.py [--workdir DIR]
 """
 
@@ -81,6 +85,7 @@ def main() -> None:
         (results / table).unlink()
     steps.append(step(workdir, "fresh, 4 variants", FOUR, train_tokens))
 
+    print(kronfluence_passes(workdir, train))
     purposes = sorted({p for _, _, counts in steps for p in counts})
     print(f"\n{machine_line()}, {time.strftime('%Y-%m-%d')}")
     print(f"demo run: {len(train)} training rows ({train_tokens} tokens), {query_count(workdir)} queries, 2 shards; "
@@ -89,6 +94,46 @@ def main() -> None:
     print("|---|---:|" + "---:|" * len(purposes))
     for name, wall, counts in steps:
         print(f"| {name} | {wall:.1f} | " + " | ".join(f"{counts.get(p, 0):.2f}" for p in purposes) + " |")
+
+
+def kronfluence_passes(workdir: Path, train) -> str:
+    """Training-row passes of one Kronfluence scoring for 8, 32 and 300 queries, counted, not computed."""
+    import datasets
+
+    import playpen_attribution.influence as influence
+
+    results = workdir / "results" / RUN
+    rows = train.select(range(16))
+    query = datasets.load_from_disk(str(results / "data/tokens/query"))
+    influence.fit_factors(str(results / "adapter"), results / "data/tokens/train", workdir / "identity-factors",
+                          strategy="identity", modules="lora")
+    seen = {"train": 0}
+    original = influence.make_task
+
+    def counting_task(*args, **kwargs):
+        task = original(*args, **kwargs)
+        train_loss = task.compute_train_loss
+
+        def compute_train_loss(batch, model, sample=False):
+            seen["train"] += batch["input_ids"].shape[0]
+            return train_loss(batch, model, sample)
+
+        task.compute_train_loss = compute_train_loss
+        return task
+
+    influence.make_task = counting_task
+    lines = ["| queries | query batches of 8 | passes, one per batch | passes, default |", "|---:|---:|---:|---:|"]
+    for n in (8, 32, 300):
+        queries = query.select([i % len(query) for i in range(n)])
+        passes = []
+        for per_pass in (1, None):
+            seen["train"] = 0
+            influence.score_pairs(str(results / "adapter"), workdir / "identity-factors", queries, rows,
+                                  query_batch_size=8, query_batches_per_pass=per_pass)
+            passes.append(seen["train"] / len(rows))
+        lines.append(f"| {n} | {-(-n // 8)} | {passes[0]:g} | {passes[1]:g} |")
+    influence.make_task = original
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":
