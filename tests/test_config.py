@@ -16,7 +16,7 @@ def test_defaults_are_filled_in():
     run = cfg["runs"]["r"]
     assert run["lora"]["r"] == 16 and run["lora"]["target_modules"][0] == "q_proj"
     assert run["data"]["drop_outcomes"] == ["aborted"] and run["data"]["null_outcome"] == "keep"
-    assert run["data"]["splits"] == {"train": "train", "query": "validation"}
+    assert run["data"]["splits"] == {"train": "train", "query": "validation", "eval": "validation"}
     assert run["data"]["source"]["name"] == "interactions"
     assert run["model"]["tiny"]["hidden_size"] == 64 and run["tokenization"]["render"] == "chat"
 
