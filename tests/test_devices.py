@@ -12,6 +12,23 @@ import pytest
 from playpen_attribution import devices
 
 
+def unset(monkeypatch, name):
+    """Remove `name` from the environment for this test only: monkeypatch.delenv of an absent variable records
+    nothing, so a value the code under test sets would outlive the test (and reach later tests' subprocesses)."""
+    monkeypatch.setenv(name, "")
+    monkeypatch.delenv(name)
+
+
+@pytest.fixture(autouse=True)
+def torch_threads_kept():
+    """run_stage sets torch's thread count to the job's: the tests after these keep the session's."""
+    import torch
+
+    before = torch.get_num_threads()
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture
 def fake_gpus(tmp_path, monkeypatch):
     """`nvidia-smi` on PATH reporting `n` GPUs and driver 535.104.05 (a CUDA 12.2 driver), no CUDA_VISIBLE_DEVICES."""
@@ -29,7 +46,7 @@ def fake_gpus(tmp_path, monkeypatch):
             """))
         script.chmod(0o755)
         monkeypatch.setenv("PATH", f"{bin_dir}:{__import__('os').environ['PATH']}")
-        monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+        unset(monkeypatch, "CUDA_VISIBLE_DEVICES")
         monkeypatch.setenv(devices.LOCK_DIR_ENV, str(tmp_path / "locks"))
         return bin_dir
     return install
@@ -55,7 +72,7 @@ def test_a_gpu_torch_cannot_use_stops_the_job_with_driver_cuda_and_fix(fake_gpus
 
 def test_no_gpu_on_the_machine_runs_gpu_jobs_on_the_cpu_and_cpu_jobs_never_see_one(tmp_path, monkeypatch):
     monkeypatch.setenv("PATH", str(tmp_path))  # no nvidia-smi
-    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    unset(monkeypatch, "CUDA_VISIBLE_DEVICES")
     assert devices.settle_job_device(wants_gpu=True) is None
     assert "CUDA_VISIBLE_DEVICES" not in __import__("os").environ
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1")
@@ -125,7 +142,7 @@ def test_a_stage_settles_its_device_and_threads_before_it_runs(tmp_path, monkeyp
 
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0")
     for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
-        monkeypatch.delenv(name, raising=False)
+        unset(monkeypatch, name)
     seen = {}
 
     def stage():
@@ -138,12 +155,8 @@ def test_a_stage_settles_its_device_and_threads_before_it_runs(tmp_path, monkeyp
         log_gradient_pass("tokens/train", rows=3, tokens=600, purpose="test")
         log_gradient_pass("tokens/train", rows=3, tokens=600, purpose="test")
 
-    before = __import__("torch").get_num_threads()
     job = SimpleNamespace(log=[str(tmp_path / "job.log")], threads=1, resources=SimpleNamespace(gpu=0), rule="r")
-    try:
-        run_stage(job, stage)
-    finally:
-        __import__("torch").set_num_threads(before)
+    run_stage(job, stage)
     assert seen == {"cuda": "", "omp": "1", "torch_threads": 1}
     log = (tmp_path / "job.log").read_text()
     assert "peak resident memory" in log
@@ -154,7 +167,7 @@ def test_cuda_training_needs_triton_build_tools_and_names_what_is_missing(tmp_pa
     import sysconfig
 
     monkeypatch.setenv("PATH", str(tmp_path))  # no compiler
-    monkeypatch.delenv("CC", raising=False)
+    unset(monkeypatch, "CC")
     monkeypatch.setattr(sysconfig, "get_paths", lambda: {"include": str(tmp_path / "no-headers")})
     read_only = tmp_path / "cache"
     read_only.mkdir()
@@ -170,7 +183,7 @@ def test_cuda_training_needs_triton_build_tools_and_names_what_is_missing(tmp_pa
 
 
 def test_each_job_gets_its_own_triton_cache_in_its_tmp_folder(tmp_path, monkeypatch):
-    monkeypatch.delenv("TRITON_CACHE_DIR", raising=False)
+    unset(monkeypatch, "TRITON_CACHE_DIR")
     devices.triton_cache_in(str(tmp_path))
     assert __import__("os").environ["TRITON_CACHE_DIR"] == str(tmp_path / "triton-cache")
     monkeypatch.setenv("TRITON_CACHE_DIR", "/users/choice")
@@ -188,6 +201,8 @@ def test_a_cuda_out_of_memory_error_is_not_run_again_on_the_same_gpu_with_the_sa
     from playpen_attribution import stage
 
     gpu = {"name": "NVIDIA A100-SXM4-40GB, 40 GB"}
+    for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):  # run_stage sets them
+        unset(monkeypatch, name)
     monkeypatch.setattr(stage, "settle_job_device", lambda wants_gpu: "0")
     monkeypatch.setattr(devices, "gpu_identity", lambda: gpu["name"])
     calls = []
