@@ -195,3 +195,21 @@ def test_every_rule_hashes_the_code_its_own_script_imports():
         assert script == scripts[parent], rule
     # e.g. the LDS table's hash covers the baselines module its stage imports lazily
     assert "baselines" in module_closure(script_modules(REPO / "workflow/scripts/lds.py"))
+
+
+def test_shards_that_do_not_belong_together_are_refused_naming_the_file(tmp_path):
+    """A shard scored against other queries, or one from another shard split (a stale shard left by a different
+    attribution.shards), never merges into a table that looks complete."""
+    from playpen_attribution.tables import load_shards
+
+    scores = np.arange(6, dtype=np.float32).reshape(2, 3)
+    save_shard(tmp_path / "a.npz", scores, ["q0", "q1"], ["t0", "t1", "t2"])
+    save_shard(tmp_path / "b.npz", scores, ["q0", "q1"], ["t3", "t4", "t5"])
+    save_shard(tmp_path / "other-queries.npz", scores, ["q0", "q9"], ["t3", "t4", "t5"])
+    save_shard(tmp_path / "stale.npz", scores, ["q0", "q1"], ["t2", "t3", "t4"])
+    merged = load_shards([tmp_path / "a.npz", tmp_path / "b.npz"])
+    assert merged["train_ids"] == ["t0", "t1", "t2", "t3", "t4", "t5"] and merged["scores"].shape == (2, 6)
+    with pytest.raises(ValueError, match=r"other-queries.npz was scored against other queries than .*a.npz"):
+        load_shards([tmp_path / "a.npz", tmp_path / "other-queries.npz"])
+    with pytest.raises(ValueError, match=r"training row t2 is in more than one shard \(.*stale.npz and an earlier one\)"):
+        load_shards([tmp_path / "a.npz", tmp_path / "stale.npz"])
