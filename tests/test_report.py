@@ -166,3 +166,12 @@ def test_tables_that_do_not_belong_together_are_refused_by_name(tmp_path):
         build_report(query_csv=paths["query"], train_csv=paths["train"], influences_csv=paths["influences"],
                      out_dir=tmp_path / "report")
     assert not (tmp_path / "report" / "index.html").exists()
+
+
+def test_an_empty_influences_table_is_refused_naming_it_and_writes_no_report(tmp_path):
+    paths, _, _ = tables(tmp_path, np.random.default_rng(3))
+    pd.read_csv(paths["influences"]).iloc[:0].to_csv(tmp_path / "empty.csv", index=False)
+    with pytest.raises(ValueError, match=r"empty.csv holds no scores; rerun the merge"):
+        build_report(query_csv=paths["query"], train_csv=paths["train"], influences_csv=tmp_path / "empty.csv",
+                     out_dir=tmp_path / "report", top_k=3)
+    assert not (tmp_path / "report").exists() or not any((tmp_path / "report").iterdir())
