@@ -240,3 +240,24 @@ def test_the_tools_on_a_real_pretrained_model_converted_from_its_package(smol_mo
             logits = model(ids).logits[0, len(prompt) - 1:-1]
         expected = torch.nn.functional.cross_entropy(logits, torch.tensor(completion), reduction="sum").item()
         assert loss == pytest.approx(expected, rel=1e-4)
+
+
+def test_run_query_flags_reach_the_scoring(cli_model, factors_dir, tmp_path):
+    """--score-batch-size changes only how rows are batched (same scores); --query-gradient-rank stores query
+    gradients at that rank (other scores, of the same sign where they are large); --render chat tokenizes with the
+    chat template (other query losses than plain)."""
+    import numpy as np
+
+    def scores(name, *flags):
+        run_query(query_args(cli_model, factors_dir, tmp_path / name) + list(flags))
+        frame = pd.read_csv(tmp_path / name / "influences.csv")
+        return frame.pivot(index="query_id", columns="train_id", values="influence_score").to_numpy(), \
+            pd.read_csv(tmp_path / name / "query.csv")["loss"].to_numpy()
+
+    default, plain_loss = scores("default")
+    batched, _ = scores("batched", "--score-batch-size", "5")
+    np.testing.assert_allclose(batched, default, rtol=1e-4, atol=1e-6 * np.abs(default).max())
+    low_rank, _ = scores("rank", "--query-gradient-rank", "1")
+    assert np.isfinite(low_rank).all() and not np.allclose(low_rank, default, rtol=1e-3)
+    _, chat_loss = scores("chat", "--render", "chat")
+    assert not np.allclose(chat_loss, plain_loss)
