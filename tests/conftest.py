@@ -175,9 +175,11 @@ def independent_gradients(adapter_dir, rows):
 # ---------------------------------------------------------------------------------------------------------
 # the demo DAG, built in the background from the start of the session
 # ---------------------------------------------------------------------------------------------------------
-# The demo's whole DAG (a few minutes of jobs, most of them one thread each) runs in a project copy as a user runs it,
-# started as soon as the tests are collected, so that the unit tests use the cores its sequential stretches leave
-# idle; the workflow tests, which pytest runs last (test_workflow.py), wait for it.
+# The demo's whole DAG (a few minutes of jobs, one thread each with --cores 1) runs in a project copy as a user runs it,
+# started as soon as the tests are collected, while the unit tests run in this process on one thread: the two share
+# the two cores without oversubscribing them (torch's default of a thread per core in both, with OpenMP's spinning
+# waits, made the Bergson tests ten times slower beside the DAG than alone). The workflow tests, which pytest runs
+# last (test_workflow.py), wait for it.
 _DEMO = {}
 
 
@@ -191,7 +193,11 @@ def pytest_collection_finish(session):
         workdir = project_copy(root)
         log = open(root / "snakemake.out", "w")
         cmd = [sys.executable, "-m", "snakemake", "-s", str(workdir / "Snakefile"), "--directory", str(workdir),
-               "--cores", "2"]
+               "--cores", "1"]
+        import torch
+
+        torch.set_num_threads(1)
+        os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = "1"  # the tests' own subprocesses too
         _DEMO.update(workdir=workdir, log=log, process=subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
                                                                          env={**os.environ}))
 
@@ -206,7 +212,7 @@ def pytest_sessionfinish(session):
 @pytest.fixture(scope="session")
 def demo_workdir():
     """The project copy in which the demo's default target (influences.csv, train_scores.csv, the report) was built
-    by `snakemake --cores 2`, as a user runs it (no GPU here: the "GPU" jobs share the cores with the rest)."""
+    by `snakemake --cores 1`, as a user runs it (no GPU here: the "GPU" jobs share the core with the rest)."""
     process = _DEMO["process"]
     code = process.wait(timeout=1800)
     _DEMO["log"].flush()
