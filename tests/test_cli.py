@@ -261,3 +261,36 @@ def test_run_query_flags_reach_the_scoring(cli_model, factors_dir, tmp_path):
     assert np.isfinite(low_rank).all() and not np.allclose(low_rank, default, rtol=1e-3)
     _, chat_loss = scores("chat", "--render", "chat")
     assert not np.allclose(chat_loss, plain_loss)
+
+
+def test_fit_hessians_flags_reach_the_fit(cli_model, tmp_path, monkeypatch):
+    """The seed's batch-size, stride, revision and split flags arrive at the fit as given."""
+    import playpen_attribution.influence as influence
+
+    seen = {}
+
+    def fake_fit(model, dataset, out, **kwargs):
+        seen.update(model=model, dataset=dataset, **kwargs)
+        return {"strategy": kwargs["strategy"], "num_examples": 1, "tracked_modules": ["m"]}
+
+    monkeypatch.setattr(influence, "fit_factors", fake_fit)
+    fit_hessians(["--model", str(cli_model / "model"), "--hessian-dataset", str(cli_model / "hessian"),
+                  "--output-dir", str(tmp_path / "f"), "--factor-batch-size", "3", "--lambda-batch-size", "5",
+                  "--layer-stride", "2", "--revision", "abc123", "--split", "validation", "--strategy", "kfac"])
+    assert {k: seen[k] for k in ("covariance_batch_size", "lambda_batch_size", "layer_stride", "revision", "split",
+                                 "strategy", "modules")} == {
+        "covariance_batch_size": 3, "lambda_batch_size": 5, "layer_stride": 2, "revision": "abc123",
+        "split": "validation", "strategy": "kfac", "modules": "mlp"}
+
+
+def test_fit_hessians_on_an_adapter_tracks_its_lora_layers_from_a_datasetdict_split(demo_adapter, demo_tokens,
+                                                                                     tmp_path):
+    import datasets
+
+    rows = datasets.load_from_disk(str(demo_tokens / "train")).select(range(6))
+    datasets.DatasetDict({"train": rows.select(range(2)), "validation": rows}).save_to_disk(str(tmp_path / "dd"))
+    fit_hessians(["--model", str(demo_adapter), "--hessian-dataset", str(tmp_path / "dd"), "--split", "validation",
+                  "--output-dir", str(tmp_path / "f"), "--strategy", "diagonal", "--dtype", "float32"])
+    meta = json.loads((tmp_path / "f" / "metadata.json").read_text())
+    assert meta["num_examples"] == 6  # the validation split's rows, not train's 2
+    assert meta["tracked_modules"] and all(".lora_A." in m or ".lora_B." in m for m in meta["tracked_modules"])
