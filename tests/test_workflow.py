@@ -242,10 +242,13 @@ def test_more_lds_subsets_reuse_the_retrains_already_done(demo_workdir):
 def test_snakemake_report_collects_the_report_files(demo_workdir, tmp_path):
     out = tmp_path / "snakemake-report.html"
     snakemake(demo_workdir, *DEMO_TARGETS, "--report", str(out))
-    text = out.read_text()
-    for name in ("index.html", "top_episodes.csv", "agreement.csv", "preconditioner_stability.csv",
-                 "agreement.png", "score_distributions.png"):
-        assert name in text, name
+    # the report's own record of each collected file, keyed by its path (not a name found anywhere in the page)
+    collected = dict(re.findall(r'"(results/demo/[^"]+)": \{"name": "([^"]+)", "filename"', out.read_text()))
+    assert set(collected.values()) == {
+        "index.html", "top_episodes.csv", "agreement.csv", "preconditioner_stability.csv", "agreement.png",
+        "score_distributions.png", "words.csv", "word_difficulty.csv", "planted_summary.csv", "lds.csv",
+        "damping.csv", "damping.png"}
+    assert collected["results/demo/report/top_episodes.csv"] == "top_episodes.csv"
 
 
 def test_no_job_writes_into_another_rules_output(demo_workdir):
