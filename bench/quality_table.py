@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from playpen_attribution.baselines import is_baseline
 from playpen_attribution.scores import mean_and_cluster_interval, plain_counterpart
 
 
@@ -40,8 +41,7 @@ def lds_table(folder: Path, run: str) -> list[str]:
 def paired_table(folder: Path, run: str, seed: int = 0) -> list[str]:
     """Each preconditioned method minus its plain counterpart, per query, with the clustered interval."""
     per_query = pd.read_csv(folder / "lds_per_query.csv")
-    methods = [m for m in per_query.method.unique() if not m.startswith(("random", "tfidf", "same_"))
-               and not m.endswith("_query_independent")]
+    methods = [m for m in per_query.method.unique() if not is_baseline(m)]
     lines = []
     for method in methods:
         plain = plain_counterpart(method, methods)

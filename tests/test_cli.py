@@ -205,7 +205,6 @@ def test_the_tools_on_a_real_pretrained_model_converted_from_its_package(smol_mo
     """fit-hessians and run-query with the README's flags on SmolLM2-135M-Instruct (Llama layout, tied embeddings),
     the converted folder as --model: the seed's MLP modules of every 10th layer, the examples cap recorded, and
     query.csv's loss equal to the summed completion cross-entropy computed here by hand."""
-    import datasets
     import numpy as np
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer

@@ -34,30 +34,29 @@ class DeviceError(RuntimeError):
     """A job that was given a GPU it cannot use."""
 
 
+def _nvidia_smi(*args: str) -> str:
+    """What `nvidia-smi` prints; empty without it (no NVIDIA driver) or when it fails."""
+    if not shutil.which("nvidia-smi"):
+        return ""
+    try:
+        return subprocess.run(["nvidia-smi", *args], capture_output=True, text=True, timeout=20, check=True).stdout
+    except (OSError, subprocess.SubprocessError):
+        return ""
+
+
 def visible_devices() -> list[str]:
-    """The GPUs this process may use: `CUDA_VISIBLE_DEVICES` where set (SLURM sets it), else every GPU `nvidia-smi -L`
-    lists; none without either."""
+    """The GPUs this process may use, without importing torch: `CUDA_VISIBLE_DEVICES` where set (SLURM sets it), else
+    every GPU `nvidia-smi -L` lists; none without either."""
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")
     if visible is not None:
         return [d.strip() for d in visible.split(",") if d.strip() and d.strip() != "-1"]
-    if not shutil.which("nvidia-smi"):
-        return []
-    try:
-        listing = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=20, check=True).stdout
-    except (OSError, subprocess.SubprocessError):
-        return []
-    return [str(i) for i, line in enumerate(l for l in listing.splitlines() if l.startswith("GPU "))]
+    gpus = [line for line in _nvidia_smi("-L").splitlines() if line.startswith("GPU ")]
+    return [str(i) for i in range(len(gpus))]
 
 
 def driver_version() -> str | None:
-    if not shutil.which("nvidia-smi"):
-        return None
-    try:
-        out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
-                             capture_output=True, text=True, timeout=20, check=True).stdout
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return out.split()[0] if out.split() else None
+    words = _nvidia_smi("--query-gpu=driver_version", "--format=csv,noheader").split()
+    return words[0] if words else None
 
 
 def _lock_dir() -> Path:

@@ -380,11 +380,10 @@ def score_pairs(
     tokenizer = load_tokenizer(model_ref, revision)
     task = make_task(tracked, metadata.get("fisher", "empirical"))
     name = metadata["factors_name"]
-    query_batch = min(query_batch_size or len(query_dataset), len(query_dataset))
-    batches = math.ceil(len(query_dataset) / query_batch)
+    query_batch, batches_per_pass, _ = query_batching(len(query_dataset), query_batch_size, query_batches_per_pass)
     score_args = ScoreArguments(compute_per_token_scores=per_token, damping_factor=damping_factor,
                                 query_gradient_low_rank=query_gradient_rank,
-                                query_gradient_accumulation_steps=min(query_batches_per_pass or batches, batches))
+                                query_gradient_accumulation_steps=batches_per_pass)
     with tempfile.TemporaryDirectory(prefix="scores-", dir=os.environ.get("TMPDIR")) as scratch:
         analysis_dir = Path(scratch) / ANALYSIS_NAME
         analysis_dir.mkdir()
@@ -411,11 +410,22 @@ def score_pairs(
 # ----------------------------------------------------------------------------------------------
 # workflow stages
 # ----------------------------------------------------------------------------------------------
+def query_batching(queries: int, query_batch_size: int | None,
+                   query_batches_per_pass: int | None) -> tuple[int, int, int]:
+    """How `score_pairs` goes through `queries` queries: (queries per batch, query batches kept per pass over the
+    training rows, passes). Kronfluence streams the rows once per group of `query_batches_per_pass` batches (all of
+    them in one group by default)."""
+    if not queries:
+        return 0, 0, 0
+    batch = min(query_batch_size or queries, queries)
+    batches = math.ceil(queries / batch)
+    per_pass = min(query_batches_per_pass or batches, batches)
+    return batch, per_pass, math.ceil(batches / per_pass)
+
+
 def query_passes(queries: int, query_batch_size: int | None, query_batches_per_pass: int | None) -> int:
-    """Passes over the training rows `score_pairs` makes: Kronfluence streams them once per group of
-    `query_batches_per_pass` query batches (all batches in one group by default)."""
-    batches = math.ceil(queries / min(query_batch_size or queries, queries)) if queries else 0
-    return math.ceil(batches / min(query_batches_per_pass or batches, batches)) if batches else 0
+    """Passes over the training rows `score_pairs` makes (`query_batching`)."""
+    return query_batching(queries, query_batch_size, query_batches_per_pass)[2]
 
 
 def _log_score_passes(tokens_dir, rows, queries: int, settings, purpose: str) -> None:

@@ -14,13 +14,11 @@ Everything here but `meta_device_shapes` runs without torch, so building the DAG
 
 from __future__ import annotations
 
-import json
 import math
 import os
-import shutil
-import subprocess
 from pathlib import Path
 
+from playpen_attribution.devices import visible_devices
 from playpen_attribution.model_sources import read_architecture, text_config
 
 GB = 1e9
@@ -46,18 +44,8 @@ ACTIVATION_OVERHEAD = {"training": 1.25, "kronfluence": 1.0, "bergson": 1.2}
 
 
 def local_gpu_count() -> int:
-    """NVIDIA GPUs this process may use, without importing torch: CUDA_VISIBLE_DEVICES where set, else
-    `nvidia-smi -L`; 0 without either."""
-    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-    if visible is not None:
-        return len([d for d in visible.split(",") if d.strip() and d.strip() != "-1"])
-    if not shutil.which("nvidia-smi"):
-        return 0
-    try:
-        listing = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=20, check=True).stdout
-    except (OSError, subprocess.SubprocessError):
-        return 0
-    return sum(line.startswith("GPU ") for line in listing.splitlines())
+    """NVIDIA GPUs this process may use, without importing torch (the devices the jobs choose from)."""
+    return len(visible_devices())
 
 
 def local_memory_mb() -> int:

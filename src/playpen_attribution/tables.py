@@ -54,15 +54,15 @@ def load_shards(paths: list[str | Path]) -> dict:
     for path, part in zip(paths, parts):
         if not np.array_equal(part["query_ids"], query_ids):
             raise ValueError(f"{path} was scored against other queries than {paths[0]}; rerun its scoring")
-    train_ids = [t for p in parts for t in p["train_ids"]]
-    if len(set(train_ids)) != len(train_ids):
-        seen, twice = set(), []
-        for path, part in zip(paths, parts):
-            twice += [(str(path), t) for t in part["train_ids"] if t in seen]
-            seen.update(part["train_ids"])
-        raise ValueError(f"training row {twice[0][1]} is in more than one shard ({twice[0][0]} and an earlier one): "
-                         f"the shards come from different shard splits (a stale shard of another attribution.shards?); "
-                         f"rerun their scoring")
+    train_ids, seen = [], set()
+    for path, part in zip(paths, parts):
+        for train_id in part["train_ids"]:
+            if train_id in seen:
+                raise ValueError(f"training row {train_id} is in more than one shard ({path} and an earlier one): the "
+                                 f"shards come from different shard splits (a stale shard of another "
+                                 f"attribution.shards?); rerun their scoring")
+            seen.add(train_id)
+        train_ids += list(part["train_ids"])
     merged = {"scores": np.concatenate([p["scores"] for p in parts], axis=1),
               "query_ids": list(query_ids), "train_ids": train_ids, "per_token": None, "reduced": None}
     if all("reduced" in p for p in parts):

@@ -141,8 +141,9 @@ def train_adapter(
                            "the tokenization should have made every row fit")
     result = trainer.train()
     log_time(f"training {output_dir.name}", result.metrics["train_runtime"])
+    tokens_per_epoch = token_count(tokens)
     for epoch in range(math.ceil(training.epochs)):  # one forward+backward pass over the rows per epoch
-        log_gradient_pass(train_tokens_dir, len(tokens), token_count(tokens), f"training epoch {epoch + 1}")
+        log_gradient_pass(train_tokens_dir, len(tokens), tokens_per_epoch, f"training epoch {epoch + 1}")
     metrics = without_timings(result.metrics)
     model = trainer.model
     model.eval()

@@ -180,8 +180,9 @@ def hessian_dataset(wildcards):
 
 
 # The memory plan, computed while the DAG is built (config and, once they exist, the tokenized data's lengths;
-# no torch): printed once per run, refused before any job runs where a stage would not fit the GPU, and the source
-# of the model-holding jobs' mem_mb. The memory_plan rule writes the same plan to results/<run>/plan.{txt,json}.
+# no torch): printed once per run (twice where the data is tokenized during the run: the config's limits first, then
+# the real lengths), refused before any job runs where a stage would not fit the GPU, and the source of the
+# model-holding jobs' mem_mb. The memory_plan rule writes the same plan to results/<run>/plan.{txt,json}.
 _PLANS = {}
 
 
@@ -200,8 +201,9 @@ def plan_architecture_file(wildcards):
 
 
 def run_plan(wildcards, keep=True):
-    """The run's plan, checked (PlanError where a stage will not fit). `keep=False`: checked but not kept for the
-    jobs' mem_mb, which then come from the lengths known when the first model-holding job is scheduled."""
+    """The run's plan, checked (PlanError where a stage will not fit). `keep=False` (before the first job): kept for
+    the jobs' mem_mb only where it already has the tokenized data's lengths; else the plan is computed again when the
+    first model-holding job is scheduled, once the data is tokenized."""
     name = wildcards.run
     if name not in _PLANS:
         run = run_cfg(wildcards)
@@ -211,7 +213,7 @@ def run_plan(wildcards, keep=True):
         plan = build_plan(run, arch, lengths, run["resources"]["gpu_mem_gb"])
         print(format_plan(plan, name), file=sys.stderr)
         check_plan(plan, run, name)
-        if not keep:
+        if not keep and lengths["source"] != "tokenized data":
             return plan
         _PLANS[name] = plan
     return _PLANS[name]
