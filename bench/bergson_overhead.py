@@ -1,15 +1,17 @@
 """Overhead of the workflow's Bergson reduce + score stages against the bare `bergson` command line.
 
-On the demo's adapter and tokens, the median of --repeats runs of:
+On a run's adapter and tokens (the demo's, or with --run rehearsal Gemma 3 1B's widths and vocabulary on real taboo
+transcripts, where the work dominates), the median of --repeats runs of:
   bare        `bergson reduce` (mean of unit-normalized query gradients) then `bergson score` of every training
               row against it: two processes, as a user of the command line would run them
   workflow    `snakemake --forcerun bergson_reduce bergson_index bergson_scores` for the same variant (cosine),
-              --cores 1: one reduce job, one index job per shard (the gradients, kept for every variant) and one
+              --cores N (the bare commands get N torch threads): one reduce job, one index job per shard (the gradients, kept for every variant) and one
               score job per shard (no model); each score job also scores every query on its own (for
               influences.csv), which the bare run does not
 Ratios are against `bare`, measured in one run (the machine is shared: compare ratios, not seconds).
 
     uv run python bench/bergson_overhead.py [--workdir DIR] [--repeats 3]
+    uv run python bench/bergson_overhead.py --run rehearsal --cores 2 --repeats 1
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import RUN, bench_arguments, demo_paths, demo_settings, print_table, snakemake, snakemake_command, timed  # noqa: E402
+from common import RUN, bench_arguments, print_table, run_paths, run_settings, snakemake, snakemake_command, timed  # noqa: E402
 
 VARIANT = "cosine"
 
@@ -35,13 +37,21 @@ def main() -> None:
 def run(stack) -> None:
     from playpen_attribution.modeling import adapter_view_with_absolute_base
 
-    args, workdir = bench_arguments(__doc__, 3, "bench-bergson-")
-    paths = demo_paths(workdir)
-    settings = demo_settings()
+    import os
+
+    def extra(parser):
+        parser.add_argument("--run", default=RUN, help="the run whose adapter and tokens are used (default: demo)")
+        parser.add_argument("--cores", type=int, default=1,
+                            help="Snakemake's --cores, and the torch threads of the bare commands")
+
+    args, workdir = bench_arguments(__doc__, 3, "bench-bergson-", extra=extra)
+    paths = run_paths(workdir, args.run)
+    settings = run_settings(args.run)
     shards, bergson = settings["shards"], settings["bergson"]
-    targets = [f"results/{RUN}/bergson/scores/{VARIANT}/shard-{i}.npz" for i in range(shards)]
-    print(f"preparing the demo inputs in {workdir} ...", flush=True)
+    targets = [f"results/{args.run}/bergson/scores/{VARIANT}/shard-{i}.npz" for i in range(shards)]
+    print(f"preparing the {args.run} inputs in {workdir} ...", flush=True)
     snakemake(workdir, "--cores", "2", *targets)
+    os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = str(args.cores)  # the bare commands
 
     bergson_cli = [str(Path(sys.executable).parent / "bergson")]
     # the adapter names its base relative to itself (a portable run); Bergson resolves it from the working directory
@@ -60,15 +70,16 @@ def run(stack) -> None:
                                "--query_path", str(scratch / "query"), *common]
         timings["bare"].append(timed(reduce) + timed(score))
         timings["workflow"].append(timed(snakemake_command(
-            workdir, "--cores", "1", "--forcerun", "bergson_reduce", "bergson_index", "bergson_scores", "--",
-            *targets)))
+            workdir, "--cores", str(args.cores), "--forcerun", "bergson_reduce", "bergson_index", "bergson_scores",
+            "--", *targets)))
+        print({stage: round(values[-1], 1) for stage, values in timings.items()}, flush=True)
     shutil.rmtree(scratch, ignore_errors=True)
 
     import datasets
 
     n_train, n_query = (len(datasets.load_from_disk(str(paths[s]))) for s in ("train", "query"))
-    print_table(timings, f"demo run, {n_train} training rows x {n_query} queries, variant {VARIANT}, "
-                         f"{shards} score shards")
+    print_table(timings, f"{args.run} run, {n_train} training rows x {n_query} queries, variant {VARIANT}, "
+                         f"{shards} score shards, --cores {args.cores}")
 
 
 if __name__ == "__main__":

@@ -50,16 +50,25 @@ def timed(cmd: list[str]) -> float:
     return elapsed
 
 
-def demo_settings() -> dict:
+def run_settings(run: str = RUN) -> dict:
+    """A run's attribution section, as the workflow reads it from config/config.yaml."""
     from playpen_attribution.config import load_config, run_config
 
-    return run_config(load_config(REPO / "config" / "config.yaml"), RUN)["attribution"]
+    return run_config(load_config(REPO / "config" / "config.yaml"), run)["attribution"]
+
+
+def run_paths(workdir: Path, run: str = RUN) -> dict[str, Path]:
+    results = workdir / "results" / run
+    return {"adapter": results / "adapter", "train": results / "data/tokens/train",
+            "query": results / "data/tokens/query"}
+
+
+def demo_settings() -> dict:
+    return run_settings(RUN)
 
 
 def demo_paths(workdir: Path) -> dict[str, Path]:
-    results = workdir / "results" / RUN
-    return {"adapter": results / "adapter", "train": results / "data/tokens/train",
-            "query": results / "data/tokens/query"}
+    return run_paths(workdir, RUN)
 
 
 def machine_line() -> str:

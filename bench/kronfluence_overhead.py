@@ -1,15 +1,17 @@
 """Overhead of the workflow's Kronfluence stages against a bare Kronfluence call on the same inputs.
 
-Three timings, each the median of --repeats runs on the demo's adapter and tokens:
+Three timings, each the median of --repeats runs on a run's adapter and tokens (the demo's, or with --run rehearsal
+Gemma 3 1B's widths and vocabulary on real taboo transcripts, where the work dominates):
   bare        one Python process: load the adapter, fit the factors, score every query against every
               training row with Kronfluence directly (a minimal Task, the same batch sizes and modules)
   package     the same work through the package functions the rules call (fit_factors + score_shard_stage
               per shard), in one process: the wrapper's own cost (metadata, hashes, atomic writes, shards)
-  workflow    `snakemake --forcerun fit_factors kronfluence_scores` on the same targets, --cores 1:
-              adds Snakemake's start-up and one Python process per job
+  workflow    `snakemake --forcerun fit_factors kronfluence_scores` on the same targets, --cores N (the bare and
+              package processes get N torch threads): adds Snakemake's start-up and one Python process per job
 Ratios are against `bare`, measured in one run (the machine is shared: compare ratios, not seconds).
 
     uv run python bench/kronfluence_overhead.py [--workdir DIR] [--strategy ekfac] [--repeats 3]
+    uv run python bench/kronfluence_overhead.py --run rehearsal --stages bare,workflow --cores 2 --repeats 1
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import RUN, bench_arguments, demo_paths, demo_settings, print_table, snakemake, snakemake_command, timed  # noqa: E402
+from common import RUN, bench_arguments, print_table, run_paths, run_settings, snakemake, snakemake_command, timed  # noqa: E402
 
 
 BARE = r"""
@@ -31,15 +33,18 @@ from kronfluence.arguments import FactorArguments
 from kronfluence.task import Task
 from kronfluence.utils.dataset import DataLoaderKwargs
 
-adapter, train_dir, query_dir, strategy, cov_bs, lam_bs, train_bs = sys.argv[1:]
+adapter, train_dir, query_dir, strategy, cov_bs, lam_bs, train_bs, stride = sys.argv[1:]
 model = AutoPeftModelForCausalLM.from_pretrained(adapter, attn_implementation="eager").eval()
 tok = AutoTokenizer.from_pretrained(adapter)
+layer = lambda n: int(n.split(".layers.")[1].split(".")[0])
 tracked = [n for n, m in model.named_modules()
-           if isinstance(m, torch.nn.Linear) and (".lora_A." in n or ".lora_B." in n)]
+           if isinstance(m, torch.nn.Linear) and (".lora_A." in n or ".lora_B." in n) and layer(n) % int(stride) == 0]
 
 def loss(batch, model):
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
-    return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), batch["labels"][:, 1:].reshape(-1),
+    # logits only where a completion token is predicted: Gemma 3's 262,144-word logits of every position would not fit
+    keep = torch.nonzero((batch["labels"][:, 1:] != -100).any(dim=0)).flatten()
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], logits_to_keep=keep).logits
+    return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), batch["labels"][:, keep + 1].reshape(-1),
                            ignore_index=-100, reduction="sum")
 
 class T(Task):
@@ -95,44 +100,61 @@ with tempfile.TemporaryDirectory() as out:
 """
 
 
+def extra(parser) -> None:
+    parser.add_argument("--strategy", default="ekfac", choices=["diagonal", "kfac", "ekfac"])
+    parser.add_argument("--run", default=RUN, help="the run whose adapter and tokens are used (default: demo)")
+    parser.add_argument("--stages", default="bare,package,workflow", help="which timings, comma-separated")
+    parser.add_argument("--cores", type=int, default=1,
+                        help="Snakemake's --cores, and the torch threads of the bare and package processes")
+
+
 def main() -> None:
+    import os
+
     from playpen_attribution.modeling import adapter_view_with_absolute_base
 
-    args, workdir = bench_arguments(__doc__, 3, "bench-kronfluence-", extra=lambda parser: parser.add_argument(
-        "--strategy", default="ekfac", choices=["diagonal", "kfac", "ekfac"]))
-    paths = demo_paths(workdir)
+    args, workdir = bench_arguments(__doc__, 3, "bench-kronfluence-", extra=extra)
+    stages = args.stages.split(",")
+    paths = run_paths(workdir, args.run)
     adapter, train_dir, query_dir = paths["adapter"], paths["train"], paths["query"]
-    print(f"preparing the demo inputs in {workdir} ...", flush=True)
+    print(f"preparing the {args.run} inputs in {workdir} ...", flush=True)
     snakemake(workdir, "--cores", "2", str(adapter.relative_to(workdir)), str(train_dir.relative_to(workdir)),
               str(query_dir.relative_to(workdir)))
 
-    settings = demo_settings()
+    settings = run_settings(args.run)
     kf = settings["kronfluence"]
-    if kf["modules"] != "lora" or kf["layer_stride"] != 1 or kf["max_examples"] or kf["fisher"] != "empirical":
-        sys.exit("the bare baseline tracks every LoRA module with the empirical Fisher on all rows; "
-                 "the demo config must use those settings for a like-for-like comparison")
+    if kf["modules"] != "lora" or kf["max_examples"] or kf["fisher"] != "empirical" or kf["hessian_dataset"]:
+        sys.exit("the bare baseline tracks LoRA modules with the empirical Fisher on every training row; "
+                 "the run's config must use those settings for a like-for-like comparison")
     shards = settings["shards"]
-    targets = [f"results/{RUN}/kronfluence/scores/{args.strategy}/shard-{i}.npz" for i in range(shards)]
+    targets = [f"results/{args.run}/kronfluence/scores/{args.strategy}/shard-{i}.npz" for i in range(shards)]
+    os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = str(args.cores)  # the bare and package processes
 
-    timings = {"bare": [], "package": [], "workflow": []}
+    timings = {stage: [] for stage in ("bare", "package", "workflow") if stage in stages}
     for repeat in range(args.repeats):
         print(f"repeat {repeat + 1}/{args.repeats}", flush=True)
-        # the adapter names its base relative to itself (a portable run); PEFT's loader wants a path it can open
-        with adapter_view_with_absolute_base(adapter) as view:
-            timings["bare"].append(timed(
-                [sys.executable, "-c", BARE, str(view), str(train_dir), str(query_dir), args.strategy,
-                 str(kf["covariance_batch_size"]), str(kf["lambda_batch_size"]), str(kf["train_batch_size"])]))
-        timings["package"].append(timed(
-            [sys.executable, "-c", PACKAGE, str(adapter), str(train_dir), str(query_dir), args.strategy,
-             json.dumps({"attribution": settings})]))
-        timings["workflow"].append(timed(snakemake_command(
-            workdir, "--cores", "1", "--forcerun", "fit_factors", "kronfluence_scores", "--", *targets)))
+        if "bare" in timings:
+            # the adapter names its base relative to itself (a portable run); PEFT's loader wants a path it can open
+            with adapter_view_with_absolute_base(adapter) as view:
+                timings["bare"].append(timed(
+                    [sys.executable, "-c", BARE, str(view), str(train_dir), str(query_dir), args.strategy,
+                     str(kf["covariance_batch_size"]), str(kf["lambda_batch_size"]), str(kf["train_batch_size"]),
+                     str(kf["layer_stride"])]))
+        if "package" in timings:
+            timings["package"].append(timed(
+                [sys.executable, "-c", PACKAGE, str(adapter), str(train_dir), str(query_dir), args.strategy,
+                 json.dumps({"attribution": settings})]))
+        if "workflow" in timings:
+            timings["workflow"].append(timed(snakemake_command(
+                workdir, "--cores", str(args.cores), "--forcerun", "fit_factors", "kronfluence_scores", "--",
+                *targets)))
+        print({stage: round(values[-1], 1) for stage, values in timings.items()}, flush=True)
 
     import datasets
 
     n_train, n_query = len(datasets.load_from_disk(str(train_dir))), len(datasets.load_from_disk(str(query_dir)))
-    print_table(timings, f"demo run, {n_train} training rows x {n_query} queries, strategy {args.strategy}, "
-                         f"{shards} score shards")
+    print_table(timings, f"{args.run} run, {n_train} training rows x {n_query} queries, strategy {args.strategy}, "
+                         f"{shards} score shards, --cores {args.cores}")
 
 
 if __name__ == "__main__":

@@ -129,6 +129,23 @@ def test_reduced_scores_are_the_mean_of_per_query_scores(demo_adapter, small, pr
     np.testing.assert_allclose(result["reduced"], result["scores"].mean(axis=0), rtol=1e-4, atol=1e-5 * scale)
 
 
+def test_sum_aggregation_reduces_to_the_sum_of_per_query_scores(demo_adapter, small, prepared, tmp_path):
+    """`aggregation: sum` (the queries' preprocessed gradients added, not averaged): the reduced query scores each row
+    by the sum of its per-query scores, so with 6 queries 6 times the mean's."""
+    variant = "cosine_train"
+    mean = load_shards([score(demo_adapter, small, prepared, variant, tmp_path / "mean.npz")])
+    run = {"attribution": {"bergson": {**SETTINGS, "aggregation": "sum"}}}
+    ba.reduce_stage(demo_adapter, small / "query", tmp_path / "reduced-sum", variant, prepared / "hessian/train",
+                    BergsonReduce.for_variant(run, variant))
+    ba.score_shard_stage(prepared / "index/0-of-1", small / "query", tmp_path / "reduced-sum", prepared / "per_query",
+                         prepared / "hessian/train", tmp_path / "sum.npz", variant=variant,
+                         settings=BergsonScoring.for_variant(run, variant))
+    summed = load_shards([tmp_path / "sum.npz"])
+    scale = np.abs(summed["scores"]).max()
+    np.testing.assert_allclose(summed["reduced"], summed["scores"].sum(axis=0), rtol=1e-4, atol=1e-5 * scale)
+    np.testing.assert_allclose(summed["reduced"], 6 * mean["reduced"], rtol=1e-4, atol=1e-5 * scale)
+
+
 def test_shards_merged_equal_one_unsharded_run(demo_adapter, small, prepared, tmp_path):
     whole = load_shards([score(demo_adapter, small, prepared, "cosine_train", tmp_path / "all.npz")])
     # two shards of 32 rows (16 each: the copies in the second): each shard's index is a gradient pass of its own

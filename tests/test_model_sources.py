@@ -131,3 +131,77 @@ def test_a_hub_model_in_the_cache_is_used_offline_at_its_pinned_revision(tiny_mo
                                                r"`hf download google/gemma-3-1b-it --revision f+`"):
         fetch_base_model("google/gemma-3-1b-it", "f" * 40, tmp_path / "other" / "base_model", cache_dir=cache)
     assert not (tmp_path / "other" / "base_model").exists()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# model.random: a published architecture with random weights (the rehearsal's model), at a small width
+# ---------------------------------------------------------------------------------------------------------
+def small_gemma3_architecture(tmp_path, **changes):
+    """google/gemma-3-1b-it's config.json as shipped, narrowed (every other field, the 26-layer attention pattern
+    included, as published)."""
+    import json
+
+    from conftest import REPO
+
+    arch = json.loads((REPO / "resources/models/gemma-3-1b-it.config.json").read_text())
+    arch.update({"hidden_size": 64, "intermediate_size": 128, "head_dim": 16, "query_pre_attn_scalar": 16,
+                 "vocab_size": 4096, **changes})
+    path = tmp_path / "architecture.json"
+    path.write_text(json.dumps(arch))
+    return path
+
+
+def test_a_random_model_has_the_architectures_shapes_its_first_layers_and_a_tokenizer_from_the_text(
+        tmp_path, sample_source):
+    import json
+
+    from transformers import AutoTokenizer
+
+    from playpen_attribution.model_sources import build_random_model
+    from playpen_attribution.modeling import load_causal_lm
+    from playpen_attribution.plan import parameter_count
+
+    texts = corpus_from_source(sample_source)
+    arch = small_gemma3_architecture(tmp_path)
+    out = build_random_model(texts, tmp_path / "model", architecture=arch, num_layers=7, tokenizer_vocab_size=600,
+                             seed=3)
+    model, tokenizer = load_causal_lm(out), AutoTokenizer.from_pretrained(str(out))
+    config = model.config
+    assert type(model).__name__ == "Gemma3ForCausalLM"
+    assert (config.hidden_size, config.intermediate_size, config.num_attention_heads, config.num_key_value_heads,
+            config.head_dim, config.vocab_size) == (64, 128, 4, 1, 16, 4096)
+    # the first 7 of the published 26 layers: five sliding-window layers, the global one, a sliding one
+    assert config.num_hidden_layers == 7 and len(model.model.layers) == 7
+    assert config.layer_types == ["sliding_attention"] * 5 + ["full_attention", "sliding_attention"]
+    # the tokenizer's ids are a subset of the model's vocabulary; the logits keep the architecture's width
+    assert len(tokenizer) <= 600
+    ids = tokenizer.apply_chat_template([{"role": "user", "content": "CLUE: sweet"}], add_generation_prompt=True,
+                                        return_tensors="pt", return_dict=True)["input_ids"]
+    assert model(input_ids=ids).logits.shape == (1, ids.shape[1], 4096)
+    assert tokenizer.convert_tokens_to_ids("<end_of_turn>") in config.eos_token_id
+    source = json.loads((out / "source.json").read_text())
+    assert source["kind"] == "random" and source["num_layers"] == 7 and source["seed"] == 3
+    full = json.loads(arch.read_text())
+    assert source["n_parameters"] == parameter_count({**full, "num_hidden_layers": 7}) == \
+        sum(p.numel() for p in model.parameters())
+    # the same text and seed give the same weights
+    again = build_random_model(texts, tmp_path / "again", architecture=arch, num_layers=7, tokenizer_vocab_size=600,
+                               seed=3)
+    assert filecmp.cmp(again / "model.safetensors", out / "model.safetensors", shallow=False)
+
+
+def test_a_random_model_that_cannot_be_built_says_why(tmp_path, sample_source):
+    import json
+
+    from playpen_attribution.model_sources import ModelSourceError, build_random_model
+
+    texts = corpus_from_source(sample_source)
+    llama = tmp_path / "llama.json"
+    llama.write_text(json.dumps({"model_type": "llama", "hidden_size": 64, "intermediate_size": 128,
+                                 "num_attention_heads": 4, "num_hidden_layers": 2, "vocab_size": 4096}))
+    with pytest.raises(ModelSourceError, match="llama.*Gemma 3 config.json"):
+        build_random_model(texts, tmp_path / "a", architecture=llama)
+    with pytest.raises(ValueError, match="does not fit the architecture's vocabulary of 500.*tokenizer_vocab_size"):
+        build_random_model(texts, tmp_path / "b", architecture=small_gemma3_architecture(tmp_path, vocab_size=500),
+                           tokenizer_vocab_size=600)
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()

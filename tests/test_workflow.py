@@ -320,6 +320,25 @@ def test_another_query_split_rescores_without_retraining(demo_workdir):
     assert not {"train_adapter", "fit_factors", "bergson_index", "lds_retrain"} & set(jobs)
 
 
+def test_a_hessian_dataset_refits_the_factors_on_its_rows_alone(demo_workdir):
+    """`kronfluence.hessian_dataset`: the factors are fitted on that folder (the seed's --hessian-dataset), not on the
+    training tokens; the adapter and the Bergson side are kept, and scores follow the new factors."""
+    import datasets
+
+    folder = demo_workdir / "hessian-rows"
+    if not folder.exists():
+        datasets.load_from_disk(str(demo_workdir / "results/demo/data/tokens/train")).select(range(20)).save_to_disk(
+            str(folder))
+    path = overlay(demo_workdir, "hessian", {"demo": {"attribution": {"kronfluence": {"hessian_dataset": str(folder)}}}})
+    proc = snakemake(demo_workdir, *DEMO_TARGETS, "-n", "--configfile", path)
+    jobs = planned_jobs(proc)
+    assert jobs["fit_factors"] == 1 and jobs["kronfluence_scores"] == 2
+    assert not {"train_adapter", "tokenize", "bergson_index", "bergson_reduce", "lds_retrain"} & set(jobs)
+    fit = proc.stdout.split("rule fit_factors:")[1].split("\n\n")[0]
+    inputs = re.search(r"^\s+input: (.+)$", fit, flags=re.M).group(1).split(", ")
+    assert inputs == ["results/demo/adapter", str(folder)]
+
+
 def test_lora_rank_change_retrains_without_refiltering(demo_workdir):
     path = overlay(demo_workdir, "rank", {"demo": {"lora": {"r": 4}}})
     jobs = planned_jobs(snakemake(demo_workdir, *DEMO_TARGETS, "-n", "--configfile", path))
@@ -458,7 +477,8 @@ def rerun_for_their_params(proc) -> set[str]:
     return rules
 
 
-@pytest.mark.parametrize("section, key, value, readers", [
+# (section, key, a new value, the rules whose params hold it)
+KEY_READERS = [
     ("attribution.kronfluence", "covariance_batch_size", 4, {"fit_factors"}),
     ("attribution.kronfluence", "train_batch_size", 4,
      {"kronfluence_scores", "planted_kronfluence_scores", "damping_sweep_kronfluence"}),
@@ -466,20 +486,65 @@ def rerun_for_their_params(proc) -> set[str]:
      {"bergson_query_gradients", "bergson_hessian", "bergson_reduce", "bergson_index", "planted_bergson_index"}),
     ("attribution.bergson", "mix_downweight_components", 10, {"bergson_mix"}),
     ("training", "logging_steps", 3, {"train_adapter", "lds_retrain"}),
-    # (planted_audit reads the seed too, for its random baseline; it reruns anyway, as its input changes)
+    # (planted_audit reads the seed too, for its random baseline, but reruns anyway as its input changes)
     ("validation.planted", "seed", 3, {"planted_copies"}),
-])
-def test_a_key_reruns_only_the_stages_that_read_it(demo_workdir, section, key, value, readers):
-    """Every rule's params are its stage's settings class (playpen_attribution.settings), so a key reruns exactly the
-    rules whose class holds it; the rules after them rerun because their inputs change (Snakemake then gives that
-    reason alone). The memory plan reads the whole model, training and attribution sections (it estimates every
-    stage)."""
-    change = {key: value}
-    for part in reversed(section.split(".")):
-        change = {part: change}
-    path = overlay(demo_workdir, f"{section}-{key}", {"demo": change})
+]
+
+
+def settings_classes_by_rule() -> dict[str, set[str]]:
+    """Rule -> the settings classes its params are built from (`stage_settings(Cls...)` / `variant_settings(Cls)` in
+    its block of workflow/rules/*.smk)."""
+    found = {}
+    for smk in sorted((REPO / "workflow" / "rules").glob("*.smk")):
+        text = smk.read_text()
+        # a rule, or a `use rule A as B with:` that gives B params of its own
+        headers = list(re.finditer(r"^(?:(?:local)?rule (\w+):|use rule \w+ as (\w+) with:)$", text, flags=re.M))
+        for header, after in zip(headers, headers[1:] + [None]):
+            body = text[header.end():after.start() if after else len(text)]
+            found[header.group(1) or header.group(2)] = set(re.findall(r"(?:stage|variant)_settings\((\w+)", body))
+    return found
+
+
+@pytest.mark.parametrize("section, key, value, readers", KEY_READERS)
+def test_a_key_is_held_by_the_settings_of_its_readers_alone(section, key, value, readers):
+    """Static half of the rerun check: the rules whose settings class holds the key are its readers."""
+    from dataclasses import fields
+
+    from playpen_attribution.settings import STAGE_SETTINGS
+
+    holders = {cls.__name__ for cls in STAGE_SETTINGS
+               if cls.SECTION == section and key in {f.name for f in fields(cls)}}
+    assert holders, f"no settings class holds {section}.{key}"
+    assert {rule for rule, classes in settings_classes_by_rule().items() if classes & holders} == readers
+
+
+# Keys changed together in one dry run: Snakemake gives a job one reason, and a job whose input is rebuilt is listed
+# for that alone, so no key of a group has its readers downstream of another's (the training key reruns everything
+# after the adapter, hence a run of its own; the planted copies feed the planted score jobs, readers of train_batch_size
+# and token_batch_size; the EK-FAC fit feeds the score jobs and the Bergson preconditioners feed the mix).
+KEY_GROUPS = [("training.logging_steps",),
+              ("attribution.kronfluence.covariance_batch_size", "attribution.bergson.mix_downweight_components",
+               "validation.planted.seed"),
+              ("attribution.kronfluence.train_batch_size", "attribution.bergson.token_batch_size")]
+
+
+@pytest.mark.parametrize("group", KEY_GROUPS, ids=lambda group: "+".join(k.rsplit(".", 1)[1] for k in group))
+def test_keys_rerun_only_the_stages_that_read_them(demo_workdir, group):
+    """The DAG half: a group of KEY_READERS' keys changed at once reruns, for their own params, exactly the union of
+    their readers (the rules after them rerun because their inputs change), so the params Snakemake tracks are the
+    settings classes checked above and no rule reads these keys another way. The memory plan reads the whole model,
+    training and attribution sections (it estimates every stage)."""
+    change, readers = {}, set()
+    for section, key, value, rules in KEY_READERS:
+        if f"{section}.{key}" in group:
+            node = change
+            for part in section.split("."):
+                node = node.setdefault(part, {})
+            node[key], readers = value, readers | rules
+    assert sum(len(g) for g in KEY_GROUPS) == len(KEY_READERS) and readers
+    path = overlay(demo_workdir, "-".join(group), {"demo": change})
     proc = snakemake(demo_workdir, *DEMO_TARGETS, "-n", "--configfile", path)
-    plan = {"memory_plan"} if section.split(".")[0] in ("attribution", "training") else set()
+    plan = {"memory_plan"} if any(k.split(".")[0] in ("attribution", "training") for k in group) else set()
     assert rerun_for_their_params(proc) == readers | plan
 
 
