@@ -16,6 +16,7 @@ rule bergson_query_gradients:
         "logs/{run}/bergson_query_gradients.log",
     benchmark:
         "benchmarks/{run}/bergson_query_gradients.tsv"
+    threads: model_threads
     resources:
         gpu=1,
         mem_mb=score_mem("bergson_query_gradients"),
@@ -41,6 +42,7 @@ rule bergson_hessian:
         "logs/{run}/bergson_hessian_{side}.log",
     benchmark:
         "benchmarks/{run}/bergson_hessian_{side}.tsv"
+    threads: model_threads
     resources:
         gpu=1,
         mem_mb=score_mem("bergson_hessian"),
@@ -86,6 +88,7 @@ rule bergson_reduce:
         "logs/{run}/bergson_reduce_{variant}.log",
     benchmark:
         "benchmarks/{run}/bergson_reduce_{variant}.tsv"
+    threads: model_threads
     resources:
         gpu=1,
         mem_mb=score_mem("bergson_reduce"),
@@ -113,6 +116,7 @@ rule bergson_index:
         "logs/{run}/bergson_index_{shard}.log",
     benchmark:
         "benchmarks/{run}/bergson_index_{shard}.tsv"
+    threads: model_threads
     resources:
         gpu=1,
         mem_mb=score_mem("bergson_index"),

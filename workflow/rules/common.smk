@@ -99,6 +99,12 @@ def run_cfg(wildcards):
     return run_config(config, wildcards.run)
 
 
+def model_threads(wildcards):
+    """CPU threads of a model-holding job (resources.threads): torch's intra-op threads, SLURM's --cpus-per-task;
+    locally Snakemake lowers it to --cores, so a job that runs alone (the factor fit) uses every core it was given."""
+    return run_cfg(wildcards)["resources"]["threads"]
+
+
 def stage_settings(cls, **overrides):
     """A rule's params: exactly the keys its stage's settings class (playpen_attribution.settings) holds, from the
     run's config (`overrides` replace config values), so a change to any other key does not rerun it."""

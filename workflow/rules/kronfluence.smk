@@ -16,6 +16,7 @@ rule fit_factors:
         "logs/{run}/fit_factors_{strategy}.log",
     benchmark:
         "benchmarks/{run}/fit_factors_{strategy}.tsv"
+    threads: model_threads
     resources:
         gpu=1,
         mem_mb=score_mem("fit_factors"),
@@ -45,6 +46,7 @@ rule kronfluence_scores:
         "logs/{run}/kronfluence_scores_{strategy}_{shard}.log",
     benchmark:
         "benchmarks/{run}/kronfluence_scores_{strategy}_{shard}.tsv"
+    threads: model_threads
     resources:
         gpu=1,
         mem_mb=score_mem("kronfluence_scores"),

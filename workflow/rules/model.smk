@@ -108,7 +108,7 @@ rule train_adapter:
         "logs/{run}/train_adapter.log",
     benchmark:
         "benchmarks/{run}/train_adapter.tsv"
-    threads: 2
+    threads: model_threads
     resources:
         gpu=1,
         mem_mb=train_mem("train_adapter"),

@@ -16,6 +16,7 @@ rule query_losses:
         "logs/{run}/query_losses.log",
     benchmark:
         "benchmarks/{run}/query_losses.tsv"
+    threads: model_threads
     resources:
         gpu=1,
         mem_mb=score_mem("query_losses"),

@@ -136,7 +136,7 @@ rule lds_retrain:
         "logs/{run}/lds_retrain_{batch}.log",
     benchmark:
         "benchmarks/{run}/lds_retrain_{batch}.tsv"
-    threads: 2
+    threads: model_threads
     resources:
         gpu=1,
         mem_mb=train_mem("lds_retrain"),
@@ -162,6 +162,7 @@ rule lds_losses:
         "logs/{run}/lds_losses.log",
     benchmark:
         "benchmarks/{run}/lds_losses.tsv"
+    threads: model_threads
     resources:
         gpu=1,
         mem_mb=score_mem("lds_losses"),
@@ -221,6 +222,7 @@ rule damping_sweep_kronfluence:
         "logs/{run}/damping_sweep_kronfluence_{strategy}.log",
     benchmark:
         "benchmarks/{run}/damping_sweep_kronfluence_{strategy}.tsv"
+    threads: model_threads
     resources:
         gpu=1,
         mem_mb=score_mem("kronfluence_scores"),
