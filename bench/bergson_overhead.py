@@ -11,7 +11,7 @@ transcripts, where the work dominates), the median of --repeats runs of:
 Ratios are against `bare`, measured in one run (the machine is shared: compare ratios, not seconds).
 
     uv run python bench/bergson_overhead.py [--workdir DIR] [--repeats 3]
-    uv run python bench/bergson_overhead.py --run rehearsal --cores 2 --repeats 1
+    uv run python bench/bergson_overhead.py --run rehearsal --cores 2 --repeats 3 [--shards 1]
 """
 
 from __future__ import annotations
@@ -43,14 +43,23 @@ def run(stack) -> None:
         parser.add_argument("--run", default=RUN, help="the run whose adapter and tokens are used (default: demo)")
         parser.add_argument("--cores", type=int, default=1,
                             help="Snakemake's --cores, and the torch threads of the bare commands")
+        parser.add_argument("--shards", type=int, help="the run's attribution.shards (default: as configured)")
 
     args, workdir = bench_arguments(__doc__, 3, "bench-bergson-", extra=extra)
     paths = run_paths(workdir, args.run)
     settings = run_settings(args.run)
+    overlay = []
+    if args.shards:  # one shard: the index in one job, as a single machine would run it
+        import yaml
+
+        settings["shards"] = args.shards
+        path = workdir / f"shards-{args.shards}.yaml"
+        path.write_text(yaml.safe_dump({"runs": {args.run: {"attribution": {"shards": args.shards}}}}))
+        overlay = ["--configfile", str(path)]
     shards, bergson = settings["shards"], settings["bergson"]
     targets = [f"results/{args.run}/bergson/scores/{VARIANT}/shard-{i}.npz" for i in range(shards)]
     print(f"preparing the {args.run} inputs in {workdir} ...", flush=True)
-    snakemake(workdir, "--cores", "2", *targets)
+    snakemake(workdir, "--cores", "2", *overlay, *targets)
     os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = str(args.cores)  # the bare commands
 
     bergson_cli = [str(Path(sys.executable).parent / "bergson")]
@@ -70,8 +79,8 @@ def run(stack) -> None:
                                "--query_path", str(scratch / "query"), *common]
         timings["bare"].append(timed(reduce) + timed(score))
         timings["workflow"].append(timed(snakemake_command(
-            workdir, "--cores", str(args.cores), "--forcerun", "bergson_reduce", "bergson_index", "bergson_scores",
-            "--", *targets)))
+            workdir, "--cores", str(args.cores), *overlay, "--forcerun", "bergson_reduce", "bergson_index",
+            "bergson_scores", "--", *targets)))
         print({stage: round(values[-1], 1) for stage, values in timings.items()}, flush=True)
     shutil.rmtree(scratch, ignore_errors=True)
 

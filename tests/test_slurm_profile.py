@@ -103,7 +103,7 @@ def test_slurm_profile_submits_gpu_jobs_and_retries_bigger(tmp_path, fake_slurm_
     expected = run_resources(RUN)
     for s in train:
         assert s["--gpus"] == "1" and s["-p"] == gpu_partition
-        assert s["--cpus-per-task"] == "2"
+        assert s["--cpus-per-task"] == str(expected["threads"])  # resources.threads: 1 for this tiny model
         assert s["--mem"] == str(expected["train_mem_mb"] * s["attempt"])
         assert s["-t"] == str(expected["train_runtime_min"] * s["attempt"])
     # inside the job, the jobstep plugin asks srun for the GPU again

@@ -407,6 +407,31 @@ def rulegraph(dot_text: str) -> tuple[set[str], set[tuple[str, str]]]:
     return set(labels.values()), edges
 
 
+def job_threads(proc) -> dict[str, set[int]]:
+    """Rule -> the `threads:` its jobs got in a dry run (a job without the line has one)."""
+    found, rule = {}, None
+    for line in proc.stdout.splitlines():
+        if match := re.match(r"^(?:local)?rule (\w+):$", line):
+            rule = match.group(1)
+            found.setdefault(rule, set()).add(1)
+        elif match := re.match(r"^\s+threads: (\d+)$", line):
+            found[rule].discard(1)
+            found[rule].add(int(match.group(1)))
+    return found
+
+
+@pytest.mark.parametrize("cores, expected", [(8, 4), (2, 2)])
+def test_model_holding_jobs_take_the_runs_threads_up_to_the_cores(tmp_path, cores, expected):
+    """resources.threads (4 by default) is each model-holding job's thread count, lowered to --cores locally; the
+    tiny-model runs ask for one (their jobs run side by side), the CPU-only jobs get one."""
+    proc = snakemake(tmp_path, "-n", "--cores", str(cores), "results/rehearsal/kronfluence/scores/ekfac/shard-0.npz",
+                     "results/rehearsal/bergson/scores/cosine/shard-0.npz", "results/demo/adapter")
+    threads = job_threads(proc)
+    for rule in ("train_adapter", "fit_factors", "kronfluence_scores", "bergson_reduce", "bergson_index"):
+        assert threads[rule] == ({expected, 1} if rule == "train_adapter" else {expected}), rule
+    assert threads["bergson_scores"] == threads["prepare_data"] == {1}
+
+
 def test_taboo_dag_renders_with_every_stage(tmp_path):
     dag = snakemake(tmp_path, "results/taboo/report/index.html", "--dag").stdout
     svg = render_svg(dag)
