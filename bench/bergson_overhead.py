@@ -59,7 +59,7 @@ def run(stack) -> None:
     shards, bergson = settings["shards"], settings["bergson"]
     targets = [f"results/{args.run}/bergson/scores/{VARIANT}/shard-{i}.npz" for i in range(shards)]
     print(f"preparing the {args.run} inputs in {workdir} ...", flush=True)
-    snakemake(workdir, "--cores", "2", *overlay, *targets)
+    snakemake(workdir, "--cores", "2", *overlay, "--", *targets)
     os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = str(args.cores)  # the bare commands
 
     bergson_cli = [str(Path(sys.executable).parent / "bergson")]

@@ -169,3 +169,26 @@ def test_the_plan_is_within_30_percent_of_the_measured_peaks(run):
             ratios[job] = plan[kind]["total_gb"] * 1000 / peak
     assert len(ratios) >= 12
     assert all(0.7 <= r <= 1.3 for r in ratios.values()), ratios
+
+
+# The one case the plan misses by more than 30%, over and not under (a job asks for more memory than it uses):
+# training at 1,024 tokens, where the counted activations of 26 layers (LoRA dropout copies and eager attention's
+# scores kept per layer) exceed what the step holds. README, "The memory plan at full depth", says what refitting it
+# would take. Any other case outside 0.85-1.3, or this one outside its bound, fails.
+KNOWN_OVERESTIMATES = {("train_adapter", 1024, 1): 1.45}
+
+
+def test_the_plan_is_within_30_percent_at_full_depth_and_1024_tokens():
+    """Gemma 3 1B's 26 layers at 240 and 1,024 tokens, batch 1 and 2 (bench/plan_at_length.py, measured on this
+    machine's CPU into bench/measured/peaks.json) against the plan for the settings that script ran."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("plan_at_length", REPO / "bench" / "plan_at_length.py")
+    plan_at_length = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(plan_at_length)
+    cases = json.loads((REPO / "bench" / "measured" / "peaks.json").read_text())["gemma3_1b_26_layers"]["cases"]
+    assert {(c["stage"], c["tokens"]) for c in cases} >= {(s, n) for s in plan_at_length.STAGES for n in (240, 1024)}
+    ratios = {(c["stage"], c["tokens"], c["batch"]):
+              plan_at_length.planned_mb(c["tokens"], c["batch"])[c["stage"]] / c["peak_mb"] for c in cases}
+    for case, ratio in ratios.items():
+        assert 0.85 <= ratio <= KNOWN_OVERESTIMATES.get(case, 1.3), (case, ratio)
