@@ -72,7 +72,7 @@ def test_a_stage_that_does_not_fit_is_refused_with_the_smallest_change():
     plan = build_plan(run, arch_of("taboo"), lengths_of(run, None, None), gpu_mem_gb=24)
     assert not plan["jobs"]["fit_factors"]["fits"] and plan["jobs"]["query_losses"]["fits"]
     with pytest.raises(PlanError, match=r"train_adapter: \d+\.\d GB > resources.gpu_mem_gb 24 GB; lower "
-                                        r"training.batch_size .*\(largest part: activations 20.6 GB\)"):
+                                        r"training.batch_size .*\(largest part: activations 18.1 GB\)"):
         check_plan(plan, run, "taboo")
     # at 1,024 tokens the activations (26 layers, eager attention's scores quadratic in the length) pass the logits:
     # 4 copies of [batch 4, 1,024 tokens, 262,144] in fp32
@@ -171,13 +171,6 @@ def test_the_plan_is_within_30_percent_of_the_measured_peaks(run):
     assert all(0.7 <= r <= 1.3 for r in ratios.values()), ratios
 
 
-# The one case the plan misses by more than 30%, over and not under (a job asks for more memory than it uses):
-# training at 1,024 tokens, where the counted activations of 26 layers (LoRA dropout copies and eager attention's
-# scores kept per layer) exceed what the step holds. README, "The memory plan at full depth", says what refitting it
-# would take. Any other case outside 0.85-1.3, or this one outside its bound, fails.
-KNOWN_OVERESTIMATES = {("train_adapter", 1024, 1): 1.45}
-
-
 def test_the_plan_is_within_30_percent_at_full_depth_and_1024_tokens():
     """Gemma 3 1B's 26 layers at 240 and 1,024 tokens, batch 1 and 2 (bench/plan_at_length.py, measured on this
     machine's CPU into bench/measured/peaks.json) against the plan for the settings that script ran."""
@@ -190,5 +183,4 @@ def test_the_plan_is_within_30_percent_at_full_depth_and_1024_tokens():
     assert {(c["stage"], c["tokens"]) for c in cases} >= {(s, n) for s in plan_at_length.STAGES for n in (240, 1024)}
     ratios = {(c["stage"], c["tokens"], c["batch"]):
               plan_at_length.planned_mb(c["tokens"], c["batch"])[c["stage"]] / c["peak_mb"] for c in cases}
-    for case, ratio in ratios.items():
-        assert 0.85 <= ratio <= KNOWN_OVERESTIMATES.get(case, 1.3), (case, ratio)
+    assert all(0.7 <= r <= 1.3 for r in ratios.values()), ratios
