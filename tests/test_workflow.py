@@ -409,14 +409,15 @@ def rulegraph(dot_text: str) -> tuple[set[str], set[tuple[str, str]]]:
 
 def job_threads(proc) -> dict[str, set[int]]:
     """Rule -> the `threads:` its jobs got in a dry run (a job without the line has one)."""
-    found, rule = {}, None
+    jobs = []  # (rule, threads) per job, in the order printed
     for line in proc.stdout.splitlines():
         if match := re.match(r"^(?:local)?rule (\w+):$", line):
-            rule = match.group(1)
-            found.setdefault(rule, set()).add(1)
+            jobs.append([match.group(1), 1])
         elif match := re.match(r"^\s+threads: (\d+)$", line):
-            found[rule].discard(1)
-            found[rule].add(int(match.group(1)))
+            jobs[-1][1] = int(match.group(1))
+    found = {}
+    for rule, threads in jobs:
+        found.setdefault(rule, set()).add(threads)
     return found
 
 
