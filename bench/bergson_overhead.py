@@ -22,7 +22,8 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import RUN, bench_arguments, print_table, run_paths, run_settings, snakemake, snakemake_command, timed  # noqa: E402
+from common import (add_run_options, bench_arguments, print_table, run_paths, run_settings, snakemake,  # noqa: E402
+                    snakemake_command, timed, use_threads)
 
 VARIANT = "cosine"
 
@@ -37,12 +38,8 @@ def main() -> None:
 def run(stack) -> None:
     from playpen_attribution.modeling import adapter_view_with_absolute_base
 
-    import os
-
     def extra(parser):
-        parser.add_argument("--run", default=RUN, help="the run whose adapter and tokens are used (default: demo)")
-        parser.add_argument("--cores", type=int, default=1,
-                            help="Snakemake's --cores, and the torch threads of the bare commands")
+        add_run_options(parser)
         parser.add_argument("--shards", type=int, help="the run's attribution.shards (default: as configured)")
 
     args, workdir = bench_arguments(__doc__, 3, "bench-bergson-", extra=extra)
@@ -60,7 +57,7 @@ def run(stack) -> None:
     targets = [f"results/{args.run}/bergson/scores/{VARIANT}/shard-{i}.npz" for i in range(shards)]
     print(f"preparing the {args.run} inputs in {workdir} ...", flush=True)
     snakemake(workdir, "--cores", "2", *overlay, "--", *targets)
-    os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = str(args.cores)  # the bare commands
+    use_threads(args.cores)
 
     bergson_cli = [str(Path(sys.executable).parent / "bergson")]
     # the adapter names its base relative to itself (a portable run); Bergson resolves it from the working directory

@@ -30,6 +30,18 @@ def bench_arguments(doc: str, repeats: int, prefix: str, extra=None):
     return args, args.workdir or Path(tempfile.mkdtemp(prefix=prefix))
 
 
+def add_run_options(parser) -> None:
+    """`--run` and `--cores` of the overhead benchmarks."""
+    parser.add_argument("--run", default=RUN, help="the run whose adapter and tokens are used (default: demo)")
+    parser.add_argument("--cores", type=int, default=1,
+                        help="Snakemake's --cores, and the torch threads of the bare (and package) processes")
+
+
+def use_threads(cores: int) -> None:
+    """The torch threads of the processes this benchmark starts itself (the workflow's come from --cores)."""
+    os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = str(cores)
+
+
 def snakemake_command(workdir: Path, *args: str) -> list[str]:
     return [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "--directory", str(workdir), *args]
 
@@ -61,14 +73,6 @@ def run_paths(workdir: Path, run: str = RUN) -> dict[str, Path]:
     results = workdir / "results" / run
     return {"adapter": results / "adapter", "train": results / "data/tokens/train",
             "query": results / "data/tokens/query"}
-
-
-def demo_settings() -> dict:
-    return run_settings(RUN)
-
-
-def demo_paths(workdir: Path) -> dict[str, Path]:
-    return run_paths(workdir, RUN)
 
 
 def machine_line() -> str:

@@ -21,7 +21,8 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import RUN, bench_arguments, print_table, run_paths, run_settings, snakemake, snakemake_command, timed  # noqa: E402
+from common import (add_run_options, bench_arguments, print_table, run_paths, run_settings, snakemake,  # noqa: E402
+                    snakemake_command, timed, use_threads)
 
 
 BARE = r"""
@@ -102,15 +103,11 @@ with tempfile.TemporaryDirectory() as out:
 
 def extra(parser) -> None:
     parser.add_argument("--strategy", default="ekfac", choices=["diagonal", "kfac", "ekfac"])
-    parser.add_argument("--run", default=RUN, help="the run whose adapter and tokens are used (default: demo)")
     parser.add_argument("--stages", default="bare,package,workflow", help="which timings, comma-separated")
-    parser.add_argument("--cores", type=int, default=1,
-                        help="Snakemake's --cores, and the torch threads of the bare and package processes")
+    add_run_options(parser)
 
 
 def main() -> None:
-    import os
-
     from playpen_attribution.modeling import adapter_view_with_absolute_base
 
     args, workdir = bench_arguments(__doc__, 3, "bench-kronfluence-", extra=extra)
@@ -128,7 +125,7 @@ def main() -> None:
                  "the run's config must use those settings for a like-for-like comparison")
     shards = settings["shards"]
     targets = [f"results/{args.run}/kronfluence/scores/{args.strategy}/shard-{i}.npz" for i in range(shards)]
-    os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = str(args.cores)  # the bare and package processes
+    use_threads(args.cores)
 
     timings = {stage: [] for stage in ("bare", "package", "workflow") if stage in stages}
     for repeat in range(args.repeats):

@@ -108,8 +108,8 @@ def build_inputs(workdir: Path, lengths: list[int], batches: list[int]) -> None:
                 datasets.Dataset.from_list(rows[1:1 + batch]).save_to_disk(str(folder))
 
 
-def measure(stage: str, args: dict, threads: int) -> tuple[float, float]:
-    """(peak MiB, wall s) of one stage in a fresh process."""
+def measure(stage: str, args: dict, threads: int) -> tuple[float | None, float]:
+    """(peak MiB, wall s) of one stage in a fresh process; no peak where the process failed."""
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads), "HF_HUB_OFFLINE": "1"}
     start = time.perf_counter()
     proc = subprocess.run([sys.executable, "-c", STEP, stage, json.dumps(args)], capture_output=True, text=True,

@@ -32,6 +32,17 @@ def planned_jobs(proc) -> dict[str, int]:
     return {rule: int(n) for rule, n in jobs.items()}
 
 
+def dry_run_jobs(proc) -> list[tuple[str, dict[str, str]]]:
+    """Each job of a dry run, in the order printed: its rule and its `key: value` lines (input, reason, threads...)."""
+    jobs = []
+    for line in proc.stdout.splitlines():
+        if match := re.match(r"^(?:local)?rule (\w+):$", line):
+            jobs.append((match.group(1), {}))
+        elif jobs and (match := re.match(r"^\s+(\w+): (.*)$", line)):
+            jobs[-1][1].setdefault(match.group(1), match.group(2))
+    return jobs
+
+
 def overlay(workdir, name, runs):
     path = workdir / f"{name}.yaml"
     path.write_text(yaml.safe_dump({"runs": runs}))
@@ -334,9 +345,8 @@ def test_a_hessian_dataset_refits_the_factors_on_its_rows_alone(demo_workdir):
     jobs = planned_jobs(proc)
     assert jobs["fit_factors"] == 1 and jobs["kronfluence_scores"] == 2
     assert not {"train_adapter", "tokenize", "bergson_index", "bergson_reduce", "lds_retrain"} & set(jobs)
-    fit = proc.stdout.split("rule fit_factors:")[1].split("\n\n")[0]
-    inputs = re.search(r"^\s+input: (.+)$", fit, flags=re.M).group(1).split(", ")
-    assert inputs == ["results/demo/adapter", str(folder)]
+    fit = next(fields for rule, fields in dry_run_jobs(proc) if rule == "fit_factors")
+    assert fit["input"].split(", ") == ["results/demo/adapter", str(folder)]
 
 
 def test_lora_rank_change_retrains_without_refiltering(demo_workdir):
@@ -409,15 +419,9 @@ def rulegraph(dot_text: str) -> tuple[set[str], set[tuple[str, str]]]:
 
 def job_threads(proc) -> dict[str, set[int]]:
     """Rule -> the `threads:` its jobs got in a dry run (a job without the line has one)."""
-    jobs = []  # (rule, threads) per job, in the order printed
-    for line in proc.stdout.splitlines():
-        if match := re.match(r"^(?:local)?rule (\w+):$", line):
-            jobs.append([match.group(1), 1])
-        elif match := re.match(r"^\s+threads: (\d+)$", line):
-            jobs[-1][1] = int(match.group(1))
     found = {}
-    for rule, threads in jobs:
-        found.setdefault(rule, set()).add(threads)
+    for rule, fields in dry_run_jobs(proc):
+        found.setdefault(rule, set()).add(int(fields.get("threads", 1)))
     return found
 
 
@@ -494,13 +498,7 @@ def test_a_bergson_key_reruns_only_the_stages_that_read_it(demo_workdir):
 
 def rerun_for_their_params(proc) -> set[str]:
     """Rules a dry run reruns because their own params changed (not only because an input did)."""
-    rules, rule = set(), None
-    for line in proc.stdout.splitlines():
-        if match := re.match(r"^(?:local)?rule (\w+):$", line):
-            rule = match.group(1)
-        elif line.strip().startswith("reason:") and "Params have changed" in line:
-            rules.add(rule)
-    return rules
+    return {rule for rule, fields in dry_run_jobs(proc) if "Params have changed" in fields.get("reason", "")}
 
 
 # (section, key, a new value, the rules whose params hold it)
