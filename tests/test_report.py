@@ -175,3 +175,29 @@ def test_an_empty_influences_table_is_refused_naming_it_and_writes_no_report(tmp
         build_report(query_csv=paths["query"], train_csv=paths["train"], influences_csv=tmp_path / "empty.csv",
                      out_dir=tmp_path / "report", top_k=3)
     assert not (tmp_path / "report").exists() or not any((tmp_path / "report").iterdir())
+
+
+def test_the_lds_section_reads_a_method_against_the_noise_ceiling(tmp_path):
+    import matplotlib.axes
+
+    paths, _, _ = tables(tmp_path, np.random.default_rng(3))
+    lds = pd.DataFrame({"method": ["ekfac", "tfidf"], "kind": ["method", "baseline"], "lds": [0.3, 0.1],
+                        "ci95_low": [0.2, 0.0], "ci95_high": [0.4, 0.2], "subsets": 20, "repeats": 4,
+                        "noise_ceiling": 0.62, "noise_ceiling_ci95_low": 0.55, "noise_ceiling_ci95_high": 0.7})
+    lds.to_csv(tmp_path / "lds.csv", index=False)
+    drawn = []
+    original = matplotlib.axes.Axes.axhline
+
+    def record(ax, y=0, *args, **kwargs):
+        drawn.append((y, kwargs.get("label")))
+        return original(ax, y, *args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(matplotlib.axes.Axes, "axhline", record)
+        out = build_report(query_csv=paths["query"], train_csv=paths["train"], influences_csv=paths["influences"],
+                           train_scores_csv=paths["train_scores"], out_dir=tmp_path / "report", top_k=3,
+                           lds_csv=tmp_path / "lds.csv")
+    assert (0.62, "noise ceiling 0.62 (4 repeats)") in drawn
+    page = out["index.html"].read_text()
+    assert "retrained 4 times with different training seeds" in page and "noise ceiling" in page
+    assert page.count("data:image/png;base64,") == 4  # the LDS chart beside the three others

@@ -187,3 +187,107 @@ def test_a_damping_sweep_of_other_rows_is_refused_by_file(tmp_path):
         damping_sweep_stage(tmp_path / "query.csv", tmp_path / "train.csv", {"ekfac": tmp_path / "ekfac.npz"},
                             tmp_path / "damping.csv", tmp_path / "damping.png", seed=0)
     assert not (tmp_path / "damping.csv").exists()
+
+
+def test_noise_ceiling_is_an_explicit_split_half_spearman_brown_and_near_one_for_identical_repeats():
+    from scipy.stats import spearmanr
+
+    from playpen_attribution.validation import split_half_agreement
+
+    rng = np.random.default_rng(0)
+    truth = rng.normal(size=(20, 3))  # [subsets, queries]: what the data does
+    identical = np.stack([truth] * 4)
+    np.testing.assert_allclose(split_half_agreement(identical), 1.0)
+    # two repeats: one split, rho between them, stepped up by 2 rho / (1 + rho)
+    noisy = truth + rng.normal(scale=[[0.3, 1.0, 3.0]], size=(2, 20, 3))
+    rho = np.array([spearmanr(noisy[0, :, q], noisy[1, :, q]).statistic for q in range(3)])
+    np.testing.assert_allclose(split_half_agreement(noisy), 2 * rho / (1 + rho))
+    # four repeats: the three splits {0,1|2,3}, {0,2|1,3}, {0,3|1,2}, averaged, stepped up with n = 2
+    four = truth + rng.normal(scale=1.0, size=(4, 20, 3))
+    splits = [([0, 1], [2, 3]), ([0, 2], [1, 3]), ([0, 3], [1, 2])]
+    rho4 = np.array([np.mean([spearmanr(four[a, :, q].mean(0), four[b, :, q].mean(0)).statistic
+                              for a, b in splits]) for q in range(3)])
+    np.testing.assert_allclose(split_half_agreement(four), 2 * rho4 / (1 + rho4))
+    # the noisier the query's repeats, the lower its ceiling; one repeat: unknown, not faked
+    many = truth + rng.normal(scale=[[0.3, 1.0, 3.0]], size=(8, 20, 3))
+    ceiling = split_half_agreement(many)
+    assert ceiling[0] > ceiling[1] > ceiling[2]
+    assert np.isnan(split_half_agreement(noisy[:1])).all()
+
+
+def test_lds_losses_average_each_subsets_repeats_and_keep_them(tmp_path, monkeypatch):
+    import datasets
+
+    import playpen_attribution.scores as scores
+    from playpen_attribution.validation import lds_losses_stage, read_lds_losses
+
+    datasets.Dataset.from_dict({"row_id": ["q0", "q1"], "input_ids": [[1, 2], [3, 4]]}).save_to_disk(
+        str(tmp_path / "query"))
+    # two repeats of one job holding subsets 0 and 1; each adapter's "losses" are known numbers
+    known = {("0", 0): [1.0, 2.0], ("1", 0): [3.0, 4.0], ("0", 1): [2.0, 5.0], ("1", 1): [1.0, 1.0]}
+    dirs = []
+    for repeat in (1, 0):  # the order of the folders does not matter
+        folder = tmp_path / f"repeat-{repeat}" / "retrain-0"
+        folder.mkdir(parents=True)
+        (folder / "subsets.json").write_text(json.dumps({
+            "fraction": 0.5, "seed": 0, "repeat": repeat, "training_seed": 42 + repeat,
+            "subsets": {"0": ["t0", "t1"], "1": ["t2", "t3"]}}))
+        dirs.append(folder)
+    monkeypatch.setattr(scores, "query_losses",
+                        lambda adapter, query, dtype: known[(adapter.split("subset-")[1], int(adapter.split("repeat-")[1][0]))])
+    lds_losses_stage(dirs, tmp_path / "query", tmp_path / "losses.json", dtype="float32")
+    record = json.loads((tmp_path / "losses.json").read_text())
+    assert record["subsets"]["0"] == {"row_ids": ["t0", "t1"], "query_losses": [1.5, 3.5],
+                                      "repeat_losses": [[1.0, 2.0], [2.0, 5.0]], "training_seeds": [42, 43]}
+    assert record["subsets"]["1"]["query_losses"] == [2.0, 2.5]
+    pd.DataFrame({"query_id": ["q0", "q1"]}).to_csv(tmp_path / "query.csv", index=False)
+    membership, actual, repeats = read_lds_losses(tmp_path / "losses.json", ["q0", "q1"], TRAIN,
+                                                  tmp_path / "query.csv", with_repeats=True)
+    np.testing.assert_array_equal(membership, [[1, 1, 0, 0], [0, 0, 1, 1]])
+    np.testing.assert_array_equal(actual, -np.array([[1.5, 3.5], [2.0, 2.5]]))
+    np.testing.assert_array_equal(repeats, -np.array([[[1.0, 2.0], [3.0, 4.0]], [[2.0, 5.0], [1.0, 1.0]]]))
+
+
+def test_repeat_r_retrains_with_the_runs_seed_plus_r():
+    import dataclasses
+
+    from playpen_attribution.retraining import repeat_training
+    from playpen_attribution.settings import Training
+
+    training = Training(epochs=1, learning_rate=1e-3, batch_size=4, gradient_accumulation=1, warmup_ratio=0.0,
+                        weight_decay=0.0, lr_scheduler="linear", seed=42, logging_steps=5)
+    assert repeat_training(training, 0) == training
+    assert repeat_training(training, 3) == dataclasses.replace(training, seed=45)
+
+
+def test_lds_csv_reads_the_averaged_repeats_and_gives_their_noise_ceiling(tmp_path):
+    from playpen_attribution.validation import lds_stage, split_half_agreement
+
+    rng = np.random.default_rng(2)
+    queries, train, same = _taboo_tables(tmp_path, rng)
+    effects = same + 0.3 * rng.normal(size=same.shape)
+    membership = (rng.random((16, 12)) < 0.5).astype(float)
+    truth = membership @ effects.T  # [subsets, queries]
+    repeats = truth + rng.normal(scale=0.8, size=(4, 16, 7))  # what four training seeds add
+    subsets = {str(s): {"row_ids": [f"t{i}" for i in np.flatnonzero(m)], "query_losses": list(-repeats[:, s].mean(0)),
+                        "repeat_losses": (-repeats[:, s]).tolist(), "training_seeds": [42, 43, 44, 45]}
+               for s, m in enumerate(membership)}
+    (tmp_path / "losses.json").write_text(json.dumps({"query_ids": list(queries.query_id), "subsets": subsets}))
+    q, t = np.meshgrid(range(7), range(12), indexing="ij")
+    pd.DataFrame({"query_id": queries.query_id.to_numpy()[q.ravel()], "train_id": train.train_id.to_numpy()[t.ravel()],
+                  "method": "exact", "influence_score": effects.ravel()}).to_csv(tmp_path / "influences.csv", index=False)
+    lds_stage(tmp_path / "query.csv", tmp_path / "train.csv", tmp_path / "influences.csv", tmp_path / "losses.json",
+              tmp_path / "lds.csv", tmp_path / "per_query.csv", random_seed=0)
+    lds = pd.read_csv(tmp_path / "lds.csv").set_index("method")
+    per_query = pd.read_csv(tmp_path / "per_query.csv")
+    exact = per_query[per_query.method == "exact"]
+    ceiling = split_half_agreement(repeats)
+    np.testing.assert_allclose(exact.noise_ceiling, ceiling)
+    assert (lds.repeats == 4).all()
+    np.testing.assert_allclose(lds.noise_ceiling, ceiling[exact.counted.to_numpy()].mean())  # q6 counted once
+    assert (lds.noise_ceiling_ci95_low <= lds.noise_ceiling).all() and (lds.noise_ceiling <= lds.noise_ceiling_ci95_high).all()
+    # the outcome is the mean of the repeats: the exact effects' LDS is that of the averaged losses, below 1
+    from playpen_attribution.validation import lds_scores
+
+    np.testing.assert_allclose(exact.lds, lds_scores(effects, membership, repeats.mean(0)))
+    assert lds.loc["exact", "lds"] < 1

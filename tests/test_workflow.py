@@ -208,9 +208,11 @@ def test_lds_has_every_baseline_and_each_methods_margin_over_the_best(demo_workd
     train = pd.read_csv(demo_workdir / "results" / "demo" / "train.csv")
     subsets = {}
     for batch in (0, 1):
-        folder = validation / "lds" / f"retrain-{batch}"
+        folder = validation / "lds" / "repeat-0" / f"retrain-{batch}"
         record = json.loads((folder / "subsets.json").read_text())
-        assert set(record) == {"fraction", "seed", "subsets"}  # no timings: the same inputs give the same bytes
+        # no timings: the same inputs give the same bytes
+        assert set(record) == {"fraction", "seed", "repeat", "training_seed", "subsets"}
+        assert record["repeat"] == 0 and record["training_seed"] == 42  # repeat 0 trains with the run's seed
         subsets.update(record["subsets"])
         # only the adapters and their record: no trainer scratch or token copies left behind
         assert {p.name for p in folder.iterdir()} - {".snakemake_timestamp"} == {
@@ -218,7 +220,10 @@ def test_lds_has_every_baseline_and_each_methods_margin_over_the_best(demo_workd
     assert sorted(map(int, subsets)) == list(range(10))
     assert all(len(rows) == round(len(train) / 2) and set(rows) <= set(train.train_id) for rows in subsets.values())
     assert len({tuple(rows) for rows in subsets.values()}) == 10
-    assert '<h2 id="lds">Linear datamodeling score</h2>' in (demo_workdir / "results/demo/report/index.html").read_text()
+    # one repeat: the noise ceiling is unknown and left empty, not faked
+    assert (lds.repeats == 1).all() and lds.noise_ceiling.isna().all()
+    page = (demo_workdir / "results/demo/report/index.html").read_text()
+    assert '<h2 id="lds">Linear datamodeling score</h2>' in page and "the noise ceiling is unknown" in page
 
 
 def test_damping_sweep_reproduces_the_runs_own_numbers_at_its_damping(demo_workdir):
@@ -248,6 +253,12 @@ def test_more_lds_subsets_reuse_the_retrains_already_done(demo_workdir):
     path = overlay(demo_workdir, "lds", {"demo": {"validation": {"lds": {"subsets": 15}}}})
     jobs = planned_jobs(snakemake(demo_workdir, *DEMO_TARGETS, "-n", "--configfile", path))
     assert jobs == {"lds_retrain": 1, "lds_losses": 1, "lds": 1, "damping_sweep": 1, "report": 1}
+    # a second repeat retrains every subset once more (its two jobs) and nothing already trained
+    path = overlay(demo_workdir, "lds-repeats", {"demo": {"validation": {"lds": {"repeats": 2}}}})
+    out = snakemake(demo_workdir, *DEMO_TARGETS, "-n", "--configfile", path)
+    assert planned_jobs(out) == {"lds_retrain": 2, "lds_losses": 1, "lds": 1, "damping_sweep": 1, "report": 1}
+    retrains = {fields["output"] for rule, fields in dry_run_jobs(out) if rule == "lds_retrain"}
+    assert retrains == {f"results/demo/validation/lds/repeat-1/retrain-{b}" for b in (0, 1)}
 
 
 def test_snakemake_report_collects_the_report_files(demo_workdir, tmp_path):

@@ -103,6 +103,13 @@ def run_query_parser() -> argparse.ArgumentParser:
                    help="Store query gradients at this rank (Kronfluence's query_gradient_low_rank), for large models")
     p.add_argument("--per-token-max-gb", type=float, default=PER_TOKEN_MAX_GB,
                    help="Refuse per-token scores whose dense [queries, rows, tokens] array would exceed this")
+    p.add_argument("--damping-factor", type=_damping, default=SEED_DAMPING, metavar="{heuristic,NUMBER}",
+                   help="Damping added to the Hessian before it is inverted: a number is absolute (default 1e-8, "
+                        "Kronfluence's default and the seed's, which leaves the inverse nearly undamped: on a few "
+                        "thousand rows most eigenvalues are near 0, so float rounding is amplified up to 1e8 times "
+                        "and scores move by a few percent with the batch size, the CPU or its BLAS); heuristic = 0.1 x "
+                        "each module's mean eigenvalue (the workflow's default, attribution.kronfluence.damping_factor: "
+                        "null), whose scores are the same however rows are batched, to float rounding")
     p.add_argument("--dtype", default="bfloat16", choices=DTYPE_CHOICES, help="Data type the model is loaded in")
     p.add_argument("--max-length", type=int, default=512, help="Maximum sequence length for tokenization")
     p.add_argument("--render", default="auto", choices=["auto", "plain", "chat"],
@@ -110,6 +117,23 @@ def run_query_parser() -> argparse.ArgumentParser:
                         "for base models); chat = the model's chat template, as the workflow trains; auto = chat "
                         "for an adapter whose manifest says it was trained on chat renderings, plain otherwise")
     return p
+
+
+# Kronfluence's default absolute damping, which the seed's run-query scored with
+SEED_DAMPING = 1e-8
+
+
+def _damping(value: str) -> float | None:
+    """`heuristic` -> None (Kronfluence's 0.1 x mean eigenvalue); otherwise a positive number."""
+    if value == "heuristic":
+        return None
+    try:
+        number = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is neither 'heuristic' nor a number") from None
+    if not number > 0:
+        raise argparse.ArgumentTypeError(f"{value} must be positive (or 'heuristic')")
+    return number
 
 
 def resolve_render(render: str, model: str) -> str:
@@ -164,7 +188,8 @@ def run_query(argv: list[str] | None = None) -> None:
                              train_batch_size=args.score_batch_size, query_batch_size=args.query_batch_size,
                              query_gradient_rank=args.query_gradient_rank,
                              query_batches_per_pass=args.query_batches_per_pass, per_token=args.per_token_scores,
-                             per_token_max_gb=args.per_token_max_gb, dtype=args.dtype)
+                             per_token_max_gb=args.per_token_max_gb, dtype=args.dtype,
+                             damping_factor=args.damping_factor)
         query = rows_frame(query_rows, "query_id", drop=SEED_EXTRA_EXCLUDED)
         query.insert(3, "loss", losses)
         per_token = None

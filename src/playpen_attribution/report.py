@@ -154,12 +154,21 @@ def plot_agreement(agree: pd.DataFrame, methods: list[str], path) -> None:
 
 
 def lds_chart(lds: pd.DataFrame) -> bytes:
-    """Bar chart of the mean LDS of every method (blue) and baseline (grey) with its 95% interval, as PNG."""
+    """Bar chart of the mean LDS of every method (blue) and baseline (grey) with its 95% interval, and the noise
+    ceiling (dashed, with its interval) where the retrains were repeated, as PNG."""
     fig, ax = pyplot().subplots(figsize=(1.6 + 0.9 * len(lds), 3.4))
     colours = ["#bbbbbb" if kind == "baseline" else "#4477aa" for kind in lds.kind]
     errors = np.nan_to_num(np.vstack([lds.lds - lds.ci95_low, lds.ci95_high - lds.lds]))
     ax.bar(lds.method, lds.lds, yerr=errors, capsize=4, color=colours)
     ax.axhline(0, color="grey", lw=0.8)
+    ceiling = lds.noise_ceiling.iloc[0] if "noise_ceiling" in lds and len(lds) else np.nan
+    if np.isfinite(ceiling):  # the most an LDS can reach against retrains this noisy
+        ax.axhline(ceiling, color="#cc3311", ls="--", lw=1.2,
+                   label=f"noise ceiling {ceiling:.2f} ({int(lds.repeats.iloc[0])} repeats)")
+        low, high = lds.noise_ceiling_ci95_low.iloc[0], lds.noise_ceiling_ci95_high.iloc[0]
+        if np.isfinite(low) and np.isfinite(high):
+            ax.axhspan(low, high, color="#cc3311", alpha=0.1)
+        ax.legend(fontsize=7, loc="upper right")
     ax.set_ylabel("mean LDS (Spearman)")
     ax.tick_params(axis="x", labelrotation=35)
     for label in ax.get_xticklabels():
@@ -299,7 +308,8 @@ def render_page(*, title: str, summary: dict, methods: dict[str, MethodScores], 
         agreement={"png": Path(plots["agreement"]).read_bytes(), "pairs": _numbers(pairs),
                    "stability": _numbers(stability) if len(stability) else None},
         planted=_numbers(planted) if planted is not None else None,
-        lds={"subsets": int(lds.subsets.max()), "chart": lds_chart(lds), "table": _numbers(lds)}
+        lds={"subsets": int(lds.subsets.max()), "repeats": int(lds.repeats.max()) if "repeats" in lds else 1,
+             "chart": lds_chart(lds), "table": _numbers(lds)}
         if lds is not None else None,
         damping={"png": damping_png, "table": _numbers(damping)} if damping is not None else None,
         training=training, words=words, distributions=Path(plots["distributions"]).read_bytes(), k=k,

@@ -149,21 +149,70 @@ def planted_audit_stage(query_csv, train_csv, influences_csv, copies_dir, shards
 # linear datamodeling score (LDS)
 # ---------------------------------------------------------------------------------------------------------
 def lds_losses_stage(retrain_dirs: list, query_tokens_dir, out_json, *, dtype: str) -> None:
-    """Rule `lds_losses`: every query's summed completion loss under every subset's adapter."""
+    """Rule `lds_losses`: every query's summed completion loss under every retrained adapter. Per subset: its rows,
+    the losses of each repeat (`repeat_losses`, in repeat order, with `training_seeds`) and their mean
+    (`query_losses`, the LDS's outcome)."""
     import datasets
 
     from playpen_attribution.scores import query_losses
 
     query = datasets.load_from_disk(str(query_tokens_dir))
-    result = {"query_ids": list(query["row_id"]), "subsets": {}}
+    by_subset: dict[str, dict] = {}
     for folder in retrain_dirs:
         record = json.loads((Path(folder) / "subsets.json").read_text())
+        repeat, seed = record.get("repeat", 0), record.get("training_seed")
         for subset, rows in record["subsets"].items():
             start = time.perf_counter()
             losses = query_losses(str(Path(folder) / f"subset-{subset}"), query, dtype=dtype)
-            log_time(f"query losses subset {subset}", time.perf_counter() - start)
-            result["subsets"][subset] = {"row_ids": rows, "query_losses": losses}
+            log_time(f"query losses subset {subset} repeat {repeat}", time.perf_counter() - start)
+            entry = by_subset.setdefault(subset, {"row_ids": rows, "repeats": {}})
+            if entry["row_ids"] != rows:
+                raise ValueError(f"{folder}: subset {subset} holds other rows than in another repeat's folder; "
+                                 "rerun its lds_retrain job (validation.lds.fraction or seed changed in between?)")
+            entry["repeats"][repeat] = (seed, losses)
+    result = {"query_ids": list(query["row_id"]), "subsets": {}}
+    for subset, entry in by_subset.items():
+        order = sorted(entry["repeats"])
+        per_repeat = [entry["repeats"][r][1] for r in order]
+        result["subsets"][subset] = {"row_ids": entry["row_ids"],
+                                     "query_losses": np.mean(per_repeat, axis=0).tolist(),
+                                     "repeat_losses": per_repeat,
+                                     "training_seeds": [entry["repeats"][r][0] for r in order]}
     write_json_atomic(result, out_json)
+
+
+def split_half_agreement(repeat_outcomes: np.ndarray, max_splits: int = 50, seed: int = 0) -> np.ndarray:
+    """The noise ceiling of an LDS whose outcome is averaged over R repeats, per query.
+
+    `repeat_outcomes` [repeats, subsets, queries]. For each split of the repeats into two disjoint halves of
+    h = R // 2 (all splits, or `max_splits` drawn with `seed`), the Spearman correlation over subsets between
+    the halves' mean outcomes; the mean over splits is the agreement of an h-repeat average, stepped up to R
+    repeats by Spearman-Brown, n rho / (1 + (n - 1) rho) with n = R / h: the reliability of the outcome the LDS
+    is computed against. NaN with fewer than 2 repeats (no ceiling is known) or 3 subsets.
+    """
+    import itertools
+
+    from playpen_attribution.scores import spearman
+
+    repeats, subsets, queries = repeat_outcomes.shape
+    if repeats < 2 or subsets < 3:
+        return np.full(queries, np.nan)
+    half = repeats // 2
+    splits = [c for c in itertools.combinations(range(repeats), half) if 0 in c or 2 * half < repeats]
+    if len(splits) > max_splits:
+        picked = np.random.default_rng(seed).choice(len(splits), size=max_splits, replace=False)
+        splits = [splits[i] for i in sorted(picked)]
+    n = repeats / half
+    values = []
+    for q in range(queries):
+        rhos = []
+        for first in splits:
+            rest = [r for r in range(repeats) if r not in first][:half]
+            rhos.append(spearman(repeat_outcomes[list(first), :, q].mean(0), repeat_outcomes[rest, :, q].mean(0)))
+        rho = np.nanmean(rhos) if np.isfinite(rhos).any() else np.nan
+        # a negative agreement steps up past -1 (-0.5 becomes -2 at n = 2): clipped to a correlation's range
+        values.append(float(np.clip(n * rho / (1 + (n - 1) * rho), -1, 1)) if np.isfinite(rho) else np.nan)
+    return np.array(values)
 
 
 def lds_scores(per_query: np.ndarray, membership: np.ndarray, actual: np.ndarray) -> np.ndarray:
@@ -184,9 +233,12 @@ def lds_scores(per_query: np.ndarray, membership: np.ndarray, actual: np.ndarray
     return np.array(values)
 
 
-def read_lds_losses(losses_json, query_ids: list[str], train_ids: list[str], query_csv) -> tuple[np.ndarray, np.ndarray]:
+def read_lds_losses(losses_json, query_ids: list[str], train_ids: list[str], query_csv,
+                    with_repeats: bool = False):
     """The retrains as membership [subsets, train rows] (1 = in the subset) and the actual outcome [subsets,
-    queries] (minus each query's loss: lower loss = better), in subset order."""
+    queries] (minus each query's loss averaged over the repeats: lower loss = better), in subset order; with
+    `with_repeats`, also each repeat's outcome [repeats, subsets, queries] (the noise ceiling's input; None when
+    the subsets were not all retrained the same number of times)."""
     losses = json.loads(Path(losses_json).read_text())
     if losses["query_ids"] != query_ids:
         raise ValueError(f"{losses_json} holds losses of other queries than {query_csv}; rerun lds_losses")
@@ -195,7 +247,14 @@ def read_lds_losses(losses_json, query_ids: list[str], train_ids: list[str], que
     membership = np.zeros((len(order), len(train_ids)))
     for s, subset in enumerate(order):
         membership[s, [column[r] for r in losses["subsets"][subset]["row_ids"]]] = 1.0
-    return membership, -np.array([losses["subsets"][s]["query_losses"] for s in order])
+    actual = -np.array([losses["subsets"][s]["query_losses"] for s in order])
+    if not with_repeats:
+        return membership, actual
+    per_subset = [losses["subsets"][s].get("repeat_losses", [losses["subsets"][s]["query_losses"]]) for s in order]
+    repeats = None
+    if order and len({len(r) for r in per_subset}) == 1:
+        repeats = -np.array(per_subset).transpose(1, 0, 2)
+    return membership, actual, repeats
 
 
 def best_baseline(method: str, lds: dict[str, float]) -> str | None:
@@ -209,15 +268,16 @@ def best_baseline(method: str, lds: dict[str, float]) -> str | None:
 
 def lds_stage(query_csv, train_csv, influences_csv, losses_json, out_csv, out_per_query, *, random_seed: int,
               train_scores_csv=None) -> None:
-    """Rule `lds`: mean LDS per method and baseline with a 95% cluster-bootstrap interval, and each method's
-    margin over its best baseline (paired per query, same interval)."""
+    """Rule `lds`: mean LDS per method and baseline with a 95% cluster-bootstrap interval, each method's margin over
+    its best baseline (paired per query, same interval), and the noise ceiling the repeats allow
+    (`split_half_agreement`, same interval; NaN with one repeat: not known, not faked)."""
     from playpen_attribution.baselines import is_baseline, run_corpus
     from playpen_attribution.scores import load_method_scores, mean_and_cluster_interval, query_groups, read_run_tables
     from playpen_attribution.taboo import with_target_words
 
     queries, train = (with_target_words(frame) for frame in read_run_tables(query_csv, train_csv))
     query_ids, train_ids = queries["query_id"].tolist(), train["train_id"].tolist()
-    membership, actual = read_lds_losses(losses_json, query_ids, train_ids, query_csv)
+    membership, actual, repeats = read_lds_losses(losses_json, query_ids, train_ids, query_csv, with_repeats=True)
     methods = {m: ms.per_query for m, ms in load_method_scores(influences_csv, query_ids, train_ids,
                                                                train_scores_csv).items()}
     scores = with_baselines(methods, queries, train, corpus=run_corpus(queries, train), seed=random_seed)
@@ -227,6 +287,9 @@ def lds_stage(query_csv, train_csv, influences_csv, losses_json, out_csv, out_pe
     def interval(v):
         return mean_and_cluster_interval(v, counted, clusters, seed=random_seed)
 
+    ceiling = (split_half_agreement(repeats, seed=random_seed) if repeats is not None
+               else np.full(len(query_ids), np.nan))
+    ceiling_mean, ceiling_low, ceiling_high = interval(ceiling)
     intervals = {name: interval(v) for name, v in values.items()}
     means = {name: mean for name, (mean, _, _) in intervals.items()}
     rows, per_query = [], []
@@ -235,14 +298,16 @@ def lds_stage(query_csv, train_csv, influences_csv, losses_json, out_csv, out_pe
         row = {"method": name, "kind": "baseline" if is_baseline(name) else "method", "lds": mean,
                "ci95_low": low, "ci95_high": high, "queries": int((counted & np.isfinite(v)).sum()),
                "clusters": len({c for c, k in zip(clusters, counted & np.isfinite(v)) if k}), "subsets": len(membership),
-               "best_baseline": None, "margin": np.nan, "margin_ci95_low": np.nan, "margin_ci95_high": np.nan}
+               "best_baseline": None, "margin": np.nan, "margin_ci95_low": np.nan, "margin_ci95_high": np.nan,
+               "repeats": 0 if repeats is None else len(repeats), "noise_ceiling": ceiling_mean,
+               "noise_ceiling_ci95_low": ceiling_low, "noise_ceiling_ci95_high": ceiling_high}
         rival = None if is_baseline(name) else best_baseline(name, means)
         if rival is not None:
             margin, m_low, m_high = interval(v - values[rival])
             row.update(best_baseline=rival, margin=margin, margin_ci95_low=m_low, margin_ci95_high=m_high)
         rows.append(row)
-        per_query += [{"method": name, "query_id": q, "lds": x, "counted": bool(k), "cluster": c}
-                      for q, x, k, c in zip(query_ids, v, counted, clusters)]
+        per_query += [{"method": name, "query_id": q, "lds": x, "noise_ceiling": ceil, "counted": bool(k),
+                       "cluster": c} for q, x, ceil, k, c in zip(query_ids, v, ceiling, counted, clusters)]
     write_csv_atomic(pd.DataFrame(rows), out_csv)
     write_csv_atomic(pd.DataFrame(per_query), out_per_query)
     for row in rows:
@@ -250,6 +315,8 @@ def lds_stage(query_csv, train_csv, influences_csv, losses_json, out_csv, out_pe
                   f"{row['best_baseline']}" if row["best_baseline"] else "")
         log.info("LDS %s: %.3f [%.3f, %.3f] over %d queries in %d clusters, %d subsets%s", row["method"], row["lds"],
                  row["ci95_low"], row["ci95_high"], row["queries"], row["clusters"], row["subsets"], margin)
+    log.info("noise ceiling (split-half agreement of %s repeats): %.3f [%.3f, %.3f]",
+             0 if repeats is None else len(repeats), ceiling_mean, ceiling_low, ceiling_high)
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -352,8 +352,9 @@ def lds_batch_subsets(wildcards):
 
 
 def lds_retrain_dirs(wildcards):
+    """Every retraining job's folder: each batch of subsets once per repeat (a new repeat or subset is a new job)."""
     cfg = lds_cfg(wildcards)
-    return [f"results/{wildcards.run}/validation/lds/retrain-{b}"
+    return [f"results/{wildcards.run}/validation/lds/repeat-{r}/retrain-{b}" for r in range(cfg["repeats"])
             for b in range(len(lds_batches(cfg["subsets"], cfg["subsets_per_job"])))]
 
 

@@ -111,19 +111,23 @@ rule planted_audit:
         "../scripts/planted_audit.py"
 
 
-# LDS: retrain on random subsets (one job per `subsets_per_job`), every query's loss under each retrain, then the
-# Spearman correlation over subsets between predicted and actual effects, per method and baseline.
+# LDS: retrain on random subsets (one job per `subsets_per_job` subsets and repeat), every query's loss under each
+# retrain (averaged over the repeats), then the Spearman correlation over subsets between predicted and actual
+# effects, per method and baseline, beside the noise ceiling the repeats allow.
 rule lds_retrain:
     input:
         model=base_model_dir,
         train="results/{run}/data/tokens/train",
     output:
-        directory("results/{run}/validation/lds/retrain-{batch}"),
+        directory("results/{run}/validation/lds/repeat-{repeat}/retrain-{batch}"),
     wildcard_constraints:
         batch=r"\d+",
+        repeat=r"\d+",
     params:
-        # only this job's subsets: adding subsets never retrains the earlier ones
+        # only this job's subsets and repeat: adding subsets or repeats never retrains the earlier ones
         subsets=lds_batch_subsets,
+        # trains with training.seed + repeat
+        repeat=lambda wc: int(wc.repeat),
         lds=stage_settings(LdsSubsets),
         lora=stage_settings(Lora),
         # the retrains are not evaluated (Training has no `evaluate`): only their query losses count
@@ -133,9 +137,9 @@ rule lds_retrain:
         base_model=base_model_source,
         code=script_code("lds_retrain.py"),
     log:
-        "logs/{run}/lds_retrain_{batch}.log",
+        "logs/{run}/lds_retrain_{repeat}_{batch}.log",
     benchmark:
-        "benchmarks/{run}/lds_retrain_{batch}.tsv"
+        "benchmarks/{run}/lds_retrain_{repeat}_{batch}.tsv"
     threads: model_threads
     resources:
         gpu=1,
