@@ -142,7 +142,8 @@ def test_the_schemas_methods_are_the_ones_the_package_parses():
 
 # Keys the workflow reads itself (inputs, job counts, paths), not a stage's settings class.
 WORKFLOW_KEYS = {"training": {"evaluate"}, "attribution.kronfluence": {"hessian_dataset"},
-                 "validation.lds": {"subsets", "subsets_per_job", "repeats"}}
+                 "validation.lds": {"subsets", "subsets_per_job", "repeats"},
+                 "validation.removal": {"controls", "repeats"}}
 
 
 def test_every_stage_setting_is_a_config_key_and_every_key_is_read_by_a_stage():

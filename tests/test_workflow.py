@@ -212,7 +212,7 @@ def test_lds_has_every_baseline_and_each_methods_margin_over_the_best(demo_workd
         record = json.loads((folder / "subsets.json").read_text())
         # no timings: the same inputs give the same bytes
         assert set(record) == {"fraction", "seed", "repeat", "training_seed", "subsets"}
-        assert record["repeat"] == 0 and record["training_seed"] == 42  # repeat 0 trains with the run's seed
+        assert record["repeat"] == 0 and record["training_seed"] == 0  # repeat 0 trains with the run's seed (0)
         subsets.update(record["subsets"])
         # only the adapters and their record: no trainer scratch or token copies left behind
         assert {p.name for p in folder.iterdir()} - {".snakemake_timestamp"} == {
@@ -259,6 +259,22 @@ def test_more_lds_subsets_reuse_the_retrains_already_done(demo_workdir):
     assert planned_jobs(out) == {"lds_retrain": 2, "lds_losses": 1, "lds": 1, "damping_sweep": 1, "report": 1}
     retrains = {fields["output"] for rule, fields in dry_run_jobs(out) if rule == "lds_retrain"}
     assert retrains == {f"results/demo/validation/lds/repeat-1/retrain-{b}" for b in (0, 1)}
+
+
+def test_the_removal_check_plans_a_retrain_per_selection_and_repeat_and_only_methods_read_the_scores(demo_workdir):
+    path = overlay(demo_workdir, "removal", {"demo": {"validation": {"removal": {
+        "fractions": [0.1, 0.2], "controls": 2, "repeats": 2}}}})
+    out = snakemake(demo_workdir, *DEMO_TARGETS, "-n", "--configfile", path)
+    selections = ["none", "tfidf", "random-0", "random-1", "ekfac", "bergson_cosine", "bergson_cosine_mixed"]
+    assert planned_jobs(out) == {"removal_rows": 7, "removal_retrain": 14, "removal": 1, "report": 1}
+    jobs = dry_run_jobs(out)
+    retrains = {fields["output"] for rule, fields in jobs if rule == "removal_retrain"}
+    assert retrains == {f"results/demo/validation/removal/losses/{s}/repeat-{r}.json" for s in selections
+                        for r in (0, 1)}
+    reads_scores = {fields["output"].rsplit("/", 1)[1] for rule, fields in jobs
+                    if rule == "removal_rows" and "influences.csv" in fields["input"]}
+    # a rescored method re-chooses its own rows only: the controls never wait on (or rerun for) the scores
+    assert reads_scores == {"ekfac.json", "bergson_cosine.json", "bergson_cosine_mixed.json"}
 
 
 def test_snakemake_report_collects_the_report_files(demo_workdir, tmp_path):
@@ -520,15 +536,15 @@ KEY_READERS = [
     ("attribution.bergson", "token_batch_size", 256,
      {"bergson_query_gradients", "bergson_hessian", "bergson_reduce", "bergson_index", "planted_bergson_index"}),
     ("attribution.bergson", "mix_downweight_components", 10, {"bergson_mix"}),
-    ("training", "logging_steps", 3, {"train_adapter", "lds_retrain"}),
+    ("training", "logging_steps", 3, {"train_adapter", "lds_retrain", "removal_retrain"}),
     # (planted_audit reads the seed too, for its random baseline, but reruns anyway as its input changes)
     ("validation.planted", "seed", 3, {"planted_copies"}),
 ]
 
 
 def settings_classes_by_rule() -> dict[str, set[str]]:
-    """Rule -> the settings classes its params are built from (`stage_settings(Cls...)` / `variant_settings(Cls)` in
-    its block of workflow/rules/*.smk)."""
+    """Rule -> the settings classes its params are built from (`stage_settings(Cls...)`, `variant_settings(Cls)` or
+    `selection_settings(Cls)` in its block of workflow/rules/*.smk)."""
     found = {}
     for smk in sorted((REPO / "workflow" / "rules").glob("*.smk")):
         text = smk.read_text()
@@ -536,7 +552,8 @@ def settings_classes_by_rule() -> dict[str, set[str]]:
         headers = list(re.finditer(r"^(?:(?:local)?rule (\w+):|use rule \w+ as (\w+) with:)$", text, flags=re.M))
         for header, after in zip(headers, headers[1:] + [None]):
             body = text[header.end():after.start() if after else len(text)]
-            found[header.group(1) or header.group(2)] = set(re.findall(r"(?:stage|variant)_settings\((\w+)", body))
+            found[header.group(1) or header.group(2)] = set(re.findall(r"(?:stage|variant|selection)_settings\((\w+)",
+                                                                       body))
     return found
 
 

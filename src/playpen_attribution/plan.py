@@ -256,7 +256,7 @@ def stage_estimates(run: dict, arch: dict, lengths: dict, device: str) -> dict[s
         "activations": _activations_gb(arch, train["batch_size"] * seq, train_bytes, seq, lora),
         "logits": _logits_gb(arch, train["batch_size"] * seq, copies["training"]),
     }
-    plans["lds_retrain"] = plans["train_adapter"]
+    plans["lds_retrain"] = plans["removal_retrain"] = plans["train_adapter"]
 
     kf_bytes = dtype_bytes(kf["dtype"])
     weights = n_params * kf_bytes / GB  # Kronfluence's stages and the query losses load the model in its dtype
@@ -343,6 +343,7 @@ def build_plan(run: dict, arch: dict, lengths: dict, gpu_mem_gb: float) -> dict:
 BATCH_LEVER = {
     "train_adapter": "lower training.batch_size (raise training.gradient_accumulation to keep the step)",
     "lds_retrain": "lower training.batch_size (raise training.gradient_accumulation to keep the step)",
+    "removal_retrain": "lower training.batch_size (raise training.gradient_accumulation to keep the step)",
     "fit_factors": "lower attribution.kronfluence.covariance_batch_size (and lambda_batch_size)",
     "kronfluence_scores": "lower attribution.kronfluence.train_batch_size and query_batch_size",
     "planted_kronfluence_scores": "lower attribution.kronfluence.train_batch_size and query_batch_size",

@@ -265,6 +265,7 @@ def render_page(*, title: str, summary: dict, methods: dict[str, MethodScores], 
                 plots: dict[str, Path], per_token_spans: dict, k: int, queries_shown: int,
                 planted: pd.DataFrame | None = None, lds: pd.DataFrame | None = None,
                 damping: pd.DataFrame | None = None, damping_png: bytes | None = None,
+                removal: pd.DataFrame | None = None, removal_png: bytes | None = None,
                 training: dict | None = None, words: dict | None = None) -> str:
     """The page from templates/report.html.j2; `training` and `words`: the sections' values (training_section,
     words_section), `training` None leaves its section out."""
@@ -273,7 +274,8 @@ def render_page(*, title: str, summary: dict, methods: dict[str, MethodScores], 
     order = {m: i for i, m in enumerate(methods)}
     pairs = agree[[order[a] < order[b] for a, b in zip(agree.method_a, agree.method_b)]]  # each pair once
     links = [("agreement", "Agreement"), ("planted", "Planted copies") if planted is not None else None,
-             ("lds", "LDS") if lds is not None else None, ("damping", "Damping sweep") if damping is not None else None,
+             ("lds", "LDS") if lds is not None else None,
+             ("removal", "Removal check") if removal is not None else None, ("damping", "Damping sweep") if damping is not None else None,
              ("training", "Training") if training is not None else None, ("words", "Which words matter"),
              ("distributions", "Score distributions"), ("overall", "Episodes against all queries"),
              ("per-query", "Per query")]
@@ -312,6 +314,7 @@ def render_page(*, title: str, summary: dict, methods: dict[str, MethodScores], 
              "chart": lds_chart(lds), "table": _numbers(lds)}
         if lds is not None else None,
         damping={"png": damping_png, "table": _numbers(damping)} if damping is not None else None,
+        removal={"png": removal_png, "table": _numbers(removal)} if removal is not None else None,
         training=training, words=words, distributions=Path(plots["distributions"]).read_bytes(), k=k,
         overall=overall, per_query=per_query, query_count=len(query_ids))
 
@@ -319,7 +322,8 @@ def render_page(*, title: str, summary: dict, methods: dict[str, MethodScores], 
 def build_report(*, query_csv, train_csv, influences_csv, out_dir, train_scores_csv=None, train_tokens_dir=None,
                  tokenizer_file=None, top_k: int = 10, queries_shown: int = 10, words_k: int = 10,
                  title: str = "Attribution report",
-                 planted_summary_csv=None, lds_csv=None, damping_csv=None, damping_png=None, adapter_manifest=None):
+                 planted_summary_csv=None, lds_csv=None, damping_csv=None, damping_png=None, removal_csv=None,
+                 removal_png=None, adapter_manifest=None):
     """Rule `report`: every file of `report/` from the merged tables; returns their paths."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -369,7 +373,9 @@ def build_report(*, query_csv, train_csv, influences_csv, out_dir, train_scores_
                        planted=pd.read_csv(planted_summary_csv) if planted_summary_csv else None,
                        lds=pd.read_csv(lds_csv) if lds_csv else None,
                        damping=pd.read_csv(damping_csv) if damping_csv else None,
-                       damping_png=Path(damping_png).read_bytes() if damping_png else None, training=training,
+                       damping_png=Path(damping_png).read_bytes() if damping_png else None,
+                       removal=pd.read_csv(removal_csv) if removal_csv else None,
+                       removal_png=Path(removal_png).read_bytes() if removal_png else None, training=training,
                        words=words_section(methods, queries, train, words, difficulty, words_k))
     with atomic_path(paths["index.html"]) as tmp:
         Path(tmp).write_text(page, encoding="utf-8")

@@ -190,6 +190,16 @@ class LdsSubsets(_FromConfig):
     seed: int
 
 
+@dataclass(frozen=True)
+class RemovalChoice(_FromConfig):
+    """Rule `removal_rows`: the shares of training rows each selection removes, and the random draws' seed (given
+    to the random selections only: a new seed never re-chooses a method's rows)."""
+    SECTION: ClassVar[str] = "validation.removal"
+    fractions: tuple[float, ...]
+    seed: int | None
+
+
 # Every class a rule's params come from (the config test checks each field is a key of its section).
 STAGE_SETTINGS = (Tokenization, Lora, Training, FactorFit, KronfluenceScoring, KronfluenceSweep, BergsonGradients,
-                  BergsonHessian, BergsonReduce, BergsonMix, BergsonScoring, PlantedCopies, LdsSubsets)
+                  BergsonHessian, BergsonReduce, BergsonMix, BergsonScoring, PlantedCopies, LdsSubsets,
+                  RemovalChoice)

@@ -39,6 +39,7 @@ from playpen_attribution.settings import (
     LdsSubsets,
     Lora,
     PlantedCopies,
+    RemovalChoice,
     Tokenization,
     Training,
     as_params,
@@ -323,6 +324,9 @@ def report_inputs(wildcards):
         inputs["planted"] = f"results/{wildcards.run}/validation/planted_summary.csv"
     if lds_cfg(wildcards)["subsets"]:
         inputs["lds"] = f"results/{wildcards.run}/validation/lds.csv"
+    if removal_cfg(wildcards)["fractions"]:
+        inputs["removal"] = f"results/{wildcards.run}/validation/removal.csv"
+        inputs["removal_plot"] = f"results/{wildcards.run}/validation/removal.png"
     if damping_sweep_methods(run_cfg(wildcards)):
         inputs["damping"] = f"results/{wildcards.run}/validation/damping.csv"
         inputs["damping_plot"] = f"results/{wildcards.run}/validation/damping.png"
@@ -356,6 +360,44 @@ def lds_retrain_dirs(wildcards):
     cfg = lds_cfg(wildcards)
     return [f"results/{wildcards.run}/validation/lds/repeat-{r}/retrain-{b}" for r in range(cfg["repeats"])
             for b in range(len(lds_batches(cfg["subsets"], cfg["subsets_per_job"])))]
+
+
+# Removal check inputs by run.
+def removal_cfg(wildcards):
+    return run_cfg(wildcards)["validation"]["removal"]
+
+
+def removal_selections(wildcards):
+    """What chooses the removed rows: the reference (nothing removed), TF-IDF, the random draws, every method."""
+    cfg = removal_cfg(wildcards)
+    return ["none", "tfidf", *(f"random-{i}" for i in range(cfg["controls"])),
+            *run_cfg(wildcards)["attribution"]["methods"]]
+
+
+def removal_rows_input(wildcards):
+    """A method's selection reads the scores; the controls read the tables alone."""
+    inputs = {"query": f"results/{wildcards.run}/query.csv", "train": f"results/{wildcards.run}/train.csv"}
+    if wildcards.selection in run_cfg(wildcards)["attribution"]["methods"]:
+        inputs["influences"] = f"results/{wildcards.run}/influences.csv"
+        inputs.update(train_scores_input(wildcards))
+    return inputs
+
+
+def selection_settings(cls):
+    """A removal selection's settings: the seed only for a random draw (the one selection it chooses), so a new
+    seed never re-chooses, and retrains, a method's or TF-IDF's rows."""
+    def params(wildcards):
+        overrides = {} if wildcards.selection.startswith("random-") else {"seed": None}
+        return as_params(cls.from_run(run_cfg(wildcards), **overrides))
+    return params
+
+
+def removal_inputs(wildcards):
+    run, selections = wildcards.run, removal_selections(wildcards)
+    return {"query": f"results/{run}/query.csv", "train": f"results/{run}/train.csv",
+            "rows": [f"results/{run}/validation/removal/rows/{s}.json" for s in selections],
+            "losses": [f"results/{run}/validation/removal/losses/{s}/repeat-{r}.json" for s in selections
+                       for r in range(removal_cfg(wildcards)["repeats"])]}
 
 
 # Damping sweep inputs by run.

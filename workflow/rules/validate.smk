@@ -204,6 +204,95 @@ rule lds:
         "../scripts/lds.py"
 
 
+# Removal check: each selection (a method's top rows for the query set, TF-IDF's, random draws', and the reference that
+# removes nothing) chooses the rows to remove at each fraction; one retraining job per selection and repeat trains
+# without them and records the query losses; then the loss rise over the reference per selection and fraction.
+rule removal_rows:
+    input:
+        unpack(removal_rows_input),
+    output:
+        "results/{run}/validation/removal/rows/{selection}.json",
+    wildcard_constraints:
+        selection=r"[A-Za-z0-9_-]+",
+    params:
+        removal=selection_settings(RemovalChoice),
+        code=script_code("removal_rows.py"),
+    log:
+        "logs/{run}/removal_rows_{selection}.log",
+    benchmark:
+        "benchmarks/{run}/removal_rows_{selection}.tsv"
+    resources:
+        mem_mb=table_mem_mb,
+    conda:
+        CONDA_ENV
+    script:
+        "../scripts/removal_rows.py"
+
+
+rule removal_retrain:
+    input:
+        model=base_model_dir,
+        train="results/{run}/data/tokens/train",
+        query="results/{run}/data/tokens/query",
+        rows="results/{run}/validation/removal/rows/{selection}.json",
+    output:
+        "results/{run}/validation/removal/losses/{selection}/repeat-{repeat}.json",
+    wildcard_constraints:
+        selection=r"[A-Za-z0-9_-]+",
+        repeat=r"\d+",
+    params:
+        selection=lambda wc: wc.selection,
+        # trains with training.seed + repeat
+        repeat=lambda wc: int(wc.repeat),
+        lora=stage_settings(Lora),
+        training=stage_settings(Training),
+        max_length=lambda wc: run_cfg(wc)["tokenization"]["max_length"],
+        dtype=lambda wc: run_cfg(wc)["model"]["dtype"],
+        # the query losses load the adapter as lds_losses does
+        loss_dtype=lambda wc: kronfluence_cfg(wc)["dtype"],
+        base_model=base_model_source,
+        code=script_code("removal_retrain.py"),
+    log:
+        "logs/{run}/removal_retrain_{selection}_{repeat}.log",
+    benchmark:
+        "benchmarks/{run}/removal_retrain_{selection}_{repeat}.tsv"
+    threads: model_threads
+    resources:
+        gpu=1,
+        mem_mb=train_mem("removal_retrain"),
+        runtime=lambda wc, attempt: capped_runtime(
+            wc, run_cfg(wc)["resources"]["train_runtime_min"] * max(1, len(removal_cfg(wc)["fractions"])) * attempt
+        ),
+    conda:
+        CONDA_ENV
+    script:
+        "../scripts/removal_retrain.py"
+
+
+rule removal:
+    input:
+        unpack(removal_inputs),
+    output:
+        table=report("results/{run}/validation/removal.csv", caption="../report/removal.rst", category="Validation",
+                     labels={"run": "{run}", "what": "removal check"}),
+        plot=report("results/{run}/validation/removal.png", caption="../report/removal.rst", category="Validation",
+                    labels={"run": "{run}", "what": "removal check plot"}),
+    params:
+        # the intervals' bootstrap
+        seed=lambda wc: removal_cfg(wc)["seed"],
+        code=script_code("removal.py"),
+    log:
+        "logs/{run}/removal.log",
+    benchmark:
+        "benchmarks/{run}/removal.tsv"
+    resources:
+        mem_mb=table_mem_mb,
+    conda:
+        CONDA_ENV
+    script:
+        "../scripts/removal.py"
+
+
 # Damping sweep: each preconditioned method rescored at relative damping factors c (1/(lambda + c mean lambda) for
 # both families) with the run's adapter, factors, preconditioners and Bergson index (nothing refitted or retrained),
 # the training rows and planted copies together; then its LDS and planted recall against c.

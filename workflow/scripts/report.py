@@ -11,4 +11,5 @@ run_stage(snakemake, build_report, query_csv=snakemake.input.query, train_csv=sn
           queries_shown=snakemake.params.queries_shown, words_k=snakemake.params.words_k, title=snakemake.params.title,
           planted_summary_csv=snakemake.input.get("planted"), lds_csv=snakemake.input.get("lds"),
           damping_csv=snakemake.input.get("damping"), damping_png=snakemake.input.get("damping_plot"),
+          removal_csv=snakemake.input.get("removal"), removal_png=snakemake.input.get("removal_plot"),
           adapter_manifest=Path(snakemake.input.model) / "manifest.json")
