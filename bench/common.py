@@ -76,8 +76,27 @@ def run_paths(workdir: Path, run: str = RUN) -> dict[str, Path]:
 
 
 def machine_line() -> str:
+    """The machine and the commit a table was measured on (a `+` marks uncommitted changes)."""
+    import subprocess
+
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
+    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO, capture_output=True,
+                           text=True).stdout.strip()
     return (f"machine: {platform.machine()}, {os.cpu_count()} CPU cores, {platform.system()} {platform.release()}, "
-            f"Python {platform.python_version()}")
+            f"Python {platform.python_version()}, commit {commit or 'unknown'}{'+' if dirty else ''}")
+
+
+BENCHMARKS_PAGE = REPO / "docs" / "benchmarks.md"
+
+
+def write_docs_table(name: str, text: str, page: Path = BENCHMARKS_PAGE) -> None:
+    """Replace the table between `<!-- name -->` and `<!-- /name -->` in the benchmarks page (`--docs`)."""
+    start, end = f"<!-- {name} -->", f"<!-- /{name} -->"
+    content = page.read_text()
+    if start not in content or end not in content:
+        raise SystemExit(f"{page} has no {start} ... {end} markers")
+    before, rest = content.split(start, 1)
+    page.write_text(f"{before}{start}\n{text}\n{end}{rest.split(end, 1)[1]}")
 
 
 def print_table(timings: dict[str, list[float]], inputs: str) -> None:

@@ -14,7 +14,7 @@ Peak = the process's getrusage maximum (MiB); plan = `plan.stage_estimates` for 
 (GB x 1000, as bench/rehearsal.py compares them). A case whose plan exceeds --max-gb is not run (it would not fit
 this machine), and its plan is printed beside "not run".
 
-    uv run python bench/plan_at_length.py [--workdir DIR] [--lengths 240 1024] [--batches 1 2] [--readme]
+    uv run python bench/plan_at_length.py [--workdir DIR] [--lengths 240 1024] [--batches 1 2] [--docs]
 
 A benchmark, not a test: about half an hour on 2 CPU cores.
 """
@@ -31,14 +31,13 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import REPO, machine_line  # noqa: E402
+from common import REPO, machine_line, write_docs_table  # noqa: E402
 
 ARCHITECTURE = REPO / "resources/models/gemma-3-1b-it.config.json"
 SOURCE = {"kind": "playpen", "path": str(REPO / "resources/real-taboo/playpen-real"), "name": "interactions"}
 COMPLETION_TOKENS = 16
 LAYER_STRIDE = 26
 STAGES = ("train_adapter", "fit_factors", "kronfluence_scores")
-README_MARKERS = ("<!-- plan-at-length-table -->", "<!-- /plan-at-length-table -->")
 
 LORA = {"r": 16, "alpha": 32, "dropout": 0.05,
         "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]}
@@ -148,7 +147,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=os.cpu_count())
     parser.add_argument("--max-gb", type=float, default=21.0,
                         help="cases whose plan exceeds this are not run (default: this machine's 24 GB less a margin)")
-    parser.add_argument("--readme", action="store_true", help="write the table into README.md")
+    parser.add_argument("--docs", action="store_true", help="write the table into docs/benchmarks.md")
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="plan-at-length-"))
@@ -180,11 +179,8 @@ def main() -> None:
     table = format_table(rows, args)
     print("\n" + table)
     (workdir / "plan_at_length.json").write_text(json.dumps(rows, indent=1))
-    if args.readme:
-        readme = REPO / "README.md"
-        text = readme.read_text()
-        start, end = (text.index(m) for m in README_MARKERS)
-        readme.write_text(text[:start + len(README_MARKERS[0])] + "\n" + table + "\n" + text[end:])
+    if args.docs:
+        write_docs_table("plan-at-length-table", table)
 
 
 def format_table(rows, args) -> str:

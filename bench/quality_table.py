@@ -1,7 +1,8 @@
 """A run's attribution quality as README tables, from its own validation files: each method's LDS with its 95%
 interval and its margin over the best baseline (lds.csv), planted recall (planted_summary.csv), and each
 preconditioned method against its plain counterpart (EK-FAC against identity, a Bergson variant against the plain
-cosine), paired per query with the same word-clustered bootstrap the LDS uses (lds_per_query.csv).
+cosine), paired per query with the same word-clustered bootstrap the LDS uses (lds_per_query.csv); the noise ceiling
+of the repeated retrains (lds.csv) and the removal check (removal.csv) where the run has them.
 
     uv run python bench/quality_table.py --workdir DIR --run smol [--run real ...]
 """
@@ -55,6 +56,29 @@ def paired_table(folder: Path, run: str, seed: int = 0) -> list[str]:
     return lines
 
 
+def ceiling_table(folder: Path, run: str) -> list[str]:
+    lds = pd.read_csv(folder / "lds.csv")
+    if "noise_ceiling" not in lds or lds.noise_ceiling.isna().all():
+        return [f"| {run} | {int(lds.repeats.max()) if 'repeats' in lds else 1} | not known (one repeat) | |"]
+    row = lds.iloc[0]
+    best = lds[lds.kind == "method"].sort_values("lds").iloc[-1]
+    return [f"| {run} | {int(row.repeats)} | {interval(row.noise_ceiling, row.noise_ceiling_ci95_low, row.noise_ceiling_ci95_high)} "
+            f"| {best.method} {best.lds:.3f} |"]
+
+
+def removal_table(folder: Path, run: str) -> list[str]:
+    if not (folder / "removal.csv").is_file():
+        return []
+    table = pd.read_csv(folder / "removal.csv")
+    lines = []
+    for row in table[~table.selection.str.startswith("random-")].itertuples():
+        margins = "".join(f" | {signed(getattr(row, f'over_{r}'), getattr(row, f'over_{r}_ci95_low'), getattr(row, f'over_{r}_ci95_high'))}"
+                          if row.kind == "method" else " | " for r in ("random", "tfidf"))
+        lines.append(f"| {run} | {row.fraction:g} | {row.selection} | {row.removed} | "
+                     f"{signed(row.loss_rise, row.ci95_low, row.ci95_high)}{margins} |")
+    return lines
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workdir", type=Path, required=True)
@@ -68,6 +92,15 @@ def main() -> None:
     print("|---|---|---|")
     for run in args.run:
         print("\n".join(paired_table(args.workdir / "results" / run / "validation", run)))
+    print("\n| run | repeats | noise ceiling [95%] | best method's LDS |")
+    print("|---|---|---|---|")
+    for run in args.run:
+        print("\n".join(ceiling_table(args.workdir / "results" / run / "validation", run)))
+    rows = [line for run in args.run for line in removal_table(args.workdir / "results" / run / "validation", run)]
+    if rows:
+        print("\n| run | fraction | removed by | rows | loss rise [95%] | over random [95%] | over TF-IDF [95%] |")
+        print("|---|---|---|---|---|---|---|")
+        print("\n".join(rows))
 
 
 if __name__ == "__main__":

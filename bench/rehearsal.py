@@ -5,9 +5,9 @@ The rehearsal (default): the taboo run's DAG on Gemma 3 1B's shapes (random weig
 real taboo transcripts. `--run smol`: the real pretrained SmolLM2-135M-Instruct on the real transcripts.
 
     uv run python bench/rehearsal.py                 # 2 layers, 24 training episodes, on this machine's CPU
-    uv run python bench/rehearsal.py --readme        # ... and write the table into README.md
+    uv run python bench/rehearsal.py --docs          # ... and write the table into docs/benchmarks.md
     uv run python bench/rehearsal.py --gpu           # 26 layers, bf16, every real guesser episode, on a GPU box
-    uv run python bench/rehearsal.py --run smol --readme   # the pretrained model (at most an hour on 2 cores)
+    uv run python bench/rehearsal.py --run smol --docs     # the pretrained model (at most an hour on 2 cores)
     uv run python bench/rehearsal.py --gpu --quick  # bench/gpu_check.sh: training, factors, one score shard and
                                                     # one Bergson index shard at 26 layers, in minutes on one GPU
 
@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import REPO, bench_arguments, machine_line, snakemake_command  # noqa: E402
+from common import REPO, bench_arguments, machine_line, snakemake_command, write_docs_table  # noqa: E402
 
 from playpen_attribution.devices import GPU_PEAK_LINE  # noqa: E402
 from playpen_attribution.stage import PEAK_RSS_LINE  # noqa: E402
@@ -51,7 +51,7 @@ def extra(parser):
     parser.add_argument("--gpu", action="store_true", help="rehearsal: 26 layers, bf16, all real guesser episodes")
     parser.add_argument("--quick", action="store_true",
                         help="only training, the EK-FAC fit, one score shard and one Bergson index shard")
-    parser.add_argument("--readme", action="store_true", help="write the table into README.md")
+    parser.add_argument("--docs", action="store_true", help="write the table into docs/benchmarks.md")
     parser.add_argument("--cores", type=int, default=2)
     parser.add_argument("--table-only", action="store_true",
                         help="no run: the table of the run already in --workdir (its wall time from rehearsal.json)")
@@ -162,15 +162,8 @@ def main() -> None:
     text = table(read_benchmarks(workdir, run), plan_estimates(workdir, "cuda" if args.gpu else "cpu", run), wall,
                  header)
     print(text)
-    if args.readme:
-        readme = REPO / "README.md"
-        content = readme.read_text()
-        README_START, README_END = f"<!-- {run}-table -->", f"<!-- /{run}-table -->"
-        if README_START not in content:
-            sys.exit(f"README.md has no {README_START} ... {README_END} markers")
-        before, rest = content.split(README_START, 1)
-        after = rest.split(README_END, 1)[1]
-        readme.write_text(f"{before}{README_START}\n{text}\n{README_END}{after}")
+    if args.docs:
+        write_docs_table(f"{run}-table", text)
 
 
 if __name__ == "__main__":
