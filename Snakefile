@@ -1,16 +1,26 @@
 # playpen-attribution: from playpen transcripts to a LoRA adapter and influence scores.
 # Usage: snakemake --cores 2 results/demo/influences.csv      (see README.md and config/README.md)
 import os
+import sys
 
 from snakemake.utils import min_version
 
 from playpen_attribution.config import validate_config
+from playpen_attribution.locks import clear_owner, record_owner, remove_stale_locks
 from playpen_attribution.plan import local_gpu_count, local_memory_mb
 
 min_version("9.0")
 
 
 configfile: os.path.join(workflow.basedir, "config", "config.yaml")
+
+
+# After a kill (SIGKILL, the OOM killer, a lost node) Snakemake's locks stay and the same command would be refused
+# until --unlock: they are removed here when the process recorded as their owner (onstart) died on this host. A live
+# owner keeps them, so a second invocation on the same results is still refused with Snakemake's lock message.
+# Interrupted jobs' outputs are marked incomplete and rerun (rerun-incomplete in the profiles).
+if (stale := remove_stale_locks()) is not None:
+    print(stale, file=sys.stderr)
 
 
 # Defaults filled in, unknown keys refused with their path named (a typo never trains with a default).
@@ -46,8 +56,17 @@ include: "workflow/rules/validate.smk"
 onstart:
     from types import SimpleNamespace
 
+    record_owner()  # this process holds the locks now (remove_stale_locks, above)
     for name in sorted(RUNS_IN_DAG):
         run_plan(SimpleNamespace(run=name), keep=False)
+
+
+onsuccess:
+    clear_owner()
+
+
+onerror:
+    clear_owner()
 
 
 rule all:

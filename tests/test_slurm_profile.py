@@ -57,7 +57,9 @@ def fake_slurm_env(tmp_path, monkeypatch):
     monkeypatch.setenv("FAKE_SLURM_DIR", str(state))
     monkeypatch.setenv("FAKE_SLURM_LOG", str(log))
     monkeypatch.setenv("FAKE_SLURM_ACCOUNTS", f"other-account,{accounts}")
-    monkeypatch.setenv("FAKE_SLURM_FAIL_ONCE", "train_adapter")
+    # training hits its time limit once, the tiny model's build is killed for memory once, one tokenize job is
+    # preempted once (SLURM requeues it)
+    monkeypatch.setenv("FAKE_SLURM_FAIL_ONCE", "train_adapter:TIMEOUT,build_tiny_model,tokenize:PREEMPTED")
     # status queries wait for running jobs (just under the plugin's 60 s limit on one query), so a poll finds a job
     # finished unless it runs longer than that; only then the plugin's interval grows (10 s per empty poll)
     monkeypatch.setenv("FAKE_SLURM_SACCT_WAIT", "55")
@@ -99,7 +101,17 @@ def test_slurm_profile_submits_gpu_jobs_and_retries_bigger(tmp_path, fake_slurm_
                                              str(settings["default-resources"]["runtime"]))
 
     train = [s for s in submitted if s["rule"] == "train_adapter"]
-    assert [s["attempt"] for s in train] == [1, 2], "the fake OOM of attempt 1 is retried once"
+    assert [s["attempt"] for s in train] == [1, 2], "the time limit of attempt 1 is retried once, with more time"
+    assert [s["attempt"] for s in submitted if s["rule"] == "build_tiny_model"] == [1, 2]  # killed for memory once
+    # the preempted tokenize job is requeued by SLURM (the profile's --requeue) and finishes under its own id:
+    # no resubmission, and Snakemake waits for it
+    assert all("--requeue" in c["argv"] for c in calls(log, "sbatch"))
+    jobs = {j["jobid"]: j for j in fake_slurm.all_jobs()}
+    tokenize = [s for s in submitted if s["rule"] == "tokenize"]
+    assert [s["attempt"] for s in tokenize] == [1, 1]
+    requeued = [j for j in jobs.values() if j.get("requeued")]
+    assert len(requeued) == 1 and requeued[0]["rule"] == "tokenize" and requeued[0]["state"] == "COMPLETED"
+    assert {j["state"] for j in jobs.values() if j["rule"] == "train_adapter"} == {"TIMEOUT", "COMPLETED"}
     expected = run_resources(RUN)
     for s in train:
         assert s["--gpus"] == "1" and s["-p"] == gpu_partition
@@ -129,8 +141,9 @@ def test_slurm_profile_dry_run_plans_gpu_rules_on_gpu_partition(tmp_path):
     assert {"fetch_base_model", "prepare_data", "tokenize"} <= set(planned) - gpu_rules
     assert {"train_adapter", "fit_factors", "kronfluence_scores", "bergson_index", "damping_sweep_kronfluence"} <= gpu_rules
     assert "bergson_scores" not in gpu_rules  # scored from the index on a CPU node: no model, no GPU queue
-    # every GPU rule, and only those, goes to the GPU partition
-    assert gpu_rules == set(settings["set-resources"])
+    # every GPU rule of this DAG, and only those, goes to the GPU partition (the taboo runs have no removal check:
+    # the static test below covers every rule)
+    assert gpu_rules == set(settings["set-resources"]) - {"removal_retrain"}
     for rule, resources in planned.items():
         partition = settings["set-resources"].get(rule, settings["default-resources"])["slurm_partition"]
         assert all(f"slurm_partition={partition}" in r for r in resources), rule
@@ -162,3 +175,26 @@ def test_gpu_type_and_capped_retries_reach_the_gpu_jobs(tmp_path):
             assert int(res.get("mem_mb", 0)) <= 20000 and int(res.get("runtime", 0)) <= 100, (rule, res)
     # the caps bind: the EK-FAC fit's plan asks for more, training's configured time is longer
     assert planned["fit_factors"][0]["mem_mb"] == "20000" and planned["train_adapter"][0]["runtime"] == "100"
+
+
+def test_every_gpu_rule_goes_to_the_gpu_partition():
+    """Static: each rule that asks for `gpu=1` (or a `use rule` of one) has the GPU partition in the profile, so a
+    rule added later (the removal check's retrains were one) is not sent to the CPU partition."""
+    import yaml
+
+    from conftest import REPO
+
+    profile = yaml.safe_load((REPO / "profiles" / "slurm" / "config.yaml").read_text())
+    gpu_partition = profile["set-resources"]["train_adapter"]["slurm_partition"]
+    on_gpu = {rule for rule, res in profile["set-resources"].items() if res.get("slurm_partition") == gpu_partition}
+    asking = set()
+    for smk in sorted((REPO / "workflow" / "rules").glob("*.smk")):  # validate.smk's `use rule`s after their bases
+        text = smk.read_text()
+        headers = list(re.finditer(r"^(?:(?:local)?rule (\w+):|use rule (\w+) as (\w+) with:)$", text, flags=re.M))
+        for header, after in zip(headers, headers[1:] + [None]):
+            body = text[header.end():after.start() if after else len(text)]
+            name = header.group(1) or header.group(3)
+            if re.search(r"^\s+gpu=1,", body, flags=re.M) or (header.group(2) and header.group(2) in asking):
+                asking.add(name)
+    assert {"train_adapter", "removal_retrain", "planted_kronfluence_scores"} <= asking
+    assert asking == on_gpu, (sorted(asking - on_gpu), sorted(on_gpu - asking))

@@ -223,7 +223,7 @@ def test_lds_has_every_baseline_and_each_methods_margin_over_the_best(demo_workd
     # one repeat: the noise ceiling is unknown and left empty, not faked
     assert (lds.repeats == 1).all() and lds.noise_ceiling.isna().all()
     page = (demo_workdir / "results/demo/report/index.html").read_text()
-    assert '<h2 id="lds">Linear datamodeling score</h2>' in page and "the noise ceiling is unknown" in page
+    assert '<h2 id="lds">Linear datamodeling score</h2>' in page and "noise ceiling is unknown" in page
 
 
 def test_damping_sweep_reproduces_the_runs_own_numbers_at_its_damping(demo_workdir):
@@ -418,8 +418,11 @@ def test_the_packaged_model_run_converts_its_model_once_and_downloads_nothing(tm
     jobs = planned_jobs(snakemake(tmp_path, "-n", "results/smol/report/index.html"))
     assert jobs["convert_packaged_model"] == 1 and "fetch_base_model" not in jobs
     assert jobs["fit_factors"] == 2 and jobs["kronfluence_scores"] == 4  # ekfac and identity, 2 shards each
-    assert jobs["bergson_scores"] == 6 and jobs["lds_retrain"] == 2 and jobs["damping_sweep_bergson"] == 2
-    assert set(jobs) == (EVERY_STAGE - {"fetch_base_model"}) | {"convert_packaged_model"}
+    # 20 LDS subsets in jobs of 10, two repeats; the removal check: none, tfidf, 2 random draws and 5 methods
+    assert jobs["bergson_scores"] == 6 and jobs["lds_retrain"] == 4 and jobs["damping_sweep_bergson"] == 2
+    assert jobs["removal_retrain"] == jobs["removal_rows"] == 9
+    assert set(jobs) == (EVERY_STAGE - {"fetch_base_model"}) | {"convert_packaged_model", "removal_rows",
+                                                               "removal_retrain", "removal"}
 
 
 def graphviz():

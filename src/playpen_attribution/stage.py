@@ -118,8 +118,15 @@ def run_stage(snakemake, function, **kwargs):
                 record_cuda_oom(oom_record, settings_digest(snakemake), err)
             traceback.print_exc(file=log_file)
             log_file.flush()
-            print(f"\nERROR in rule {snakemake.rule}: {type(err).__name__}: {err}\n(full traceback in {log_path})",
-                  file=terminal)
+            from playpen_attribution.artifacts import diagnose_inputs
+
+            # a truncated or corrupt input is named, with how to rebuild it, before the reader's own message
+            broken = diagnose_inputs(list(getattr(snakemake, "input", []) or []))
+            if broken:
+                print(f"input check: {broken}", file=log_file, flush=True)
+            cause = f"{broken}\n(the reader's error: {type(err).__name__}: {err})" if broken else \
+                f"{type(err).__name__}: {err}"
+            print(f"\nERROR in rule {snakemake.rule}: {cause}\n(full traceback in {log_path})", file=terminal)
             raise SystemExit(1) from None
         finally:
             # the kernel's true peak: Snakemake's benchmark samples memory every 30 s after a job's first 30 s

@@ -5,8 +5,11 @@ Environment:
   FAKE_SLURM_DIR         state folder (job records, counters); default $TMPDIR/fake-slurm-$USER
   FAKE_SLURM_LOG         every call is appended here as one JSON line {"cmd", "argv", "jobid"?};
                          default $FAKE_SLURM_DIR/calls.jsonl
-  FAKE_SLURM_FAIL_ONCE   comma-separated rule names: the first submission of each is not run and is reported
-                         as OUT_OF_MEMORY
+  FAKE_SLURM_FAIL_ONCE   comma-separated rule names, each optionally `rule:STATE`: the first submission of each
+                         is not run and is reported as STATE (default OUT_OF_MEMORY; TIMEOUT: it hit its time
+                         limit). `rule:PREEMPTED`: the first submission is preempted after it started; with
+                         sbatch --requeue SLURM runs it again under the same job id, without it the job ends
+                         PREEMPTED
   FAKE_SLURM_ACCOUNTS    comma-separated accounts `sacctmgr` lists for the user (default: fake-account)
   FAKE_SLURM_PARTITIONS  comma-separated partitions for `sinfo`, the default one marked with * (default: cpu*,gpu)
   FAKE_SLURM_SACCT_WAIT  seconds a status query (sacct/squeue --name) waits for running jobs to end before it
@@ -139,16 +142,25 @@ def sbatch(argv):
     script_path.write_text(script)
 
     rule = rule_of(option(options, "--comment"))
-    fail_once = {r.strip() for r in os.environ.get("FAKE_SLURM_FAIL_ONCE", "").split(",") if r.strip()}
+    fail_once = dict((item.split(":") + ["OUT_OF_MEMORY"])[:2] for item in
+                     (r.strip() for r in os.environ.get("FAKE_SLURM_FAIL_ONCE", "").split(",")) if item)
     failed_marker = folder / f"failed_once.{rule}"
     job = {"jobid": jobid, "name": option(options, "-J", "--job-name", default="sbatch"), "rule": rule,
-           "state": "PENDING", "output": output, "workdir": workdir, "submitted": time.time()}
-    if rule in fail_once and not failed_marker.exists():
+           "state": "PENDING", "output": output, "workdir": workdir, "submitted": time.time(),
+           "requeue": "--requeue" in argv}
+    failing = rule in fail_once and not failed_marker.exists()
+    if failing and fail_once[rule] == "PREEMPTED":
         failed_marker.touch()
-        job["state"] = "OUT_OF_MEMORY"
-        job["exit_code"] = 137
+        job["preempt_once"] = True
+        failing = False
+    if failing:
+        failed_marker.touch()
+        job["state"] = fail_once[rule]
+        job["exit_code"] = 137 if job["state"] == "OUT_OF_MEMORY" else 0
         Path(output).parent.mkdir(parents=True, exist_ok=True)
-        Path(output).write_text(f"slurmstepd: error: Detected 1 oom_kill event in StepId={jobid}.batch (faked)\n")
+        Path(output).write_text(f"slurmstepd: error: Detected 1 oom_kill event in StepId={jobid}.batch (faked)\n"
+                                if job["state"] == "OUT_OF_MEMORY" else
+                                f"slurmstepd: error: *** JOB {jobid} CANCELLED DUE TO TIME LIMIT (faked) ***\n")
         write_json(job_path(jobid), job)
     else:
         write_json(job_path(jobid), job)
@@ -175,6 +187,14 @@ def run_job(jobid):
     """The background half of sbatch: run the job script and record how it ended."""
     update_job(jobid, state="RUNNING", started=time.time())
     script = state_dir() / "jobs" / f"{jobid}.sh"
+    if read_job(jobid).get("preempt_once"):
+        # preempted a moment after it started: the job's process is killed before it finishes
+        update_job(jobid, state="PREEMPTED", preempted=time.time())
+        time.sleep(3)  # long enough for a status query to see it
+        if not read_job(jobid)["requeue"]:
+            update_job(jobid, ended=time.time())
+            return 0
+        update_job(jobid, state="RUNNING", requeued=True, started=time.time())
     rc = subprocess.call(["/bin/sh", str(script)])
     job = read_job(jobid)
     if job["state"] == "CANCELLED":
