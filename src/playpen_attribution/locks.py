@@ -43,9 +43,12 @@ def _running_snakemake(pid: int) -> bool:
     except PermissionError:
         return True  # alive, someone else's
     cmdline = Path(f"/proc/{pid}/cmdline")
-    if cmdline.exists():
-        return b"snakemake" in cmdline.read_bytes()
-    return True
+    try:
+        data = cmdline.read_bytes()
+    except OSError:
+        return True  # no /proc here: alive is all that can be said
+    # empty while a process is still starting (mid-exec) or a zombie: not known to be another program
+    return b"snakemake" in data if data else True
 
 
 def remove_stale_locks(workdir: str | Path = ".") -> str | None:
