@@ -304,3 +304,94 @@ def test_bergson_runs_in_the_job_process_whatever_gpus_are_visible(demo_adapter,
                    settings=BergsonGradients.from_run(RUN))
     rows = json.loads((tmp_path / "index" / ba.INDEX_ROWS).read_text())["row_ids"]
     assert rows == list(datasets.load_from_disk(str(small / "train"))["row_id"])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# TrackStar: gradients normalised by the adapter's Adam second moments
+# ---------------------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def adam_adapter(tiny_model_dir, demo_tokens, tmp_path_factory):
+    """The demo adapter trained again with its optimizer's second moments saved (as rule train_adapter does)."""
+    from playpen_attribution.config import validate_config
+    from playpen_attribution.settings import Lora, Training
+    from playpen_attribution.training import train_adapter
+
+    run = validate_config({"runs": {"r": {"data": {"source": {"kind": "json", "train": "a", "query": "b"}},
+                                          "model": {"tiny": {}}, "lora": {"r": 8, "alpha": 16, "dropout": 0.0},
+                                          "training": {"epochs": 2, "batch_size": 8, "gradient_accumulation": 1,
+                                                       "learning_rate": 0.003, "warmup_ratio": 0.0, "seed": 0}}}})
+    run = run["runs"]["r"]
+    out = tmp_path_factory.mktemp("adam") / "adapter"
+    train_adapter(tiny_model_dir, demo_tokens / "train", out, lora=Lora.from_run(run), training=Training.from_run(run),
+                  max_length=256, save_optimizer_state=True)
+    return out
+
+
+def test_trackstar_gradients_are_the_raw_ones_divided_by_the_saved_second_moments(adam_adapter, small, tmp_path):
+    """Bergson's optimizer normalisation, checked against an explicit computation from the saved optimizer.pt:
+    each LoRA weight's per-query gradient divided elementwise by sqrt(exp_avg_sq) + 1e-8."""
+    import torch
+
+    from playpen_attribution.modeling import load_model
+    from playpen_attribution.training import OPTIMIZER_FILE
+
+    settings = BergsonGradients.from_run(RUN)
+    ba.query_gradients_stage(adam_adapter, small / "query", tmp_path / "raw", settings)
+    ba.query_gradients_stage(adam_adapter, small / "query", tmp_path / "adam", settings, normalize="adam")
+    raw, adam = ba._stored_gradients(tmp_path / "raw", torch.float64), ba._stored_gradients(tmp_path / "adam", torch.float64)
+    state = torch.load(adam_adapter / OPTIMIZER_FILE)
+    assert set(state) == {"state", "param_groups"} and all(set(e) <= {"exp_avg_sq", "step"} for e in state["state"].values())
+    # the trainer's optimizer enumerates the trainable parameters in order (LoRA weights: all in the decay group)
+    model = load_model(str(adam_adapter))
+    trainable = [name for name, p in model.named_parameters() if "lora_" in name]
+    order = [i for group in state["param_groups"] for i in group["params"]]
+    moments = {trainable[k]: state["state"][i]["exp_avg_sq"].double() for k, i in enumerate(order)}
+    assert len(moments) == len(raw) == len(adam) > 0
+    for module in raw:
+        name = next(n for n in moments if n.endswith(module + ".weight") or n.endswith(module.removesuffix(".default")
+                                                                                          + ".default.weight"))
+        denominator = (moments[name].sqrt() + 1e-8).flatten()
+        np.testing.assert_allclose(adam[module].numpy(), (raw[module] / denominator).numpy(), rtol=1e-4,
+                                   atol=1e-6 * float(adam[module].abs().max()))
+    assert not all(torch.allclose(raw[m], adam[m]) for m in raw)
+
+
+def test_trackstar_scores_a_planted_copy_first_and_differs_from_the_raw_mixed_cosine(adam_adapter, small, tmp_path):
+    """The whole TrackStar variant through the stages the rules run (Adam-space per-query gradients, preconditioners
+    and index; the mixed preconditioner; the reduced query): unit-normalised, so each planted copy ranks first for
+    its own query; and the optimizer normalisation changes the ranking of the raw mixed cosine."""
+    from playpen_attribution.methods import parse_method
+
+    method = parse_method("bergson_trackstar")
+    assert (method.kind, method.unit_normalize, method.preconditioner, method.gradient_space, method.plain) == (
+        "trackstar", True, "mixed", "adam", "bergson_cosine")
+    scores = {}
+    for space, variant in (("adam", "trackstar"), ("raw", "cosine_mixed")):
+        root = tmp_path / space
+        gradients = BergsonGradients.from_run(RUN)
+        ba.query_gradients_stage(adam_adapter, small / "query", root / "per_query", gradients, normalize=space)
+        for side in ("train", "query"):
+            ba.hessian_stage(adam_adapter, small / side, root / "hessian" / side, BergsonHessian.from_run(RUN),
+                             normalize=space)
+        ba.mix_stage(root / "hessian/query", root / "hessian/train", root / "hessian/mixed", BergsonMix.from_run(RUN))
+        ba.reduce_stage(adam_adapter, small / "query", root / "reduced", variant, root / "hessian/mixed",
+                        BergsonReduce.for_variant(RUN, variant))
+        ba.index_stage(adam_adapter, small / "train", root / "index", shard=0, shards=1, settings=gradients,
+                       normalize=space)
+        ba.score_shard_stage(root / "index", small / "query", root / "reduced", root / "per_query",
+                             root / "hessian/mixed", root / "shard.npz", variant=variant,
+                             settings=BergsonScoring.for_variant(RUN, variant))
+        scores[space] = load_shards([root / "shard.npz"])
+    trackstar = scores["adam"]
+    for q in PLANTED:
+        copy = trackstar["train_ids"].index("copy-of-" + trackstar["query_ids"][q])
+        assert int(np.nanargmax(trackstar["scores"][q])) == copy
+    assert not np.allclose(trackstar["scores"], scores["raw"]["scores"], rtol=1e-2)
+
+
+def test_trackstar_refuses_an_adapter_without_its_optimizer_state(demo_adapter, small, tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"optimizer\.pt is missing: TrackStar normalises gradients by the "
+                                                r"optimizer state that training saves"):
+        ba.query_gradients_stage(demo_adapter, small / "query", tmp_path / "adam", BergsonGradients.from_run(RUN),
+                                 normalize="adam")
+    assert not (tmp_path / "adam").exists()

@@ -666,3 +666,20 @@ def test_the_report_renders_in_a_browser_without_errors(demo_workdir, tmp_path):
     assert headless(demo_workdir / "results/demo/report/index.html", f"--screenshot={shot}",
                     "--window-size=1280,2400").returncode == 0
     assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_trackstar_adds_its_own_gradient_space_and_reuses_everything_else(demo_workdir):
+    """bergson_trackstar collects its gradients, preconditioners and index in the Adam-normalised space
+    (bergson/adam/) from the adapter's saved optimizer state: nothing is retrained, refitted or collected again in
+    the raw space."""
+    path = overlay(demo_workdir, "trackstar", {"demo": {"attribution": {
+        "methods": ["ekfac", "bergson_cosine", "bergson_cosine_mixed", "bergson_trackstar"]}}})
+    out = snakemake(demo_workdir, *DEMO_TARGETS, "-n", "--configfile", path)
+    assert planned_jobs(out) == {
+        "bergson_adam_query_gradients": 1, "bergson_adam_hessian": 2, "bergson_adam_mix": 1, "bergson_adam_index": 2,
+        "bergson_reduce": 1, "bergson_scores": 2, "planted_bergson_adam_index": 1, "planted_bergson_scores": 1,
+        "damping_sweep_bergson": 1, "merge_influences": 1, "merge_train_scores": 1, "planted_audit": 1, "lds": 1,
+        "damping_sweep": 1, "memory_plan": 1, "report": 1}
+    outputs = {fields["output"] for rule, fields in dry_run_jobs(out) if rule.startswith("bergson_adam")}
+    assert "results/demo/bergson/adam/index/shard-1" in outputs and "results/demo/bergson/adam/hessian/mixed" in outputs
+    assert (demo_workdir / "results" / "demo" / "adapter" / "optimizer.pt").is_file()

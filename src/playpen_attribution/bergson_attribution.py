@@ -3,6 +3,9 @@
 A variant is `dot` or `cosine` (unit-normalized gradients), optionally preconditioned with a dense
 (autocorrelation) Hessian from the training rows, the query rows, or both mixed (Bergson's `mix`):
 `dot`, `cosine`, `dot_train`, `cosine_mixed`, ... Its method name in the CSVs is `bergson_<variant>`.
+`trackstar` is `cosine_mixed` on gradients normalised by the adapter's Adam second moments (Bergson's
+`IndexConfig.optimizer_state`, TrackStar's optimizer normalisation): its index, per-query gradients and
+preconditioners are collected in their own gradient space (`bergson/adam/`), from the `optimizer.pt` training saved.
 Preconditioned `dot` applies H^-1 to the query; preconditioned `cosine` applies H^-1/2 to both sides,
 so the same Hessian is given to the reduce and the score step. Scores are <query, train> of gradients
 of the summed completion loss: positive = helpful, as for the influence functions.
@@ -25,7 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from playpen_attribution.io import atomic_path, write_csv_atomic, write_json_atomic
-from playpen_attribution.methods import parse_variant
+from playpen_attribution.methods import gradient_space, parse_variant
 from playpen_attribution.modeling import (
     adapter_view_with_absolute_base,
     is_adapter,
@@ -34,6 +37,7 @@ from playpen_attribution.modeling import (
 )
 from playpen_attribution.settings import BergsonGradients, BergsonHessian, BergsonMix, BergsonReduce, BergsonScoring
 from playpen_attribution.stage import log_gradient_pass, token_count
+from playpen_attribution.training import OPTIMIZER_FILE
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +56,23 @@ def _bergson_model(model_dir):
         yield Path(model_dir).resolve()
 
 
-def _index_config(run_path: Path, model, tokens_dir, settings: BergsonGradients, split: str = "train"):
+
+
+def optimizer_state_of(model_dir, normalize: str | None) -> str:
+    """Bergson's `optimizer_state` for a gradient space: the adapter's saved Adam state for "adam", else none."""
+    if normalize in (None, "raw"):
+        return ""
+    if normalize != "adam":
+        raise ValueError(f"unknown gradient normalisation {normalize!r}; expected raw or adam")
+    path = Path(model_dir) / OPTIMIZER_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing: TrackStar normalises gradients by the optimizer state that "
+                                f"training saves beside the adapter; retrain it (snakemake {model_dir} --force)")
+    return str(path.resolve())
+
+
+def _index_config(run_path: Path, model, tokens_dir, settings: BergsonGradients, split: str = "train",
+                  optimizer_state: str = ""):
     from bergson.config.config import DataConfig, DistributedConfig, IndexConfig
 
     # Bergson loads the model itself: "auto" takes the checkpoint's own dtype, which is never float16 for Gemma 3
@@ -72,6 +92,8 @@ def _index_config(run_path: Path, model, tokens_dir, settings: BergsonGradients,
         token_batch_size=settings.token_batch_size,
         drop_columns=False,
         data=DataConfig(dataset=str(Path(tokens_dir).resolve()), split=split),
+        # TrackStar: every gradient divided by sqrt(Adam's second moment) + eps before projection
+        optimizer_state=optimizer_state,
     )
 
 
@@ -120,28 +142,32 @@ def _seed(settings: BergsonGradients) -> None:
 # ----------------------------------------------------------------------------------------------
 # stages
 # ----------------------------------------------------------------------------------------------
-def query_gradients_stage(model_dir, query_tokens_dir, out_dir, settings: BergsonGradients) -> None:
-    """Rule `bergson_query_gradients`: one raw gradient per query (no aggregation, no preprocessing);
-    every variant's per-query scores start from these."""
+def query_gradients_stage(model_dir, query_tokens_dir, out_dir, settings: BergsonGradients,
+                          normalize: str = "raw") -> None:
+    """Rule `bergson_query_gradients`: one gradient per query (no aggregation, no preprocessing; `normalize` "adam":
+    divided by the adapter's Adam second moments); every variant's per-query scores start from these."""
     from bergson.cli.commands import Build
 
     _seed(settings)
+    state = optimizer_state_of(model_dir, normalize)
     with _bergson_output(out_dir) as run_path, _bergson_model(model_dir) as model:
-        Build(index_cfg=_index_config(run_path, model, query_tokens_dir, settings),
+        Build(index_cfg=_index_config(run_path, model, query_tokens_dir, settings, optimizer_state=state),
               preprocess_cfg=_preprocess(None, False, None)).execute()
     _log_pass(query_tokens_dir, "bergson per-query gradients")
 
 
-def hessian_stage(model_dir, tokens_dir, out_dir, settings: BergsonHessian) -> None:
-    """Rule `bergson_hessian`: a dense (autocorrelation) preconditioner from one side's gradients."""
+def hessian_stage(model_dir, tokens_dir, out_dir, settings: BergsonHessian, normalize: str = "raw") -> None:
+    """Rule `bergson_hessian`: a dense (autocorrelation) preconditioner from one side's gradients (in the gradient
+    space `normalize` names)."""
     from bergson.cli.commands import Hessian
     from bergson.config.config import HessianConfig
 
     _seed(settings)  # the sampled-label Fisher draws labels from the model
+    state = optimizer_state_of(model_dir, normalize)
     with _bergson_output(out_dir) as run_path, _bergson_model(model_dir) as model:
         Hessian(hessian_cfg=HessianConfig(method="autocorrelation",
                                           use_dataset_labels=settings.fisher == "empirical"),
-                index_cfg=_index_config(run_path, model, tokens_dir, settings)).execute()
+                index_cfg=_index_config(run_path, model, tokens_dir, settings, optimizer_state=state)).execute()
     _log_pass(tokens_dir, "bergson preconditioner")
 
 
@@ -161,8 +187,9 @@ def reduce_stage(model_dir, query_tokens_dir, out_dir, variant: str, hessian_dir
 
     unit_normalize, _ = parse_variant(variant)
     _seed(settings)
+    state = optimizer_state_of(model_dir, gradient_space(variant))
     with _bergson_output(out_dir) as run_path, _bergson_model(model_dir) as model:
-        Reduce(index_cfg=_index_config(run_path, model, query_tokens_dir, settings),
+        Reduce(index_cfg=_index_config(run_path, model, query_tokens_dir, settings, optimizer_state=state),
                preprocess_cfg=_preprocess(settings.damping_factor, unit_normalize, hessian_dir,
                                           aggregation=settings.aggregation)).execute()
     _log_pass(query_tokens_dir, f"bergson reduced query, {variant}")
@@ -173,7 +200,7 @@ def _shard_split(rows) -> str:
 
 
 def index_stage(model_dir, train_tokens_dir, out_dir, *, shard: int, shards: int,
-                settings: BergsonGradients) -> None:
+                settings: BergsonGradients, normalize: str = "raw") -> None:
     """Rule `bergson_index`: the raw (projected) gradient of every training row of one contiguous shard, in
     Bergson's index format (no normalization, no preconditioner: those belong to the variants), with the rows'
     ids beside it. The one pass over these rows' tokens that every variant shares."""
@@ -186,8 +213,10 @@ def index_stage(model_dir, train_tokens_dir, out_dir, *, shard: int, shards: int
     rows = shard_indices(len(train), shards, shard)
     shard_rows = train.select(rows)
     _seed(settings)
+    state = optimizer_state_of(model_dir, normalize)
     with _bergson_output(out_dir) as run_path, _bergson_model(model_dir) as model:
-        Build(index_cfg=_index_config(run_path, model, train_tokens_dir, settings, split=_shard_split(rows)),
+        Build(index_cfg=_index_config(run_path, model, train_tokens_dir, settings, split=_shard_split(rows),
+                                      optimizer_state=state),
               preprocess_cfg=_preprocess(None, False, None)).execute()
         write_json_atomic({"row_ids": list(shard_rows["row_id"]), "shard": shard, "shards": shards},
                           Path(run_path) / INDEX_ROWS)

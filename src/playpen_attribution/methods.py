@@ -2,7 +2,9 @@
 all ask a `Method` what a name means instead of matching the name themselves.
 
 Names: Kronfluence strategies (identity, diagonal, kfac, ekfac) and Bergson variants
-bergson_{dot,cosine}[_{train,query,mixed}], where the suffix names the side the preconditioner is fitted on.
+bergson_{dot,cosine}[_{train,query,mixed}], where the suffix names the side the preconditioner is fitted on, and
+bergson_trackstar: TrackStar (Chang et al. 2024) through Bergson, the mixed-preconditioned cosine of gradients first
+normalised by the adapter's Adam second moments (its own gradient space: `Method.gradient_space` "adam").
 """
 
 from __future__ import annotations
@@ -14,10 +16,13 @@ KRONFLUENCE_STRATEGIES = ("identity", "diagonal", "kfac", "ekfac")
 BERGSON_PREFIX = "bergson_"
 # Snakemake wildcard constraints: a Kronfluence strategy; a Bergson variant (the method name without the prefix)
 STRATEGY_PATTERN = "|".join(KRONFLUENCE_STRATEGIES)
-VARIANT_PATTERN = r"(dot|cosine)(_(train|query|mixed))?"
+VARIANT_PATTERN = r"(dot|cosine)(_(train|query|mixed))?|trackstar"
+# TrackStar: unit-normalised, mixed preconditioner, on Adam-normalised gradients
+TRACKSTAR = "trackstar"
 METHOD_NAMES = (*KRONFLUENCE_STRATEGIES,
                 *(f"{BERGSON_PREFIX}{kind}{side}" for side in ("", "_train", "_query", "_mixed")
-                  for kind in ("dot", "cosine")))
+                  for kind in ("dot", "cosine")),
+                BERGSON_PREFIX + TRACKSTAR)
 
 
 @dataclass(frozen=True)
@@ -35,11 +40,17 @@ class Method:
         return self.family == "bergson"
 
     @property
+    def gradient_space(self) -> str:
+        """Which gradients a Bergson method scores: "raw" (the LoRA gradients) or "adam" (divided by the square root
+        of the adapter's Adam second moments, TrackStar's optimizer normalisation)."""
+        return gradient_space(self.kind) if self.is_bergson else "raw"
+
+    @property
     def plain(self) -> str | None:
         """The same method without a preconditioner (a Kronfluence strategy's is identity); None for a plain one."""
         if self.preconditioner is None:
             return None
-        if self.is_bergson:
+        if self.is_bergson:  # TrackStar's: the plain cosine of raw gradients
             return BERGSON_PREFIX + ("cosine" if self.unit_normalize else "dot")
         return "identity"
 
@@ -54,8 +65,16 @@ def parse_variant(variant: str) -> tuple[bool, str | None]:
     match = re.fullmatch(VARIANT_PATTERN, variant)
     if not match:
         raise ValueError(f"unknown Bergson variant {variant!r}: expected dot or cosine, optionally followed by "
-                         f"_train, _query or _mixed (e.g. cosine_mixed)")
+                         f"_train, _query or _mixed (e.g. cosine_mixed), or trackstar")
+    if variant == TRACKSTAR:
+        return True, "mixed"
     return match.group(1) == "cosine", match.group(3)
+
+
+def gradient_space(variant: str) -> str:
+    """"adam" for TrackStar (gradients normalised by the optimizer's second moments), "raw" for every other
+    Bergson variant."""
+    return "adam" if variant == TRACKSTAR else "raw"
 
 
 def parse_method(name: str) -> Method:

@@ -319,6 +319,13 @@ def stage_estimates(run: dict, arch: dict, lengths: dict, device: str) -> dict[s
                                    "query gradients": 2 * lengths["queries"] * grad_floats * 4 / GB,
                                    "scores": 3 * lengths["queries"] * rows_per_shard * 8 / GB}
         plans["planted_bergson_scores"] = plans["bergson_scores"]
+        if "bergson_trackstar" in attribution["methods"]:
+            # TrackStar's gradient space: the same collections, holding the adapter's Adam second moments (fp32)
+            moments = {"Adam second moments": lora_params * 4 / GB}
+            for job in ("bergson_query_gradients", "bergson_hessian", "bergson_index"):
+                plans[job.replace("bergson_", "bergson_adam_")] = {**plans[job], **moments}
+            plans["planted_bergson_adam_index"] = plans["bergson_adam_index"]
+            plans["bergson_reduce"] = {**plans["bergson_reduce"], **moments}
     return plans
 
 

@@ -56,6 +56,17 @@ def without_timings(entry: dict) -> dict:
     return {k: v for k, v in entry.items() if not k.endswith(("_runtime", "_per_second"))}
 
 
+OPTIMIZER_FILE = "optimizer.pt"
+
+
+def second_moments(state_dict: dict) -> dict:
+    """An optimizer state dict with only what gradient normalisation reads: each parameter's `exp_avg_sq` (and
+    step), and the param groups that map state indices to parameters (half the size of the full state)."""
+    state = {index: {k: v for k, v in entry.items() if k in ("exp_avg_sq", "step")}
+             for index, entry in state_dict["state"].items()}
+    return {"state": state, "param_groups": state_dict["param_groups"]}
+
+
 def train_adapter(
     base_model_dir: str | Path,
     train_tokens_dir: str | Path,
@@ -67,11 +78,14 @@ def train_adapter(
     dtype: str = "auto",
     base_model_source: dict | None = None,
     eval_tokens_dir: str | Path | None = None,
+    save_optimizer_state: bool = False,
 ):
     """Train a LoRA adapter and write it atomically to `output_dir`; return the trained PEFT model.
 
     `eval_tokens_dir`: rows to compute the eval loss on after every epoch (the manifest's `eval.losses`); no
-    checkpoint is chosen by it, so these rows change no weight."""
+    checkpoint is chosen by it, so these rows change no weight. `save_optimizer_state`: also write the optimizer's
+    final second moments (`optimizer.pt`, Adam's `exp_avg_sq` per LoRA parameter in the trainer's param-group
+    layout), which TrackStar normalises gradients by."""
     import datasets
     import torch
     from peft import LoraConfig
@@ -187,6 +201,8 @@ def train_adapter(
         # PEFT writes no config.json; Bergson calls AutoConfig on the adapter folder (the playpen guide's workaround).
         model.get_base_model().config.save_pretrained(str(tmp))
         write_json_atomic(manifest, Path(tmp) / "manifest.json")
+        if save_optimizer_state:
+            torch.save(second_moments(trainer.optimizer.state_dict()), Path(tmp) / OPTIMIZER_FILE)
     import shutil
 
     shutil.rmtree(scratch, ignore_errors=True)

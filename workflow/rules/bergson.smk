@@ -83,6 +83,8 @@ rule bergson_reduce:
         variant=VARIANT_PATTERN,
     params:
         bergson=variant_settings(BergsonReduce),
+        # raw gradients, or TrackStar's Adam-normalised ones
+        normalize=lambda wc: gradient_space(wc.variant),
         code=script_code("bergson_reduce.py"),
     log:
         "logs/{run}/bergson_reduce_{variant}.log",
@@ -130,10 +132,10 @@ rule bergson_index:
 # Matrix products on stored gradients: a CPU job (no model, no GPU).
 rule bergson_scores:
     input:
-        index="results/{run}/bergson/index/shard-{shard}",
+        index=bergson_shard_index,
         query="results/{run}/data/tokens/query",
         reduced="results/{run}/bergson/query/{variant}",
-        per_query="results/{run}/bergson/query/per_query",
+        per_query=bergson_per_query,
         hessian=bergson_hessian,
     output:
         "results/{run}/bergson/scores/{variant}/shard-{shard}.npz",
@@ -154,3 +156,69 @@ rule bergson_scores:
         CONDA_ENV
     script:
         "../scripts/bergson_scores.py"
+
+
+# TrackStar's gradient space: the same collections of gradients divided by the square root of the adapter's Adam
+# second moments (training saves them as adapter/optimizer.pt), under bergson/adam/. Only bergson_trackstar reads them.
+use rule bergson_query_gradients as bergson_adam_query_gradients with:
+    output:
+        directory("results/{run}/bergson/adam/query/per_query"),
+    params:
+        bergson=stage_settings(BergsonGradients),
+        normalize="adam",
+        code=script_code("bergson_query_gradients.py"),
+    log:
+        "logs/{run}/bergson_adam_query_gradients.log",
+    benchmark:
+        "benchmarks/{run}/bergson_adam_query_gradients.tsv"
+    resources:
+        gpu=1,
+        mem_mb=score_mem("bergson_adam_query_gradients"),
+        runtime=attribution_runtime,
+
+
+use rule bergson_hessian as bergson_adam_hessian with:
+    output:
+        directory("results/{run}/bergson/adam/hessian/{side}"),
+    params:
+        bergson=stage_settings(BergsonHessian),
+        normalize="adam",
+        code=script_code("bergson_hessian.py"),
+    log:
+        "logs/{run}/bergson_adam_hessian_{side}.log",
+    benchmark:
+        "benchmarks/{run}/bergson_adam_hessian_{side}.tsv"
+    resources:
+        gpu=1,
+        mem_mb=score_mem("bergson_adam_hessian"),
+        runtime=attribution_runtime,
+
+
+use rule bergson_mix as bergson_adam_mix with:
+    input:
+        query="results/{run}/bergson/adam/hessian/query",
+        train="results/{run}/bergson/adam/hessian/train",
+    output:
+        directory("results/{run}/bergson/adam/hessian/mixed"),
+    log:
+        "logs/{run}/bergson_adam_mix.log",
+    benchmark:
+        "benchmarks/{run}/bergson_adam_mix.tsv"
+
+
+use rule bergson_index as bergson_adam_index with:
+    output:
+        directory("results/{run}/bergson/adam/index/shard-{shard}"),
+    params:
+        shards=shard_count,
+        bergson=stage_settings(BergsonGradients),
+        normalize="adam",
+        code=script_code("bergson_index.py"),
+    log:
+        "logs/{run}/bergson_adam_index_{shard}.log",
+    benchmark:
+        "benchmarks/{run}/bergson_adam_index_{shard}.tsv"
+    resources:
+        gpu=1,
+        mem_mb=score_mem("bergson_adam_index"),
+        runtime=attribution_runtime,

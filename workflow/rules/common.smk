@@ -14,6 +14,7 @@ from playpen_attribution.methods import (
     damping_sweep_methods,
     is_bergson,
     parse_method,
+    gradient_space,
     parse_variant,
 )
 from playpen_attribution.data import split_config
@@ -294,10 +295,29 @@ def method_shards(wildcards, bergson_only=False):
 
 
 # Bergson inputs by run.
+def bergson_space(wildcards, area="bergson"):
+    """Where a variant's gradients live under results/<run>/<area>: `bergson` for raw gradients, `bergson/adam` for
+    TrackStar's (normalised by the adapter's Adam second moments)."""
+    suffix = "/adam" if gradient_space(wildcards.variant) == "adam" else ""
+    return f"results/{wildcards.run}/{area}{suffix}"
+
+
 def bergson_hessian(wildcards):
-    """The preconditioner folder a variant uses, or none."""
+    """The preconditioner folder a variant uses (in its gradient space), or none."""
     _, side = parse_variant(wildcards.variant)
-    return [f"results/{wildcards.run}/bergson/hessian/{side}"] if side else []
+    return [f"{bergson_space(wildcards)}/hessian/{side}"] if side else []
+
+
+def bergson_shard_index(wildcards):
+    return f"{bergson_space(wildcards)}/index/shard-{wildcards.shard}"
+
+
+def bergson_per_query(wildcards):
+    return f"{bergson_space(wildcards)}/query/per_query"
+
+
+def planted_shard_index(wildcards):
+    return f"{bergson_space(wildcards, 'validation/planted/bergson')}/index/shard-{wildcards.shard}"
 
 
 # Report inputs by run.
@@ -417,11 +437,11 @@ def sweep_files(wildcards):
 
 
 def sweep_index_dirs(wildcards):
-    """Every training shard's Bergson index, then the planted copies' (the sweep's row order)."""
-    run = wildcards.run
-    dirs = [f"results/{run}/bergson/index/shard-{i}" for i in range(shard_count(wildcards))]
+    """Every training shard's Bergson index in the variant's gradient space, then the planted copies' (the sweep's
+    row order)."""
+    dirs = [f"{bergson_space(wildcards)}/index/shard-{i}" for i in range(shard_count(wildcards))]
     if planted_count(wildcards):
-        dirs.append(f"results/{run}/validation/planted/bergson/index/shard-0")
+        dirs.append(f"{bergson_space(wildcards, 'validation/planted/bergson')}/index/shard-0")
     return dirs
 
 

@@ -61,12 +61,31 @@ use rule bergson_index as planted_bergson_index with:
         "benchmarks/{run}/planted_bergson_index_{shard}.tsv"
 
 
+use rule bergson_adam_index as planted_bergson_adam_index with:
+    input:
+        model="results/{run}/adapter",
+        train="results/{run}/validation/planted/tokens",
+    output:
+        directory("results/{run}/validation/planted/bergson/adam/index/shard-{shard}"),
+    wildcard_constraints:
+        shard="0",
+    params:
+        shards=1,
+        bergson=stage_settings(BergsonGradients),
+        normalize="adam",
+        code=script_code("bergson_index.py"),
+    log:
+        "logs/{run}/planted_bergson_adam_index_{shard}.log",
+    benchmark:
+        "benchmarks/{run}/planted_bergson_adam_index_{shard}.tsv"
+
+
 use rule bergson_scores as planted_bergson_scores with:
     input:
-        index="results/{run}/validation/planted/bergson/index/shard-{shard}",
+        index=planted_shard_index,
         query="results/{run}/data/tokens/query",
         reduced="results/{run}/bergson/query/{variant}",
-        per_query="results/{run}/bergson/query/per_query",
+        per_query=bergson_per_query,
         hessian=bergson_hessian,
     output:
         "results/{run}/validation/planted/bergson/{variant}/shard-{shard}.npz",
@@ -331,7 +350,7 @@ rule damping_sweep_bergson:
     input:
         index=sweep_index_dirs,
         query="results/{run}/data/tokens/query",
-        per_query="results/{run}/bergson/query/per_query",
+        per_query=bergson_per_query,
         hessian=bergson_hessian,
     output:
         "results/{run}/validation/damping/bergson/{variant}.npz",

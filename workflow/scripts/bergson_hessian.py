@@ -4,4 +4,5 @@ from playpen_attribution.settings import BergsonHessian, from_params
 from playpen_attribution.stage import run_stage
 
 run_stage(snakemake, hessian_stage, model_dir=snakemake.input.model, tokens_dir=snakemake.input.tokens,
-          out_dir=snakemake.output[0], settings=from_params(BergsonHessian, snakemake.params.bergson))
+          out_dir=snakemake.output[0], settings=from_params(BergsonHessian, snakemake.params.bergson),
+          normalize=getattr(snakemake.params, "normalize", "raw"))

@@ -7,4 +7,5 @@ params = snakemake.params
 run_stage(snakemake, train_adapter, base_model_dir=snakemake.input.model, train_tokens_dir=snakemake.input.train,
           output_dir=snakemake.output[0], lora=from_params(Lora, params.lora),
           training=from_params(Training, params.training), max_length=params.max_length, dtype=params.dtype,
-          base_model_source=params.base_model, eval_tokens_dir=snakemake.input.get("eval"))
+          base_model_source=params.base_model, eval_tokens_dir=snakemake.input.get("eval"),
+          save_optimizer_state=True)
