@@ -418,11 +418,12 @@ def test_the_packaged_model_run_converts_its_model_once_and_downloads_nothing(tm
     jobs = planned_jobs(snakemake(tmp_path, "-n", "results/smol/report/index.html"))
     assert jobs["convert_packaged_model"] == 1 and "fetch_base_model" not in jobs
     assert jobs["fit_factors"] == 2 and jobs["kronfluence_scores"] == 4  # ekfac and identity, 2 shards each
-    # 20 LDS subsets in jobs of 10, two repeats; the removal check: none, tfidf, 2 random draws and 5 methods
-    assert jobs["bergson_scores"] == 6 and jobs["lds_retrain"] == 4 and jobs["damping_sweep_bergson"] == 2
-    assert jobs["removal_retrain"] == jobs["removal_rows"] == 9
-    assert set(jobs) == (EVERY_STAGE - {"fetch_base_model"}) | {"convert_packaged_model", "removal_rows",
-                                                               "removal_retrain", "removal"}
+    # 20 LDS subsets in jobs of 10, two repeats; the removal check: none, tfidf, 2 random draws and 6 methods
+    assert jobs["bergson_scores"] == 8 and jobs["lds_retrain"] == 4 and jobs["damping_sweep_bergson"] == 2
+    assert jobs["removal_retrain"] == jobs["removal_rows"] == 10 and jobs["bergson_adam_index"] == 2
+    assert set(jobs) == (EVERY_STAGE - {"fetch_base_model"}) | {
+        "convert_packaged_model", "removal_rows", "removal_retrain", "removal", "bergson_adam_query_gradients",
+        "bergson_adam_hessian", "bergson_adam_mix", "bergson_adam_index", "planted_bergson_adam_index"}
 
 
 def graphviz():

@@ -59,12 +59,25 @@ def without_timings(entry: dict) -> dict:
 OPTIMIZER_FILE = "optimizer.pt"
 
 
-def second_moments(state_dict: dict) -> dict:
-    """An optimizer state dict with only what gradient normalisation reads: each parameter's `exp_avg_sq` (and
-    step), and the param groups that map state indices to parameters (half the size of the full state)."""
-    state = {index: {k: v for k, v in entry.items() if k in ("exp_avg_sq", "step")}
-             for index, entry in state_dict["state"].items()}
-    return {"state": state, "param_groups": state_dict["param_groups"]}
+def second_moments(optimizer, model) -> dict:
+    """The optimizer's state as gradient normalisation reads it (Bergson's `load_from_optimizer`): each LoRA
+    parameter's `exp_avg_sq` and step, with its name as PEFT saves it (`param_name`, e.g.
+    `base_model.model.model.layers.0.mlp.up_proj.lora_A.weight`), in one param group. The trainer's own layout (a
+    weight-decay and a no-decay group) is what Bergson 2.5.1 cannot map back to a PEFT model's parameters
+    ("Cannot map optimizer.pt state indices to params"); the names make the mapping explicit. Half the size of the
+    full state (no first moments)."""
+    adapter = getattr(model, "active_adapter", "default")
+    adapter = adapter if isinstance(adapter, str) else adapter[0]
+    names = {id(p): n.replace(f".{adapter}.", ".") for n, p in model.named_parameters()}
+    ordered = [p for group in optimizer.param_groups for p in group["params"]]
+    full = optimizer.state_dict()
+    state = {}
+    for index, param in enumerate(ordered):
+        entry = full["state"].get(index)
+        if entry is None or "exp_avg_sq" not in entry:
+            continue
+        state[index] = {"exp_avg_sq": entry["exp_avg_sq"], "step": entry.get("step"), "param_name": names[id(param)]}
+    return {"state": state, "param_groups": [{"params": list(range(len(ordered)))}]}
 
 
 def train_adapter(
@@ -202,7 +215,7 @@ def train_adapter(
         model.get_base_model().config.save_pretrained(str(tmp))
         write_json_atomic(manifest, Path(tmp) / "manifest.json")
         if save_optimizer_state:
-            torch.save(second_moments(trainer.optimizer.state_dict()), Path(tmp) / OPTIMIZER_FILE)
+            torch.save(second_moments(trainer.optimizer, model), Path(tmp) / OPTIMIZER_FILE)
     import shutil
 
     shutil.rmtree(scratch, ignore_errors=True)
