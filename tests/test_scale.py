@@ -178,7 +178,7 @@ def test_every_rule_hashes_the_code_its_own_script_imports():
 
     from conftest import REPO
 
-    scripts, coded = {}, {}  # rule -> its script; rule -> (the rule whose script it runs, the script its code names)
+    scripts, coded, parents = {}, {}, {}  # rule -> its script; rule -> (its parent, the script its code names)
     for path in sorted((REPO / "workflow/rules").glob("*.smk")):
         for block in re.split(r"\n(?=rule |use rule )", path.read_text()):
             own = re.match(r"rule (\w+):", block)
@@ -186,13 +186,19 @@ def test_every_rule_hashes_the_code_its_own_script_imports():
             if own:
                 script = re.search(r'script:\s*\n\s*"\.\./scripts/([\w.]+)"', block)
                 scripts[own.group(1)] = script.group(1) if script else None
+            elif used:
+                parents[used.group(2)] = used.group(1)
             code = re.search(r'code=script_code\("([\w.]+)"\)', block)
             if code:
                 name, parent = (own.group(1), own.group(1)) if own else (used.group(2), used.group(1))
                 coded[name] = (parent, code.group(1))
+
+    def script_of(rule):  # a `use rule` of a `use rule` runs its first ancestor's script
+        return scripts[rule] if rule in scripts else script_of(parents[rule])
+
     assert {rule for rule, script in scripts.items() if script} <= set(coded), "a rule with a script has no code"
     for rule, (parent, script) in coded.items():
-        assert script == scripts[parent], rule
+        assert script == script_of(parent), rule
     # e.g. the LDS table's hash covers the baselines module its stage imports lazily
     assert "baselines" in module_closure(script_modules(REPO / "workflow/scripts/lds.py"))
 

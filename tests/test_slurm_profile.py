@@ -141,9 +141,9 @@ def test_slurm_profile_dry_run_plans_gpu_rules_on_gpu_partition(tmp_path):
     assert {"fetch_base_model", "prepare_data", "tokenize"} <= set(planned) - gpu_rules
     assert {"train_adapter", "fit_factors", "kronfluence_scores", "bergson_index", "damping_sweep_kronfluence"} <= gpu_rules
     assert "bergson_scores" not in gpu_rules  # scored from the index on a CPU node: no model, no GPU queue
-    # every GPU rule of this DAG, and only those, goes to the GPU partition (the taboo runs have no removal check:
-    # the static test below covers every rule)
-    assert gpu_rules == set(settings["set-resources"]) - {"removal_retrain"}
+    # every GPU rule of this DAG, and only those, goes to the GPU partition (the taboo runs have no removal check
+    # and no TrackStar: the static test below covers every rule)
+    assert gpu_rules == set(settings["set-resources"]) & set(planned)
     for rule, resources in planned.items():
         partition = settings["set-resources"].get(rule, settings["default-resources"])["slurm_partition"]
         assert all(f"slurm_partition={partition}" in r for r in resources), rule

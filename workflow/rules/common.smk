@@ -298,8 +298,8 @@ def method_shards(wildcards, bergson_only=False):
 def bergson_space(wildcards, area="bergson"):
     """Where a variant's gradients live under results/<run>/<area>: `bergson` for raw gradients, `bergson/adam` for
     TrackStar's (normalised by the adapter's Adam second moments)."""
-    suffix = "/adam" if gradient_space(wildcards.variant) == "adam" else ""
-    return f"results/{wildcards.run}/{area}{suffix}"
+    parts = ["results", wildcards.run, area] + (["adam"] if gradient_space(wildcards.variant) == "adam" else [])
+    return "/".join(parts)
 
 
 def bergson_hessian(wildcards):
