@@ -130,9 +130,20 @@ def _taboo_tables(tmp_path, rng):
     return queries, train, same
 
 
-def test_lds_rows_for_baselines_and_each_methods_margin_over_the_best(tmp_path):
+def run_lds_stage(tmp_path, queries, train, subsets, effects):
+    """lds_stage on these retrains' losses and the method "exact" scoring every pair with `effects`; lds.csv."""
     from playpen_attribution.validation import lds_stage
 
+    (tmp_path / "losses.json").write_text(json.dumps({"query_ids": list(queries.query_id), "subsets": subsets}))
+    q, t = np.meshgrid(range(len(queries)), range(len(train)), indexing="ij")
+    pd.DataFrame({"query_id": queries.query_id.to_numpy()[q.ravel()], "train_id": train.train_id.to_numpy()[t.ravel()],
+                  "method": "exact", "influence_score": effects.ravel()}).to_csv(tmp_path / "influences.csv", index=False)
+    lds_stage(tmp_path / "query.csv", tmp_path / "train.csv", tmp_path / "influences.csv", tmp_path / "losses.json",
+              tmp_path / "lds.csv", tmp_path / "per_query.csv", random_seed=0)
+    return pd.read_csv(tmp_path / "lds.csv").set_index("method")
+
+
+def test_lds_rows_for_baselines_and_each_methods_margin_over_the_best(tmp_path):
     rng = np.random.default_rng(0)
     queries, train, same = _taboo_tables(tmp_path, rng)
     effects = same + 0.3 * rng.normal(size=same.shape)  # the word matters most, each pair a little
@@ -141,13 +152,7 @@ def test_lds_rows_for_baselines_and_each_methods_margin_over_the_best(tmp_path):
     actual = membership @ effects.T
     subsets = {str(s): {"row_ids": [f"t{i}" for i in np.flatnonzero(m)], "query_losses": list(-actual[s])}
                for s, m in enumerate(membership)}
-    (tmp_path / "losses.json").write_text(json.dumps({"query_ids": list(queries.query_id), "subsets": subsets}))
-    q, t = np.meshgrid(range(7), range(12), indexing="ij")
-    pd.DataFrame({"query_id": queries.query_id.to_numpy()[q.ravel()], "train_id": train.train_id.to_numpy()[t.ravel()],
-                  "method": "exact", "influence_score": effects.ravel()}).to_csv(tmp_path / "influences.csv", index=False)
-    lds_stage(tmp_path / "query.csv", tmp_path / "train.csv", tmp_path / "influences.csv", tmp_path / "losses.json",
-              tmp_path / "lds.csv", tmp_path / "per_query.csv", random_seed=0)
-    lds = pd.read_csv(tmp_path / "lds.csv").set_index("method")
+    lds = run_lds_stage(tmp_path, queries, train, subsets, effects)
     assert set(lds.index) == {"exact", "exact_query_independent", "random", "tfidf", "same_completion",
                               "same_target_word"}
     assert lds.loc["exact", "kind"] == "method" and (lds.drop("exact").kind == "baseline").all()
@@ -261,7 +266,7 @@ def test_repeat_r_retrains_with_the_runs_seed_plus_r():
 
 
 def test_lds_csv_reads_the_averaged_repeats_and_gives_their_noise_ceiling(tmp_path):
-    from playpen_attribution.validation import lds_stage, split_half_agreement
+    from playpen_attribution.validation import split_half_agreement
 
     rng = np.random.default_rng(2)
     queries, train, same = _taboo_tables(tmp_path, rng)
@@ -272,13 +277,7 @@ def test_lds_csv_reads_the_averaged_repeats_and_gives_their_noise_ceiling(tmp_pa
     subsets = {str(s): {"row_ids": [f"t{i}" for i in np.flatnonzero(m)], "query_losses": list(-repeats[:, s].mean(0)),
                         "repeat_losses": (-repeats[:, s]).tolist(), "training_seeds": [42, 43, 44, 45]}
                for s, m in enumerate(membership)}
-    (tmp_path / "losses.json").write_text(json.dumps({"query_ids": list(queries.query_id), "subsets": subsets}))
-    q, t = np.meshgrid(range(7), range(12), indexing="ij")
-    pd.DataFrame({"query_id": queries.query_id.to_numpy()[q.ravel()], "train_id": train.train_id.to_numpy()[t.ravel()],
-                  "method": "exact", "influence_score": effects.ravel()}).to_csv(tmp_path / "influences.csv", index=False)
-    lds_stage(tmp_path / "query.csv", tmp_path / "train.csv", tmp_path / "influences.csv", tmp_path / "losses.json",
-              tmp_path / "lds.csv", tmp_path / "per_query.csv", random_seed=0)
-    lds = pd.read_csv(tmp_path / "lds.csv").set_index("method")
+    lds = run_lds_stage(tmp_path, queries, train, subsets, effects)
     per_query = pd.read_csv(tmp_path / "per_query.csv")
     exact = per_query[per_query.method == "exact"]
     ceiling = split_half_agreement(repeats)
