@@ -22,7 +22,7 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import (add_run_options, bench_arguments, print_table, run_paths, run_settings, snakemake,  # noqa: E402
+from common import (add_run_options, bench_arguments, docs_table, print_table, run_paths, run_settings, snakemake,  # noqa: E402
                     snakemake_command, timed, use_threads)
 
 VARIANT = "cosine"
@@ -84,8 +84,9 @@ def run(stack) -> None:
     import datasets
 
     n_train, n_query = (len(datasets.load_from_disk(str(paths[s]))) for s in ("train", "query"))
-    print_table(timings, f"{args.run} run, {n_train} training rows x {n_query} queries, variant {VARIANT}, "
-                         f"{shards} score shards, --cores {args.cores}")
+    with docs_table(f"bergson-overhead-{args.run}-{shards}-shards", args.docs):
+        print_table(timings, f"{args.run} run, {n_train} training rows x {n_query} queries, variant {VARIANT}, "
+                             f"{shards} score shards, --cores {args.cores}")
 
 
 if __name__ == "__main__":

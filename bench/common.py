@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 import platform
 import statistics
@@ -23,6 +25,7 @@ def bench_arguments(doc: str, repeats: int, prefix: str, extra=None):
     parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workdir", type=Path, help="workflow directory holding results/demo (default: a temp dir)")
     parser.add_argument("--repeats", type=int, default=repeats)
+    parser.add_argument("--docs", action="store_true", help="also write the table into docs/benchmarks.md")
     if extra:
         extra(parser)
     args = parser.parse_args()
@@ -97,6 +100,23 @@ def write_docs_table(name: str, text: str, page: Path = BENCHMARKS_PAGE) -> None
         raise SystemExit(f"{page} has no {start} ... {end} markers")
     before, rest = content.split(start, 1)
     page.write_text(f"{before}{start}\n{text}\n{end}{rest.split(end, 1)[1]}")
+
+
+@contextlib.contextmanager
+def docs_table(name: str, enabled: bool):
+    """What the block prints goes to the terminal and, with `enabled` (--docs), into docs/benchmarks.md between the
+    `<!-- name -->` markers, as a code block: a rerun updates the page."""
+    captured = io.StringIO()
+
+    class Tee(io.TextIOBase):
+        def write(self, text):
+            sys.__stdout__.write(text)
+            return captured.write(text)
+
+    with contextlib.redirect_stdout(Tee()):
+        yield
+    if enabled:
+        write_docs_table(name, "```\n" + captured.getvalue().strip("\n") + "\n```")
 
 
 def print_table(timings: dict[str, list[float]], inputs: str) -> None:

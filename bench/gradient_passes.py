@@ -25,7 +25,7 @@ from collections import Counter
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import RUN, bench_arguments, machine_line, snakemake  # noqa: E402
+from common import RUN, bench_arguments, docs_table, machine_line, snakemake  # noqa: E402
 
 from playpen_attribution.stage import token_count  # noqa: E402
 
@@ -71,7 +71,7 @@ def main() -> None:
 
     import datasets
 
-    _, workdir = bench_arguments(__doc__, 1, "bench-passes-")
+    args, workdir = bench_arguments(__doc__, 1, "bench-passes-")
     print(f"preparing the demo's adapter and tokens in {workdir} ...", flush=True)
     snakemake(workdir, "--cores", "2", f"results/{RUN}/adapter", f"results/{RUN}/data/tokens/train",
               f"results/{RUN}/data/tokens/query")
@@ -85,15 +85,16 @@ def main() -> None:
         (results / table).unlink()
     steps.append(step(workdir, "fresh, 4 variants", FOUR, train_tokens))
 
-    print(kronfluence_passes(workdir, train))
-    purposes = sorted({p for _, _, counts in steps for p in counts})
-    print(f"\n{machine_line()}, {time.strftime('%Y-%m-%d')}")
-    print(f"demo run: {len(train)} training rows ({train_tokens} tokens), {query_count(workdir)} queries, 2 shards; "
-          f"passes over the training rows in units of the whole training set")
-    print("| step | wall s | " + " | ".join(purposes) + " |")
-    print("|---|---:|" + "---:|" * len(purposes))
-    for name, wall, counts in steps:
-        print(f"| {name} | {wall:.1f} | " + " | ".join(f"{counts.get(p, 0):.2f}" for p in purposes) + " |")
+    with docs_table("gradient-passes", args.docs):
+        print(kronfluence_passes(workdir, train))
+        purposes = sorted({p for _, _, counts in steps for p in counts})
+        print(f"\n{machine_line()}, {time.strftime('%Y-%m-%d')}")
+        print(f"demo run: {len(train)} training rows ({train_tokens} tokens), {query_count(workdir)} queries, 2 shards; "
+              f"passes over the training rows in units of the whole training set")
+        print("| step | wall s | " + " | ".join(purposes) + " |")
+        print("|---|---:|" + "---:|" * len(purposes))
+        for name, wall, counts in steps:
+            print(f"| {name} | {wall:.1f} | " + " | ".join(f"{counts.get(p, 0):.2f}" for p in purposes) + " |")
 
 
 def kronfluence_passes(workdir: Path, train) -> str:

@@ -21,7 +21,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import (add_run_options, bench_arguments, print_table, run_paths, run_settings, snakemake,  # noqa: E402
+from common import (add_run_options, bench_arguments, docs_table, print_table, run_paths, run_settings, snakemake,  # noqa: E402
                     snakemake_command, timed, use_threads)
 
 
@@ -150,8 +150,9 @@ def main() -> None:
     import datasets
 
     n_train, n_query = len(datasets.load_from_disk(str(train_dir))), len(datasets.load_from_disk(str(query_dir)))
-    print_table(timings, f"{args.run} run, {n_train} training rows x {n_query} queries, strategy {args.strategy}, "
-                         f"{shards} score shards, --cores {args.cores}")
+    with docs_table(f"kronfluence-overhead-{args.run}", args.docs):
+        print_table(timings, f"{args.run} run, {n_train} training rows x {n_query} queries, strategy {args.strategy}, "
+                             f"{shards} score shards, --cores {args.cores}")
 
 
 if __name__ == "__main__":

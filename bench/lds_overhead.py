@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import RUN, bench_arguments, machine_line, snakemake, snakemake_command, timed  # noqa: E402
+from common import RUN, bench_arguments, docs_table, machine_line, snakemake, snakemake_command, timed  # noqa: E402
 
 TARGET = f"results/{RUN}/validation/lds.csv"
 
@@ -46,12 +46,13 @@ def main() -> None:
     wall = statistics.median(r[0] for r in rows)
     train = statistics.median(r[1] for r in rows)
     losses = statistics.median(r[2] for r in rows)
-    print(f"\n{machine_line()}")
-    print(f"inputs: demo run, {rows[0][3]} retrains, one core, median of {len(rows)}")
-    print(f"{'part':<28} {'s':>7} {'share':>7}")
-    for name, value in (("LDS target, wall", wall), ("training (trainer time)", train),
-                        ("query losses (load + forward)", losses), ("everything else", wall - train - losses)):
-        print(f"{name:<28} {value:>7.1f} {value / wall:>7.0%}")
+    with docs_table("lds-overhead", args.docs):
+        print(f"\n{machine_line()}")
+        print(f"inputs: demo run, {rows[0][3]} retrains, one core, median of {len(rows)}")
+        print(f"{'part':<28} {'s':>7} {'share':>7}")
+        for name, value in (("LDS target, wall", wall), ("training (trainer time)", train),
+                            ("query losses (load + forward)", losses), ("everything else", wall - train - losses)):
+            print(f"{name:<28} {value:>7.1f} {value / wall:>7.0%}")
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import REPO, bench_arguments, machine_line  # noqa: E402
+from common import REPO, bench_arguments, docs_table, machine_line  # noqa: E402
 
 METHODS = ["ekfac", "bergson_cosine", "bergson_cosine_train", "bergson_cosine_mixed"]
 SHARDS = 4
@@ -100,15 +100,16 @@ def main() -> None:
 
     declared = load_config(REPO / "config" / "config.yaml")["runs"]["taboo"]["resources"]["table_mem_mb"]
     shards = make_inputs(workdir, args.queries, args.rows)
-    print(f"{machine_line()}, {time.strftime('%Y-%m-%d')}")
-    print(f"inputs: {args.queries} queries x {args.rows} training rows x {len(METHODS)} methods, {SHARDS} shards each; "
-          f"influences.csv {args.queries * args.rows * len(METHODS):,} rows")
-    print(f"{'stage':<20} {'wall s':>7} {'peak MB':>8} {'declared MB':>12}")
-    for name in STAGES:
-        wall, peak = run_stage(name, workdir, shards)
-        print(f"{name:<20} {wall:>7.1f} {peak:>8.0f} {declared:>12}")
-    size = (workdir / "influences.csv").stat().st_size / 1e6
-    print(f"influences.csv: {size:.0f} MB")
+    with docs_table("table-scale", args.docs):
+        print(f"{machine_line()}, {time.strftime('%Y-%m-%d')}")
+        print(f"inputs: {args.queries} queries x {args.rows} training rows x {len(METHODS)} methods, {SHARDS} shards "
+              f"each; influences.csv {args.queries * args.rows * len(METHODS):,} rows")
+        print(f"{'stage':<20} {'wall s':>7} {'peak MB':>8} {'declared MB':>12}")
+        for name in STAGES:
+            wall, peak = run_stage(name, workdir, shards)
+            print(f"{name:<20} {wall:>7.1f} {peak:>8.0f} {declared:>12}")
+        size = (workdir / "influences.csv").stat().st_size / 1e6
+        print(f"influences.csv: {size:.0f} MB")
 
 
 if __name__ == "__main__":

@@ -115,3 +115,27 @@ def test_the_dry_runs_the_pages_give_run(tmp_path):
     for command in sorted(commands):
         proc = snakemake(tmp_path, *command.split())
         assert "Memory plan of run" in proc.stderr + proc.stdout, command
+
+
+def test_every_bench_table_has_its_markers_and_a_rerun_rewrites_only_between_them(tmp_path):
+    sys.path.insert(0, str(REPO / "bench"))
+    from common import docs_table, write_docs_table
+
+    page = (REPO / "docs" / "benchmarks.md").read_text()
+    literal = set()
+    for script in (REPO / "bench").glob("*.py"):
+        literal |= set(re.findall(r'docs_table\("([\w-]+)"', script.read_text()))
+        literal |= set(re.findall(r'write_docs_table\("([\w-]+)"', script.read_text()))
+    runs = {"kronfluence-overhead-demo", "kronfluence-overhead-rehearsal", "bergson-overhead-demo-2-shards",
+            "bergson-overhead-rehearsal-1-shards", "bergson-overhead-rehearsal-2-shards", "rehearsal-table",
+            "smol-table"}  # names made from --run / --shards
+    assert {"gradient-passes", "lds-overhead", "table-scale", "plan-at-length-table"} <= literal
+    for name in literal | runs:
+        assert f"<!-- {name} -->" in page and f"<!-- /{name} -->" in page, name
+    target = tmp_path / "page.md"
+    target.write_text("before\n<!-- t -->\nold\n<!-- /t -->\nafter\n")
+    write_docs_table("t", "new table", target)
+    assert target.read_text() == "before\n<!-- t -->\nnew table\n<!-- /t -->\nafter\n"
+    with docs_table("t", enabled=False):
+        print("printed only")
+    assert "printed only" not in target.read_text()
