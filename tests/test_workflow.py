@@ -19,7 +19,9 @@ EVERY_STAGE = {"fetch_base_model", "prepare_data", "tokenize", "train_adapter", 
                "bergson_query_gradients", "bergson_hessian", "bergson_mix", "bergson_reduce", "bergson_index",
                "bergson_scores", "merge_influences", "merge_train_scores", "report", "planted_copies", "planted_kronfluence_scores",
                "planted_bergson_index", "planted_bergson_scores", "planted_audit", "lds_retrain", "lds_losses", "lds",
-               "damping_sweep_bergson", "damping_sweep"}  # the taboo run sweeps only Bergson's (cheap) damping
+               "damping_sweep_bergson", "damping_sweep", "removal_rows", "removal_retrain", "removal",
+               "bergson_adam_query_gradients", "bergson_adam_hessian", "bergson_adam_mix", "bergson_adam_index",
+               "planted_bergson_adam_index"}  # the taboo run sweeps only Bergson's (cheap) damping
 
 
 def planned_jobs(proc) -> dict[str, int]:
@@ -397,15 +399,20 @@ def test_filter_change_redoes_data_but_not_the_base_model(demo_workdir):
 def test_real_runs_dry_run_builds_the_dag(tmp_path):
     runs = ("taboo", "taboo_describer")
     proc = snakemake(tmp_path, "-n", *(f"results/{run}/report/index.html" for run in runs))
-    # per run: EK-FAC and three Bergson variants (plain, train-side and mixed preconditioner), 4 shards each
+    # per run: EK-FAC and four Bergson variants (plain, train-side and mixed preconditioner, TrackStar), 4 shards
+    # each; TrackStar's Adam-normalised gradients, preconditioners and index; 32 LDS subsets x 2 seeds in one job each;
+    # the removal check: none, TF-IDF, 3 random draws and 5 methods, one retrain job each
     assert planned_jobs(proc) == {"fetch_base_model": 2, "prepare_data": 6, "tokenize": 6, "train_adapter": 2,
                                   "fit_factors": 2, "kronfluence_scores": 8, "bergson_query_gradients": 2,
-                                  "bergson_hessian": 4, "bergson_mix": 2, "bergson_reduce": 6,
-                                  "bergson_index": 8, "bergson_scores": 24, "query_losses": 2, "memory_plan": 2, "merge_influences": 2,
-                                  "merge_train_scores": 2, "report": 2,
+                                  "bergson_hessian": 4, "bergson_mix": 2, "bergson_reduce": 8,
+                                  "bergson_index": 8, "bergson_scores": 32, "query_losses": 2, "memory_plan": 2,
+                                  "merge_influences": 2, "merge_train_scores": 2, "report": 2,
+                                  "bergson_adam_query_gradients": 2, "bergson_adam_hessian": 4, "bergson_adam_mix": 2,
+                                  "bergson_adam_index": 8, "planted_bergson_adam_index": 2,
                                   "planted_copies": 2, "planted_kronfluence_scores": 2, "planted_bergson_index": 2,
-                                  "planted_bergson_scores": 6,
-                                  "planted_audit": 2, "lds_retrain": 64, "lds_losses": 2, "lds": 2,
+                                  "planted_bergson_scores": 8,
+                                  "planted_audit": 2, "lds_retrain": 128, "lds_losses": 2, "lds": 2,
+                                  "removal_rows": 20, "removal_retrain": 20, "removal": 2,
                                   # the two preconditioned Bergson variants' damping, rescored from the index
                                   "damping_sweep_bergson": 4, "damping_sweep": 2}
     assert set(planned_jobs(proc)) == EVERY_STAGE
@@ -421,9 +428,7 @@ def test_the_packaged_model_run_converts_its_model_once_and_downloads_nothing(tm
     # 20 LDS subsets in jobs of 10, two repeats; the removal check: none, tfidf, 2 random draws and 6 methods
     assert jobs["bergson_scores"] == 8 and jobs["lds_retrain"] == 4 and jobs["damping_sweep_bergson"] == 2
     assert jobs["removal_retrain"] == jobs["removal_rows"] == 10 and jobs["bergson_adam_index"] == 2
-    assert set(jobs) == (EVERY_STAGE - {"fetch_base_model"}) | {
-        "convert_packaged_model", "removal_rows", "removal_retrain", "removal", "bergson_adam_query_gradients",
-        "bergson_adam_hessian", "bergson_adam_mix", "bergson_adam_index", "planted_bergson_adam_index"}
+    assert set(jobs) == (EVERY_STAGE - {"fetch_base_model"}) | {"convert_packaged_model"}
 
 
 def graphviz():
@@ -475,7 +480,7 @@ def test_taboo_dag_renders_with_every_stage(tmp_path):
     shown = set(re.findall(r"<text[^>]*>(\w+)</text>", svg))
     assert EVERY_STAGE <= shown
     # one node per score shard: the DAG shows the fan-out a cluster runs in parallel
-    assert dag.count('label = "bergson_scores') == 12 and dag.count('label = "kronfluence_scores') == 4
+    assert dag.count('label = "bergson_scores') == 16 and dag.count('label = "kronfluence_scores') == 4
 
 
 def test_committed_rule_graph_is_current(tmp_path):
