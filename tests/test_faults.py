@@ -1,6 +1,6 @@
 """Faults: a truncated or corrupt artifact is named with the fix; Snakemake's locks after a kill; a job that dies
-mid-write leaves nothing that looks complete; and (slow) the demo killed mid-job and mid-merge, then finished by
-the same command, with a second invocation refused while one runs.
+mid-write leaves nothing that looks complete. (The demo killed mid-job and mid-merge, then finished by the same
+command: tests/test_workflow.py, which runs after the demo DAG.)
 
 How each test was checked to fail without its protection: noted beside it."""
 
@@ -8,10 +8,8 @@ import json
 import os
 import re
 import shutil
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -136,81 +134,3 @@ def test_a_job_that_dies_mid_write_leaves_no_output(tmp_path):
             Path(tmp).write_text("query_id,train_id\nq0,")
             raise RuntimeError("disk full")
     assert not csv.exists()
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# the workflow killed (slow: runs the demo's DAG again in a copy)
-# ---------------------------------------------------------------------------------------------------------------
-def _start(workdir: Path, *args) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "snakemake", "--directory", str(workdir), "--cores", "2", *args]
-    return subprocess.Popen(cmd, cwd=workdir, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
-
-
-def _kill_when(proc: subprocess.Popen, log: Path, delay: float = 1.0, timeout: float = 300) -> None:
-    """SIGKILL Snakemake and its jobs (the whole session: a node lost, an OOM killer) once `log` exists: the job
-    that writes it has started."""
-    deadline = time.time() + timeout
-    while not log.exists():
-        assert proc.poll() is None, proc.stdout.read()[-3000:]
-        assert time.time() < deadline, f"{log} never appeared"
-        time.sleep(0.2)
-    time.sleep(delay)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
-
-
-@pytest.mark.slow
-def test_the_demo_killed_mid_job_and_mid_merge_finishes_with_the_same_command(demo_workdir, tmp_path):
-    """(a) SIGKILL while a model job (a Kronfluence score shard) runs, then while the merge runs: the same command
-    finishes each time, reruns only the interrupted jobs and what follows them, and the tables equal the
-    uninterrupted run's. (e) A second invocation while the first runs is refused with Snakemake's lock message.
-    Checked to fail without the stale-lock removal (the rerun stops: 'Directory cannot be locked ... --unlock') and
-    without rerun-incomplete in the profile (the rerun stops: 'IncompleteFilesException')."""
-    from test_workflow import DEMO_TARGETS, planned_jobs
-
-    work = tmp_path / "work"
-    shutil.copytree(demo_workdir, work, symlinks=True, ignore=shutil.ignore_patterns("logs"))
-    results = work / "results" / "demo"
-    before = {name: (results / name).read_bytes() for name in ("influences.csv", "train_scores.csv", "query.csv")}
-    lds_before = pd.read_csv(results / "validation" / "lds.csv")
-    # a score shard and the table merged from it gone (Snakemake regenerates a missing intermediate file only for a
-    # job that needs to run: the missing target makes the merge, and so the shard, needed)
-    shard = results / "kronfluence" / "scores" / "ekfac" / "shard-0.npz"
-    shard.unlink()
-    (results / "influences.csv").unlink()
-    dry = subprocess.run([sys.executable, "-m", "snakemake", "--directory", str(work), "-n", *DEMO_TARGETS], cwd=work,
-                         capture_output=True, text=True)
-    planned = planned_jobs(dry)
-    assert planned.get("kronfluence_scores") == 1 and planned.get("merge_influences") == 1, dry.stdout[-3000:] + \
-        dry.stderr[-3000:]
-
-    first = _start(work, *DEMO_TARGETS)
-    log = work / "logs" / "demo" / "kronfluence_scores_ekfac_0.log"
-    deadline = time.time() + 300
-    while not log.exists() and time.time() < deadline:
-        time.sleep(0.2)
-    second = subprocess.run([sys.executable, "-m", "snakemake", "--directory", str(work), "--cores", "1",
-                             *DEMO_TARGETS], cwd=work, capture_output=True, text=True)
-    assert second.returncode != 0 and "Directory cannot be locked" in second.stdout + second.stderr
-    _kill_when(first, log)
-    assert not shard.exists()  # the job wrote nothing under its output's name
-    # what is left to do after the kill is what was left before it: the shard and what follows it
-    after_kill = subprocess.run([sys.executable, "-m", "snakemake", "--directory", str(work), "-n", *DEMO_TARGETS],
-                                cwd=work, capture_output=True, text=True)
-    assert planned_jobs(after_kill) == planned, after_kill.stdout[-2000:]
-
-    rerun = _start(work, *DEMO_TARGETS)
-    _kill_when(rerun, work / "logs" / "demo" / "merge_influences.log", delay=0.0)  # now mid-merge
-    final = subprocess.run([sys.executable, "-m", "snakemake", "--directory", str(work), "--cores", "2",
-                            *DEMO_TARGETS], cwd=work, capture_output=True, text=True)
-    assert final.returncode == 0, final.stdout[-3000:] + final.stderr[-3000:]
-    done = planned_jobs(subprocess.run([sys.executable, "-m", "snakemake", "--directory", str(work), "-n",
-                                        *DEMO_TARGETS], cwd=work, capture_output=True, text=True))
-    assert done == {}
-    # the shard finished in the second run: the third reran only what the mid-merge kill interrupted
-    assert not re.search(r"^(local)?rule kronfluence_scores:", final.stdout + final.stderr, flags=re.M)
-    assert re.search(r"^(local)?rule merge_influences:", final.stdout + final.stderr, flags=re.M)
-    for name, content in before.items():
-        assert (results / name).read_bytes() == content, name
-    pd.testing.assert_frame_equal(pd.read_csv(results / "validation" / "lds.csv"), lds_before)
