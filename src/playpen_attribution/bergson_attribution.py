@@ -22,7 +22,8 @@ from __future__ import annotations
 import json
 import logging
 import shutil
-from contextlib import contextmanager
+import tempfile
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -35,7 +36,14 @@ from playpen_attribution.modeling import (
     model_type_of,
     refuse_float16_for_gemma3,
 )
-from playpen_attribution.settings import BergsonGradients, BergsonHessian, BergsonMix, BergsonReduce, BergsonScoring
+from playpen_attribution.settings import (
+    BergsonGradients,
+    BergsonHessian,
+    BergsonMix,
+    BergsonReduce,
+    BergsonScoring,
+    BergsonTrak,
+)
 from playpen_attribution.stage import log_gradient_pass, token_count
 from playpen_attribution.training import OPTIMIZER_FILE
 
@@ -305,6 +313,79 @@ def score_shard_stage(index_dir, query_tokens_dir, reduced_dir, query_gradients_
         raise RuntimeError(f"Bergson returned scores of shape {per_query.shape} for {len(query_ids)} queries and "
                            f"{len(train_ids)} training rows in {index_dir}")
     save_shard(out_path, per_query, query_ids, train_ids, reduced=reduced)
+
+
+TRAK_SCORES = "scores.npz"  # in a bergson_trak folder: the training rows' scores, in the shards' format
+TRAK_PLANTED = "planted.npz"  # and the planted copies', where the run plants some
+
+
+def trak_stage(model_dirs: list, train_tokens_dir, query_tokens_dir, out_dir, settings: BergsonTrak, *,
+               aggregation: str = "mean", planted_tokens_dir=None) -> None:
+    """Rule `bergson_trak`: Bergson's TRAK pipeline (`bergson.cli.trak.trak`, Park et al. 2023) over the ensemble of
+    adapters `model_dirs`: per member, gradients of the negative log-odds projected as one vector
+    (`trak_projection_dim`), the queries whitened by the inverse Gram of the training rows' gradients, each row's
+    score weighted by its 1 - p (mean label-token probability); the members' scores, each divided by the mean
+    entry of its inverse Gram, averaged (member i projects with seed + i).
+
+    The planted copies, where given, are scored in the same job as extra rows after the training rows; the Gram is
+    fitted on the training rows only (`stats_sample_size`), so the training rows' scores do not depend on them.
+    Writes `scores.npz` ([queries, rows] and the reduced score: the mean, or sum, of the per-query scores, which is
+    the score against the aggregated query because TRAK is linear in the query gradient) and `planted.npz`."""
+    import datasets
+    from bergson.cli.trak import _open_scores, trak
+    from bergson.config.config import InversionConfig, PreprocessConfig, QuerySetConfig, ScoreConfig, TrakConfig
+
+    from playpen_attribution.tables import save_shard
+
+    train = datasets.load_from_disk(str(train_tokens_dir))
+    query_ids = list(datasets.load_from_disk(str(query_tokens_dir))["row_id"])
+    planted = datasets.load_from_disk(str(planted_tokens_dir)) if planted_tokens_dir else None
+    gradients = BergsonGradients(precision=settings.precision, projection_dim=settings.trak_projection_dim,
+                                 seed=settings.seed, token_batch_size=settings.token_batch_size)
+    _seed(gradients)
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=f".{out_dir.name}.bergson-", dir=out_dir.parent) as scratch, \
+            atomic_path(out_dir, directory=True) as tmp, ExitStack() as stack:
+        scored = train if planted is None else datasets.concatenate_datasets([train, planted.select_columns(
+            train.column_names)])
+        scored_dir = Path(scratch) / "rows"
+        scored.save_to_disk(str(scored_dir))
+        models = [str(stack.enter_context(_bergson_model(d))) for d in model_dirs]
+        index_cfg = _index_config(Path(scratch) / "trak", models[0], scored_dir, gradients)
+        index_cfg.projection_target = "global"  # one projection of the whole gradient, as TRAK sketches it
+        index_cfg.loss_fn = "log_odds"  # TRAK's model output function
+        trak(index_cfg, TrakConfig(
+            query=QuerySetConfig(dataset=str(Path(query_tokens_dir).resolve()), split="train", aggregation="none"),
+            preprocess_cfg=PreprocessConfig(inversion_cfg=InversionConfig(damping_factor=settings.damping_factor)),
+            score_cfg=ScoreConfig(), checkpoints=models, stats_sample_size=len(train)))
+        store, info = _open_scores(Path(scratch) / "trak" / "scores", "r")
+        if info["num_scores"] != len(query_ids) or info["num_rows"] != len(scored):
+            raise RuntimeError(f"Bergson's TRAK returned {info['num_scores']} x {info['num_rows']} scores for "
+                               f"{len(query_ids)} queries and {len(scored)} rows")
+        scores = np.stack([np.asarray(store[f"score_{q}"], dtype=np.float64) for q in range(len(query_ids))])
+        reduce = np.mean if aggregation == "mean" else np.sum
+        rows = len(train)
+        save_shard(tmp / TRAK_SCORES, scores[:, :rows], query_ids, list(train["row_id"]),
+                   reduced=reduce(scores[:, :rows], axis=0))
+        if planted is not None:
+            save_shard(tmp / TRAK_PLANTED, scores[:, rows:], query_ids, list(planted["row_id"]),
+                       reduced=reduce(scores[:, rows:], axis=0))
+        write_json_atomic({"members": [str(d) for d in model_dirs], "rows": rows,
+                           "planted": 0 if planted is None else len(planted)}, tmp / "trak.json")
+    log_gradient_pass(train_tokens_dir, len(scored) * 2 * len(model_dirs), token_count(scored) * 2 * len(model_dirs),
+                      f"bergson TRAK, {len(model_dirs)} member(s): Gram and scores")
+
+
+def trak_shard_stage(trak_dir, out_path, *, shard: int, shards: int, planted: bool = False) -> None:
+    """Rules `bergson_trak_shard` / `planted_bergson_trak`: one contiguous shard of TRAK's scores in the shards'
+    format, so the merges read TRAK like every other method."""
+    from playpen_attribution.tables import save_shard, shard_indices
+
+    whole = np.load(Path(trak_dir) / (TRAK_PLANTED if planted else TRAK_SCORES), allow_pickle=False)
+    rows = shard_indices(len(whole["train_ids"]), shards, shard)
+    save_shard(out_path, whole["scores"][:, rows], list(whole["query_ids"]), list(whole["train_ids"][rows]),
+               reduced=whole["reduced"][rows])
 
 
 @contextmanager

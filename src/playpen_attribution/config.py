@@ -13,7 +13,7 @@ from typing import Any
 import jsonschema
 import yaml
 
-from playpen_attribution.methods import damping_sweep_methods, has_preconditioner
+from playpen_attribution.methods import damping_sweep_methods, has_preconditioner, parse_method
 
 # shipped inside the package, so an installed package validates configs wherever it runs
 SCHEMA_PATH = Path(__file__).resolve().parent / "config.schema.yaml"
@@ -82,6 +82,9 @@ def _check_run(name: str, run: dict[str, Any], source: str) -> None:
                               "only methods the run scores")
         if not has_preconditioner(method):
             raise ConfigError(f"{where} has no preconditioner, so damping does not change it; leave it out")
+        if parse_method(method).is_trak:
+            raise ConfigError(f"{where}: TRAK inverts its Gram inside its own job, which the sweep does not rerun; "
+                              "leave it out and set attribution.bergson.damping_factor instead")
     if damping_sweep_methods(run) and not (validation["lds"]["subsets"] or validation["planted"]["queries"]):
         raise ConfigError(f"{source}: at runs.{name}.validation.damping: a sweep needs something to measure: set "
                           f"validation.lds.subsets or validation.planted.queries above 0")

@@ -4,7 +4,11 @@ all ask a `Method` what a name means instead of matching the name themselves.
 Names: Kronfluence strategies (identity, diagonal, kfac, ekfac) and Bergson variants
 bergson_{dot,cosine}[_{train,query,mixed}], where the suffix names the side the preconditioner is fitted on, and
 bergson_trackstar: TrackStar (Chang et al. 2024) through Bergson, the mixed-preconditioned cosine of gradients first
-normalised by the adapter's Adam second moments (its own gradient space: `Method.gradient_space` "adam").
+normalised by the adapter's Adam second moments (its own gradient space: `Method.gradient_space` "adam"), and
+bergson_trak: TRAK (Park et al. 2023) through Bergson's own pipeline, averaged over the run's ensemble of adapters.
+
+`Method.ensembled`: whether a method's scores are averaged over the adapters of `attribution.ensemble` (every
+Kronfluence strategy, and TRAK); the other Bergson variants score the run's adapter alone.
 """
 
 from __future__ import annotations
@@ -19,10 +23,12 @@ STRATEGY_PATTERN = "|".join(KRONFLUENCE_STRATEGIES)
 VARIANT_PATTERN = r"(dot|cosine)(_(train|query|mixed))?|trackstar"
 # TrackStar: unit-normalised, mixed preconditioner, on Adam-normalised gradients
 TRACKSTAR = "trackstar"
+# TRAK: Bergson's TRAK pipeline (its own rule: Gram, query, scores and the 1 - p weights in one job per ensemble)
+TRAK = "trak"
 METHOD_NAMES = (*KRONFLUENCE_STRATEGIES,
                 *(f"{BERGSON_PREFIX}{kind}{side}" for side in ("", "_train", "_query", "_mixed")
                   for kind in ("dot", "cosine")),
-                BERGSON_PREFIX + TRACKSTAR)
+                BERGSON_PREFIX + TRACKSTAR, BERGSON_PREFIX + TRAK)
 
 
 @dataclass(frozen=True)
@@ -40,17 +46,26 @@ class Method:
         return self.family == "bergson"
 
     @property
+    def is_trak(self) -> bool:
+        return self.family == "bergson" and self.kind == TRAK
+
+    @property
+    def ensembled(self) -> bool:
+        """Averaged over the adapters of `attribution.ensemble`: every Kronfluence strategy, and TRAK."""
+        return self.family == "kronfluence" or self.is_trak
+
+    @property
     def gradient_space(self) -> str:
         """Which gradients a Bergson method scores: "raw" (the LoRA gradients) or "adam" (divided by the square root
         of the adapter's Adam second moments, TrackStar's optimizer normalisation)."""
-        return gradient_space(self.kind) if self.is_bergson else "raw"
+        return gradient_space(self.kind) if self.is_bergson and not self.is_trak else "raw"
 
     @property
     def plain(self) -> str | None:
         """The same method without a preconditioner (a Kronfluence strategy's is identity); None for a plain one."""
         if self.preconditioner is None:
             return None
-        if self.is_bergson:  # TrackStar's: the plain cosine of raw gradients
+        if self.is_bergson:  # TrackStar's: the plain cosine of raw gradients; TRAK's: the plain dot product
             return BERGSON_PREFIX + ("cosine" if self.unit_normalize else "dot")
         return "identity"
 
@@ -80,6 +95,8 @@ def gradient_space(variant: str) -> str:
 def parse_method(name: str) -> Method:
     if name.startswith(BERGSON_PREFIX):
         variant = name.removeprefix(BERGSON_PREFIX)
+        if variant == TRAK:  # whitened by the Gram of the training rows' gradients: a "train" preconditioner
+            return Method(name, "bergson", TRAK, False, "train")
         unit_normalize, side = parse_variant(variant)
         return Method(name, "bergson", variant, unit_normalize, side)
     if name in KRONFLUENCE_STRATEGIES:
@@ -98,9 +115,11 @@ def has_preconditioner(method: str) -> bool:
 
 def damping_sweep_methods(run: dict) -> list[str]:
     """The methods a run's damping sweep rescores: those named in validation.damping.methods, else every method
-    of the run with a preconditioner; none where no damping factors are given."""
+    of the run with a preconditioner the sweep can rescore (not TRAK: its Gram is inverted inside its one job);
+    none where no damping factors are given."""
     sweep = run["validation"]["damping"]
     if not sweep["factors"]:
         return []
     named = sweep["methods"]
-    return list(named) if named is not None else [m for m in run["attribution"]["methods"] if has_preconditioner(m)]
+    return list(named) if named is not None else [m for m in run["attribution"]["methods"]
+                                                   if has_preconditioner(m) and not parse_method(m).is_trak]

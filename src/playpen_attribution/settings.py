@@ -175,6 +175,18 @@ class BergsonScoring(_VariantDamping, _FromConfig):
 
 
 @dataclass(frozen=True)
+class BergsonTrak(_FromConfig):
+    """Rule `bergson_trak`: Bergson's TRAK pipeline (one random projection of the whole gradient, its own
+    dimension; the Gram's damping), over the run's ensemble of adapters (the rule's inputs)."""
+    SECTION: ClassVar[str] = "attribution.bergson"
+    precision: str
+    trak_projection_dim: int
+    token_batch_size: int
+    damping_factor: float
+    seed: int
+
+
+@dataclass(frozen=True)
 class PlantedCopies(_FromConfig):
     """Rule `planted_copies`: how many queries get a copy among the training rows, chosen with which seed."""
     SECTION: ClassVar[str] = "validation.planted"

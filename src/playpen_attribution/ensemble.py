@@ -1,0 +1,41 @@
+"""An ensemble of adapters (`attribution.ensemble`: K adapters trained on every training row with seeds
+training.seed, training.seed + 1, ...; member 0 is the run's adapter). TRAK averages over it inside Bergson's own
+pipeline (`bergson_attribution.trak_stage`); every Kronfluence strategy scores each member with the member's own
+factors, and its score shards are the members' mean (Park et al. 2023 average over independently trained models
+for the same reason: one training run's scores carry its seed's noise).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from playpen_attribution.tables import save_shard
+
+MEMBER_FOLDER = "ensemble/member-{member}"  # under results/<run>/: member k >= 1 (member 0 is the run's own folders)
+
+
+def member_seed(training_seed: int, member: int) -> int:
+    return training_seed + member
+
+
+def mean_of_member_shards(member_paths: list, out_path) -> None:
+    """Rule `ensemble_mean_scores`: one score shard whose scores (and per-token scores, and reduced scores) are the
+    mean of the members' shards, which must hold the same queries and training rows in the same order."""
+    members = [np.load(p, allow_pickle=False) for p in member_paths]
+    first = members[0]
+    for path, member in zip(member_paths, members):
+        for ids in ("query_ids", "train_ids"):
+            if not np.array_equal(member[ids], first[ids]):
+                raise ValueError(f"{path} holds other {ids.removesuffix('_ids')} rows than {member_paths[0]}: the "
+                                 f"members were scored on different data; rerun its scoring "
+                                 f"(snakemake {Path(path)} --force)")
+
+    def mean(key):
+        if not all(key in m.files for m in members):
+            return None
+        return np.mean([m[key].astype(np.float64) for m in members], axis=0)
+
+    save_shard(out_path, mean("scores"), list(first["query_ids"]), list(first["train_ids"]),
+               per_token=mean("per_token"), reduced=mean("reduced"))
