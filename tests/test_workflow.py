@@ -549,7 +549,8 @@ KEY_READERS = [
      {"kronfluence_scores", "planted_kronfluence_scores", "damping_sweep_kronfluence"}),
     ("attribution.bergson", "token_batch_size", 256,
      {"bergson_query_gradients", "bergson_hessian", "bergson_reduce", "bergson_index", "planted_bergson_index",
-      "bergson_adam_query_gradients", "bergson_adam_hessian", "bergson_adam_index", "planted_bergson_adam_index"}),
+      "bergson_adam_query_gradients", "bergson_adam_hessian", "bergson_adam_index", "planted_bergson_adam_index",
+      "bergson_trak"}),
     ("attribution.bergson", "mix_downweight_components", 10, {"bergson_mix"}),
     ("training", "logging_steps", 3, {"train_adapter", "lds_retrain", "removal_retrain"}),
     # (planted_audit reads the seed too, for its random baseline, but reruns anyway as its input changes)
@@ -697,6 +698,47 @@ def test_trackstar_adds_its_own_gradient_space_and_reuses_everything_else(demo_w
     outputs = {fields["output"] for rule, fields in dry_run_jobs(out) if rule.startswith("bergson_adam")}
     assert "results/demo/bergson/adam/index/shard-1" in outputs and "results/demo/bergson/adam/hessian/mixed" in outputs
     assert (demo_workdir / "results" / "demo" / "adapter" / "optimizer.pt").is_file()
+
+
+def test_an_ensemble_trains_only_its_new_members_and_rescores_only_the_methods_that_average(demo_workdir):
+    """attribution.ensemble 3 with TRAK: two new adapters (seeds + 1, + 2), each with its own EK-FAC factors and
+    score shards (training rows and planted copies), the mean of the members' shards, one TRAK job over the three
+    adapters; the plain Bergson variants, the run's adapter and its factors are reused."""
+    path = overlay(demo_workdir, "ensemble", {"demo": {"attribution": {
+        "ensemble": 3, "methods": ["ekfac", "bergson_cosine", "bergson_cosine_mixed", "bergson_trak"]}}})
+    out = snakemake(demo_workdir, *DEMO_TARGETS, "-n", "--configfile", path)
+    jobs = planned_jobs(out)
+    assert {rule: n for rule, n in jobs.items() if rule not in ("merge_influences", "merge_train_scores", "lds",
+                                                                  "planted_audit", "damping_sweep", "report",
+                                                                  "memory_plan")} == {
+        "train_ensemble_member": 2, "member_fit_factors": 2, "member_kronfluence_scores": 4,
+        "member_planted_kronfluence_scores": 2, "ensemble_mean_scores": 3, "bergson_trak": 1,
+        "bergson_trak_shard": 2, "planted_bergson_trak": 1}
+    planned = dry_run_jobs(out)
+    trak = next(fields for rule, fields in planned if rule == "bergson_trak")
+    assert {"results/demo/adapter", "results/demo/ensemble/member-1/adapter", "results/demo/ensemble/member-2/adapter",
+            "results/demo/validation/planted/tokens"} <= set(trak["input"].split(", "))
+    means = {fields["output"]: set(fields["input"].split(", ")) for rule, fields in planned
+             if rule == "ensemble_mean_scores"}
+    assert means["results/demo/ensemble/mean/kronfluence/scores/ekfac/shard-1.npz"] == {
+        "results/demo/kronfluence/scores/ekfac/shard-1.npz",
+        "results/demo/ensemble/member-1/kronfluence/scores/ekfac/shard-1.npz",
+        "results/demo/ensemble/member-2/kronfluence/scores/ekfac/shard-1.npz"}
+    merge = next(fields for rule, fields in planned if rule == "merge_influences")
+    assert "results/demo/ensemble/mean/kronfluence/scores/ekfac/shard-0.npz" in merge["input"]
+    assert "results/demo/bergson/scores/cosine/shard-0.npz" in merge["input"]  # not averaged: the run's adapter
+
+
+def test_an_ensemble_member_trains_with_the_next_seed(demo_workdir, tmp_path):
+    """Member 1 of the demo's ensemble, trained for real: the run's training with seed + 1 on the same rows."""
+    path = overlay(demo_workdir, "ensemble-member", {"demo": {"attribution": {"ensemble": 2}}})
+    snakemake(demo_workdir, "results/demo/ensemble/member-1/adapter", "--configfile", path)
+    member, own = (json.loads((demo_workdir / f"results/demo/{folder}/manifest.json").read_text())
+                   for folder in ("ensemble/member-1/adapter", "adapter"))
+    assert member["seed"] == own["seed"] + 1 and member["training"]["seed"] == own["training"]["seed"] + 1
+    assert member["trained_row_ids"] == own["trained_row_ids"]
+    assert {k: v for k, v in member["training"].items() if k != "seed"} == \
+        {k: v for k, v in own["training"].items() if k != "seed"}
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -256,7 +256,7 @@ def stage_estimates(run: dict, arch: dict, lengths: dict, device: str) -> dict[s
         "activations": _activations_gb(arch, train["batch_size"] * seq, train_bytes, seq, lora),
         "logits": _logits_gb(arch, train["batch_size"] * seq, copies["training"]),
     }
-    plans["lds_retrain"] = plans["removal_retrain"] = plans["train_adapter"]
+    plans["lds_retrain"] = plans["removal_retrain"] = plans["train_ensemble_member"] = plans["train_adapter"]
 
     kf_bytes = dtype_bytes(kf["dtype"])
     weights = n_params * kf_bytes / GB  # Kronfluence's stages and the query losses load the model in its dtype
@@ -326,6 +326,17 @@ def stage_estimates(run: dict, arch: dict, lengths: dict, device: str) -> dict[s
                 plans[job.replace("bergson_", "bergson_adam_")] = {**plans[job], **moments}
             plans["planted_bergson_adam_index"] = plans["bergson_adam_index"]
             plans["bergson_reduce"] = {**plans["bergson_reduce"], **moments}
+        if "bergson_trak" in attribution["methods"]:
+            # one model at a time; TRAK's global projection (one module's matrix at a time), its Gram and the inverse
+            # (float64 eigendecomposition), and every row's scores against every query, for each member and averaged
+            trak_dim = bg["trak_projection_dim"]
+            scored_rows = lengths["train_rows"] + lengths["queries"]  # planted copies: at most one per query
+            plans["bergson_trak"] = {
+                **token_batch,
+                "projection": max(i * o for i, o in lora_shapes(arch, lora)) * trak_dim * 4 / GB,
+                "Gram and its inverse": trak_dim * trak_dim * (4 + 3 * 8) / GB,
+                "scores": (attribution["ensemble"] + 2) * lengths["queries"] * scored_rows * 8 / GB,
+            }
     return plans
 
 

@@ -222,3 +222,50 @@ use rule bergson_index as bergson_adam_index with:
         gpu=1,
         mem_mb=score_mem("bergson_adam_index"),
         runtime=attribution_runtime,
+
+
+# TRAK through Bergson's own pipeline (bergson.cli.trak): per ensemble member its Gram, its whitened queries and the
+# scores of every training row (and planted copy), then the members' average; one job, since the Gram needs every
+# training row's gradient. The shards the merges read are slices of its scores.
+rule bergson_trak:
+    input:
+        unpack(trak_inputs),
+        models=ensemble_adapters,
+        query="results/{run}/data/tokens/query",
+    output:
+        directory("results/{run}/bergson/trak"),
+    params:
+        bergson=stage_settings(BergsonTrak),
+        aggregation=lambda wc: run_cfg(wc)["attribution"]["bergson"]["aggregation"],
+        code=script_code("bergson_trak.py"),
+    log:
+        "logs/{run}/bergson_trak.log",
+    benchmark:
+        "benchmarks/{run}/bergson_trak.tsv"
+    threads: model_threads
+    resources:
+        gpu=1,
+        mem_mb=score_mem("bergson_trak"),
+        runtime=attribution_runtime,
+    conda:
+        CONDA_ENV
+    script:
+        "../scripts/bergson_trak.py"
+
+
+rule bergson_trak_shard:
+    input:
+        "results/{run}/bergson/trak",
+    output:
+        "results/{run}/bergson/scores/trak/shard-{shard}.npz",
+    wildcard_constraints:
+        shard=r"\d+",
+    params:
+        shards=shard_count,
+        code=script_code("bergson_trak_shard.py"),
+    log:
+        "logs/{run}/bergson_trak_shard_{shard}.log",
+    conda:
+        CONDA_ENV
+    script:
+        "../scripts/bergson_trak_shard.py"

@@ -18,6 +18,7 @@ from playpen_attribution.methods import (
     parse_variant,
 )
 from playpen_attribution.data import split_config
+from playpen_attribution.ensemble import MEMBER_FOLDER, member_seed
 from playpen_attribution.plan import (
     architecture_file,
     architecture_of,
@@ -34,6 +35,7 @@ from playpen_attribution.settings import (
     BergsonMix,
     BergsonReduce,
     BergsonScoring,
+    BergsonTrak,
     FactorFit,
     KronfluenceScoring,
     KronfluenceSweep,
@@ -283,6 +285,25 @@ def shard_count(wildcards):
     return shards
 
 
+def ensemble_size(wildcards):
+    return run_cfg(wildcards)["attribution"]["ensemble"]
+
+
+def ensemble_adapters(wildcards):
+    """The ensemble's adapters: the run's own (member 0), then members 1..K-1."""
+    members = [f"results/{wildcards.run}/{MEMBER_FOLDER.format(member=k)}/adapter" for k in range(1, ensemble_size(wildcards))]
+    return [f"results/{wildcards.run}/adapter"] + members
+
+
+def ensemble_scores(wildcards, path, method):
+    """A score file of `method` under results/<run>/ (`path`, e.g. kronfluence/scores/ekfac/shard-0.npz): the mean over
+    the ensemble's members where the method averages over them and the run has more than one (rule
+    ensemble_mean_scores), else the run's own adapter's."""
+    if method.ensembled and not method.is_trak and ensemble_size(wildcards) > 1:
+        return f"results/{wildcards.run}/ensemble/mean/{path}"
+    return f"results/{wildcards.run}/{path}"
+
+
 def method_shards(wildcards, bergson_only=False):
     """Every score shard of every configured method, by method."""
     shards = {}
@@ -290,8 +311,22 @@ def method_shards(wildcards, bergson_only=False):
         if bergson_only and not method.is_bergson:
             continue
         scores = f"{method.family}/scores/{method.kind}"
-        shards[method.name] = [f"results/{wildcards.run}/{scores}/shard-{i}.npz" for i in range(shard_count(wildcards))]
+        shards[method.name] = [ensemble_scores(wildcards, f"{scores}/shard-{i}.npz", method)
+                               for i in range(shard_count(wildcards))]
     return shards
+
+
+def ensemble_member_scores(wildcards):
+    """The members' files that rule ensemble_mean_scores averages: the run's own, then each member's."""
+    return [f"results/{wildcards.run}/{wildcards.path}"] + [
+        f"results/{wildcards.run}/{MEMBER_FOLDER.format(member=k)}/{wildcards.path}"
+        for k in range(1, ensemble_size(wildcards))]
+
+
+def member_training(wildcards):
+    """Training settings of ensemble member k: the run's, with seed training.seed + k."""
+    run = run_cfg(wildcards)
+    return as_params(Training.from_run(run, seed=member_seed(run["training"]["seed"], int(wildcards.member))))
 
 
 # Bergson inputs by run.
@@ -359,9 +394,19 @@ def planted_count(wildcards):
 
 
 def planted_shards(wildcards):
-    """The copies' scores, one file per method, scored by the same stages as the training rows."""
-    return {f"planted_{m.name}": f"results/{wildcards.run}/{m.folder('validation/planted')}/shard-0.npz"
+    """The copies' scores, one file per method, scored by the same stages as the training rows (and averaged over
+    the ensemble as they are)."""
+    return {f"planted_{m.name}": ensemble_scores(wildcards, f"{m.folder('validation/planted')}/shard-0.npz", m)
             for m in map(parse_method, run_cfg(wildcards)["attribution"]["methods"])}
+
+
+def trak_inputs(wildcards):
+    """Rule bergson_trak's rows: the training rows, and the planted copies where the run plants some (scored in the
+    same job, with the same Gram and queries)."""
+    inputs = {"train": f"results/{wildcards.run}/data/tokens/train"}
+    if planted_count(wildcards):
+        inputs["planted"] = f"results/{wildcards.run}/validation/planted/tokens"
+    return inputs
 
 
 # LDS inputs by run.

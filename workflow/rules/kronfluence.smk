@@ -55,3 +55,68 @@ rule kronfluence_scores:
         CONDA_ENV
     script:
         "../scripts/kronfluence_scores.py"
+
+
+# Ensemble members k >= 1 (attribution.ensemble): each member's own factors and scores, under ensemble/member-k/; the
+# merges read their mean (rule ensemble_mean_scores).
+use rule fit_factors as member_fit_factors with:
+    input:
+        model="results/{run}/ensemble/member-{member}/adapter",
+        data=hessian_dataset,
+    output:
+        directory("results/{run}/ensemble/member-{member}/kronfluence/factors/{strategy}"),
+    wildcard_constraints:
+        strategy=STRATEGY_PATTERN,
+        member=r"[1-9]\d*",
+    log:
+        "logs/{run}/member_fit_factors_{member}_{strategy}.log",
+    benchmark:
+        "benchmarks/{run}/member_fit_factors_{member}_{strategy}.tsv"
+    resources:
+        gpu=1,
+        mem_mb=score_mem("fit_factors"),
+        runtime=attribution_runtime,
+
+
+use rule kronfluence_scores as member_kronfluence_scores with:
+    input:
+        model="results/{run}/ensemble/member-{member}/adapter",
+        factors="results/{run}/ensemble/member-{member}/kronfluence/factors/{strategy}",
+        query="results/{run}/data/tokens/query",
+        train="results/{run}/data/tokens/train",
+    output:
+        "results/{run}/ensemble/member-{member}/kronfluence/scores/{strategy}/shard-{shard}.npz",
+    wildcard_constraints:
+        strategy=STRATEGY_PATTERN,
+        shard=r"\d+",
+        member=r"[1-9]\d*",
+    log:
+        "logs/{run}/member_kronfluence_scores_{member}_{strategy}_{shard}.log",
+    benchmark:
+        "benchmarks/{run}/member_kronfluence_scores_{member}_{strategy}_{shard}.tsv"
+    resources:
+        gpu=1,
+        mem_mb=score_mem("kronfluence_scores"),
+        runtime=attribution_runtime,
+
+
+# A table job: the members' score shards (the run's own and each member's) averaged into one.
+rule ensemble_mean_scores:
+    input:
+        ensemble_member_scores,
+    output:
+        "results/{run}/ensemble/mean/{path}",
+    wildcard_constraints:
+        path=rf"(validation/planted/)?kronfluence/(scores/)?({STRATEGY_PATTERN})/shard-\d+\.npz",
+    params:
+        code=script_code("ensemble_mean_scores.py"),
+    log:
+        "logs/{run}/ensemble_mean_scores/{path}.log",
+    benchmark:
+        "benchmarks/{run}/ensemble_mean_scores/{path}.tsv"
+    resources:
+        mem_mb=table_mem_mb,
+    conda:
+        CONDA_ENV
+    script:
+        "../scripts/ensemble_mean_scores.py"

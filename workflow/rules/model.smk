@@ -117,3 +117,26 @@ rule train_adapter:
         CONDA_ENV
     script:
         "../scripts/train_adapter.py"
+
+
+# Ensemble member k >= 1 (attribution.ensemble): the run's training on every training row with seed training.seed + k.
+use rule train_adapter as train_ensemble_member with:
+    output:
+        directory("results/{run}/ensemble/member-{member}/adapter"),
+    wildcard_constraints:
+        member=r"[1-9]\d*",
+    params:
+        lora=stage_settings(Lora),
+        training=member_training,
+        max_length=lambda wc: run_cfg(wc)["tokenization"]["max_length"],
+        dtype=lambda wc: run_cfg(wc)["model"]["dtype"],
+        base_model=base_model_source,
+        code=script_code("train_adapter.py"),
+    log:
+        "logs/{run}/train_ensemble_member_{member}.log",
+    benchmark:
+        "benchmarks/{run}/train_ensemble_member_{member}.tsv"
+    resources:
+        gpu=1,
+        mem_mb=train_mem("train_ensemble_member"),
+        runtime=train_runtime,

@@ -43,6 +43,28 @@ use rule kronfluence_scores as planted_kronfluence_scores with:
         "benchmarks/{run}/planted_kronfluence_scores_{strategy}_{shard}.tsv"
 
 
+use rule planted_kronfluence_scores as member_planted_kronfluence_scores with:
+    input:
+        model="results/{run}/ensemble/member-{member}/adapter",
+        factors="results/{run}/ensemble/member-{member}/kronfluence/factors/{strategy}",
+        query="results/{run}/data/tokens/query",
+        train="results/{run}/validation/planted/tokens",
+    output:
+        "results/{run}/ensemble/member-{member}/validation/planted/kronfluence/{strategy}/shard-{shard}.npz",
+    wildcard_constraints:
+        strategy=STRATEGY_PATTERN,
+        shard="0",
+        member=r"[1-9]\d*",
+    log:
+        "logs/{run}/member_planted_kronfluence_scores_{member}_{strategy}_{shard}.log",
+    benchmark:
+        "benchmarks/{run}/member_planted_kronfluence_scores_{member}_{strategy}_{shard}.tsv"
+    resources:
+        gpu=1,
+        mem_mb=score_mem("planted_kronfluence_scores"),
+        runtime=attribution_runtime,
+
+
 use rule bergson_index as planted_bergson_index with:
     input:
         model="results/{run}/adapter",
@@ -99,6 +121,22 @@ use rule bergson_scores as planted_bergson_scores with:
         "logs/{run}/planted_bergson_scores_{variant}_{shard}.log",
     benchmark:
         "benchmarks/{run}/planted_bergson_scores_{variant}_{shard}.tsv"
+
+
+# TRAK scored the copies in its one job (rule bergson_trak): its planted shard is a slice of that.
+rule planted_bergson_trak:
+    input:
+        "results/{run}/bergson/trak",
+    output:
+        "results/{run}/validation/planted/bergson/trak/shard-0.npz",
+    params:
+        code=script_code("bergson_trak_shard.py"),
+    log:
+        "logs/{run}/planted_bergson_trak.log",
+    conda:
+        CONDA_ENV
+    script:
+        "../scripts/bergson_trak_shard.py"
 
 
 rule planted_audit:
