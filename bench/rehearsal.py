@@ -51,8 +51,9 @@ def extra(parser):
     parser.add_argument("--gpu", action="store_true", help="rehearsal: 26 layers, bf16, all real guesser episodes")
     parser.add_argument("--quick", action="store_true",
                         help="only training, the EK-FAC fit, one score shard and one Bergson index shard")
-    parser.add_argument("--docs", action="store_true", help="write the table into docs/benchmarks.md")
     parser.add_argument("--cores", type=int, default=2)
+    parser.add_argument("--overlay", type=Path, action="append", default=[],
+                        help="a config overlay (Snakemake --configfile) over the run's settings, e.g. an ensemble")
     parser.add_argument("--table-only", action="store_true",
                         help="no run: the table of the run already in --workdir (its wall time from rehearsal.json)")
 
@@ -141,6 +142,8 @@ def main() -> None:
         overlay = workdir / "gpu.yaml"
         overlay.write_text(yaml.safe_dump(GPU_OVERLAY))
         options = ["--configfile", str(overlay)]
+    for path in args.overlay:
+        options += ["--configfile", str(path.resolve())]
     targets = [f"results/{run}/{name}" for name in (QUICK_TARGET_FILES if args.quick else TARGET_FILES)]
     command = snakemake_command(workdir, *targets, "--cores", str(args.cores), *options)
     record = workdir / f"{run}.json"
@@ -157,7 +160,8 @@ def main() -> None:
             sys.exit(f"{run} failed after {wall:.0f} s:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
         record.write_text(json.dumps({"wall_seconds": wall, "date": time.strftime("%Y-%m-%d")}))
     header = (f"{machine_line()}, {time.strftime('%Y-%m-%d')}\n"
-              f"`uv run python bench/rehearsal.py{' --gpu' if args.gpu else ''}{'' if run == RUN else ' --run ' + run}` "
+              f"`uv run python bench/rehearsal.py{' --gpu' if args.gpu else ''}{'' if run == RUN else ' --run ' + run}"
+              f"{''.join(' --overlay ' + p.name for p in args.overlay)}` "
               f"(workdir {workdir.name})")
     text = table(read_benchmarks(workdir, run), plan_estimates(workdir, "cuda" if args.gpu else "cpu", run), wall,
                  header)

@@ -139,3 +139,16 @@ def test_every_bench_table_has_its_markers_and_a_rerun_rewrites_only_between_the
     with docs_table("t", enabled=False):
         print("printed only")
     assert "printed only" not in target.read_text()
+
+
+BENCH_SCRIPTS = sorted(p.name for p in (REPO / "bench").glob("*.py") if p.name != "common.py")
+
+
+@pytest.mark.parametrize("script", BENCH_SCRIPTS)
+def test_every_bench_script_parses_its_command_line(script):
+    """docs/benchmarks.md gives each script's command: its options at least parse (a flag defined twice, by the
+    script and by bench/common.py, once broke `rehearsal.py` before it ran anything)."""
+    proc = subprocess.run([sys.executable, str(REPO / "bench" / script), "--help"], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "usage:" in proc.stdout

@@ -1,0 +1,137 @@
+"""How much of a run's LDS outcome is the data and how much the training seed, per training setting.
+
+For each setting (a name and config overrides, e.g. `dropout0=lora.dropout=0`), the run's LDS retrains alone
+(validation.lds subsets x repeats, nothing attributed) in a workdir of their own (<workdir>/<name>), then:
+- agreement: the noise ceiling the LDS would have (split-half Spearman over subsets between the repeats' mean query
+  losses, stepped up to all repeats by Spearman-Brown; `validation.split_half_agreement`, as lds.csv computes it),
+  its mean over queries and 95% cluster-bootstrap interval (queries of one target word resampled together);
+- subset spread / seed spread: the median over queries of the std of a query's loss between subsets (its mean over
+  repeats) and of the std between the repeats of one subset (mean over subsets): an outcome that depends on the
+  data more than on the seed has a ratio above 1;
+- mean query loss of the retrained adapters (how far training went under the setting).
+
+    uv run python bench/replicate_agreement.py --run smol --subsets 10 --repeats 2 \\
+        --setting baseline --setting dropout0=lora.dropout=0 --setting epochs3=training.epochs=3
+
+The same subsets (validation.lds.seed) and seeds (training.seed + repeat) under every setting. Long on a CPU: each
+setting trains subsets x repeats adapters on `validation.lds.fraction` of the rows.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import yaml
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import bench_arguments, machine_line, snakemake, write_docs_table  # noqa: E402
+
+
+def parse_setting(text: str) -> tuple[str, dict]:
+    """`name=a.b=1,c.d=x` -> (name, {"a": {"b": 1}, "c": {"d": "x"}}); a bare name has no overrides."""
+    name, _, rest = text.partition("=")
+    overrides: dict = {}
+    for item in filter(None, rest.split(",")):
+        key, _, value = item.partition("=")
+        *parents, leaf = key.split(".")
+        node = overrides
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = yaml.safe_load(value)
+    return name, overrides
+
+
+def deep_merge(base: dict, extra: dict) -> dict:
+    merged = dict(base)
+    for key, value in extra.items():
+        merged[key] = deep_merge(merged.get(key, {}), value) if isinstance(value, dict) else value
+    return merged
+
+
+def agreement(losses_json: Path, query_parquet: Path, seed: int = 0) -> dict:
+    """The setting's numbers from its LDS losses (every repeat kept in query_losses.json)."""
+    from playpen_attribution.scores import mean_and_cluster_interval, query_groups
+    from playpen_attribution.taboo import with_target_words
+    from playpen_attribution.validation import split_half_agreement
+
+    record = json.loads(losses_json.read_text())
+    subsets = sorted(record["subsets"], key=int)
+    # [repeats, subsets, queries]
+    outcomes = -np.array([record["subsets"][s]["repeat_losses"] for s in subsets]).transpose(1, 0, 2)
+    queries = with_target_words(pd.read_parquet(query_parquet).set_index("row_id").loc[record["query_ids"]]
+                                .reset_index())
+    counted, clusters = query_groups(queries)
+    ceiling = split_half_agreement(outcomes, seed=seed)
+    mean, low, high = mean_and_cluster_interval(ceiling, counted, clusters, seed=seed)
+    subset_spread = np.median(outcomes.mean(axis=0).std(axis=0, ddof=1))
+    seed_spread = np.median(outcomes.std(axis=0, ddof=1).mean(axis=0))
+    return {"agreement": mean, "low": low, "high": high, "subsets": len(subsets), "repeats": outcomes.shape[0],
+            "subset_spread": float(subset_spread), "seed_spread": float(seed_spread),
+            "mean_query_loss": float(-outcomes.mean())}
+
+
+def extra(parser):
+    parser.add_argument("--run", default="smol")
+    parser.add_argument("--subsets", type=int, default=10)
+    parser.add_argument("--cores", type=int, default=2)
+    parser.add_argument("--setting", action="append", default=[],
+                        help="NAME[=key.path=value,...]: a training setting to measure (repeatable; default: baseline)")
+    parser.add_argument("--table-only", action="store_true", help="no retraining: the table of the settings already "
+                                                                  "in --workdir")
+
+
+def main() -> None:
+    args, workdir = bench_arguments(__doc__, repeats=2, prefix="agreement-", extra=extra)
+    settings = [parse_setting(s) for s in (args.setting or ["baseline"])]
+    lines = [f"{machine_line()}, {time.strftime('%Y-%m-%d')}",
+             f"`uv run python bench/replicate_agreement.py --run {args.run} --subsets {args.subsets} --repeats "
+             f"{args.repeats}{''.join(' --setting ' + s for s in args.setting)}`", "",
+             "| setting | overrides | agreement [95% CI] | subset / seed spread | mean query loss | retrain wall s |",
+             "|---|---|---:|---:|---:|---:|"]
+    for name, overrides in settings:
+        folder = workdir / name
+        folder.mkdir(parents=True, exist_ok=True)
+        overlay = folder / "setting.yaml"
+        lds = {"validation": {"lds": {"subsets": args.subsets, "repeats": args.repeats}}}
+        overlay.write_text(yaml.safe_dump({"runs": {args.run: deep_merge(overrides, lds)}}))
+        target = f"results/{args.run}/validation/lds/query_losses.json"
+        timing = folder / "wall.json"
+        if not args.table_only:
+            start = time.perf_counter()
+            snakemake(folder, target, f"results/{args.run}/data/query.parquet", "--cores", str(args.cores),
+                      "--configfile", str(overlay))
+            if (folder / target).stat().st_mtime >= start:  # rebuilt now (not a rerun with nothing to do)
+                timing.write_text(json.dumps({"wall_seconds": time.perf_counter() - start}))
+        result = agreement(folder / target, folder / f"results/{args.run}/data/query.parquet")
+        wall = json.loads(timing.read_text())["wall_seconds"] if timing.exists() else float("nan")
+        shown = ", ".join(f"{k}={v}" for k, v in _flatten(overrides).items()) or "(the run's)"
+        lines.append(f"| {name} | {shown} | {result['agreement']:.3f} [{result['low']:.3f}, {result['high']:.3f}] | "
+                     f"{result['subset_spread']:.3f} / {result['seed_spread']:.3f} = "
+                     f"{result['subset_spread'] / result['seed_spread']:.2f} | {result['mean_query_loss']:.2f} | "
+                     f"{wall:.0f} |")
+        print(lines[-1], flush=True)
+    lines += ["", f"{args.subsets} subsets x {args.repeats} repeats per setting (training seeds training.seed + "
+                  f"repeat); agreement = the LDS noise ceiling these repeats give (lds.csv's noise_ceiling)."]
+    text = "\n".join(lines)
+    print(text)
+    if args.docs:
+        write_docs_table(f"replicate-agreement-{args.run}", text)
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict:
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+if __name__ == "__main__":
+    main()
