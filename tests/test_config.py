@@ -102,10 +102,12 @@ def test_the_wheel_carries_the_schema_and_templates(tmp_path):
     ({"factors": [0.1], "methods": ["bergson_cosine"]}, r"validation\.damping\.methods: bergson_cosine has no "
                                                         r"preconditioner, so damping does not change it"),
     ({"factors": [0.1], "methods": ["kfac"]}, r"validation\.damping\.methods: kfac is not one of the run's methods"),
+    ({"factors": [0.1], "methods": ["bergson_trak"]}, r"validation\.damping\.methods: bergson_trak: TRAK inverts its "
+                                                      r"Gram inside its own job.*attribution\.bergson\.damping_factor"),
 ])
 def test_a_damping_sweep_of_a_method_it_cannot_change_is_refused(sweep, message):
     cfg = copy.deepcopy(MINIMAL)
-    cfg["runs"]["r"]["attribution"] = {"methods": ["ekfac", "bergson_cosine"]}
+    cfg["runs"]["r"]["attribution"] = {"methods": ["ekfac", "bergson_cosine", "bergson_trak"]}
     cfg["runs"]["r"]["validation"] = {"planted": {"queries": 2}, "damping": sweep}
     with pytest.raises(ConfigError, match=message):
         validate_config(cfg)
@@ -115,13 +117,14 @@ def test_a_damping_sweep_without_an_audit_is_refused_and_defaults_to_the_precond
     from playpen_attribution.methods import damping_sweep_methods
 
     cfg = copy.deepcopy(MINIMAL)
-    cfg["runs"]["r"]["attribution"] = {"methods": ["ekfac", "identity", "bergson_cosine", "bergson_dot_mixed"]}
+    cfg["runs"]["r"]["attribution"] = {"methods": ["ekfac", "identity", "bergson_cosine", "bergson_dot_mixed",
+                                                   "bergson_trak"]}
     cfg["runs"]["r"]["validation"] = {"damping": {"factors": [0.1, 1.0]}}
     with pytest.raises(ConfigError, match=r"validation\.damping: a sweep needs something to measure"):
         validate_config(copy.deepcopy(cfg))
     cfg["runs"]["r"]["validation"]["lds"] = {"subsets": 4}
     run = validate_config(cfg)["runs"]["r"]
-    assert damping_sweep_methods(run) == ["ekfac", "bergson_dot_mixed"]
+    assert damping_sweep_methods(run) == ["ekfac", "bergson_dot_mixed"]  # not TRAK: its Gram is inverted in its job
     assert run["attribution"]["kronfluence"]["damping_factor"] is None  # 0.1 x mean eigenvalue, as Bergson's 0.1
 
 
@@ -136,6 +139,9 @@ def test_the_schemas_methods_are_the_ones_the_package_parses():
     assert parsed["bergson_cosine_mixed"].folder("validation/planted") == "validation/planted/bergson/cosine_mixed"
     assert parsed["bergson_cosine_mixed"].plain == "bergson_cosine" and parsed["ekfac"].plain == "identity"
     assert parsed["identity"].plain is None and parsed["bergson_dot"].plain is None
+    trak = parsed["bergson_trak"]
+    assert trak.plain == "bergson_dot" and trak.folder() == "bergson/trak" and trak.ensembled
+    assert parsed["ekfac"].ensembled and not parsed["bergson_cosine_mixed"].ensembled
     with pytest.raises(ValueError, match="unknown Bergson variant 'cosine_both'"):
         parse_method("bergson_cosine_both")
 

@@ -544,46 +544,28 @@ def rerun_for_their_params(proc) -> set[str]:
 
 # (section, key, a new value, the rules whose params hold it)
 KEY_READERS = [
-    ("attribution.kronfluence", "covariance_batch_size", 4, {"fit_factors"}),
+    ("attribution.kronfluence", "covariance_batch_size", 4, {"fit_factors", "member_fit_factors"}),
     ("attribution.kronfluence", "train_batch_size", 4,
-     {"kronfluence_scores", "planted_kronfluence_scores", "damping_sweep_kronfluence"}),
+     {"kronfluence_scores", "planted_kronfluence_scores", "damping_sweep_kronfluence", "member_kronfluence_scores",
+      "member_planted_kronfluence_scores"}),
     ("attribution.bergson", "token_batch_size", 256,
      {"bergson_query_gradients", "bergson_hessian", "bergson_reduce", "bergson_index", "planted_bergson_index",
       "bergson_adam_query_gradients", "bergson_adam_hessian", "bergson_adam_index", "planted_bergson_adam_index",
       "bergson_trak"}),
-    ("attribution.bergson", "mix_downweight_components", 10, {"bergson_mix"}),
-    ("training", "logging_steps", 3, {"train_adapter", "lds_retrain", "removal_retrain"}),
-    # (planted_audit reads the seed too, for its random baseline, but reruns anyway as its input changes)
-    ("validation.planted", "seed", 3, {"planted_copies"}),
+    ("attribution.bergson", "mix_downweight_components", 10, {"bergson_mix", "bergson_adam_mix"}),
+    ("training", "logging_steps", 3, {"train_adapter", "lds_retrain", "removal_retrain", "train_ensemble_member"}),
+    # (planted_audit reads the seed for its random baseline; in the DAG it reruns for its changed input first)
+    ("validation.planted", "seed", 3, {"planted_copies", "planted_audit"}),
 ]
-
-
-def settings_classes_by_rule() -> dict[str, set[str]]:
-    """Rule -> the settings classes its params are built from (`stage_settings(Cls...)`, `variant_settings(Cls)` or
-    `selection_settings(Cls)` in its block of workflow/rules/*.smk)."""
-    found = {}
-    for smk in sorted((REPO / "workflow" / "rules").glob("*.smk")):
-        text = smk.read_text()
-        # a rule, or a `use rule A as B with:` that gives B params of its own
-        headers = list(re.finditer(r"^(?:(?:local)?rule (\w+):|use rule \w+ as (\w+) with:)$", text, flags=re.M))
-        for header, after in zip(headers, headers[1:] + [None]):
-            body = text[header.end():after.start() if after else len(text)]
-            found[header.group(1) or header.group(2)] = set(re.findall(r"(?:stage|variant|selection)_settings\((\w+)",
-                                                                       body))
-    return found
 
 
 @pytest.mark.parametrize("section, key, value, readers", KEY_READERS)
 def test_a_key_is_held_by_the_settings_of_its_readers_alone(section, key, value, readers):
-    """Static half of the rerun check: the rules whose settings class holds the key are its readers."""
-    from dataclasses import fields
+    """Static half of the rerun check: the rules whose params hold the key (read from the rule files by the
+    configuration reference's parser: settings classes, helpers, `use rule` inheritance) are its readers."""
+    from playpen_attribution.config_reference import key_readers, rules_reading
 
-    from playpen_attribution.settings import STAGE_SETTINGS
-
-    holders = {cls.__name__ for cls in STAGE_SETTINGS
-               if cls.SECTION == section and key in {f.name for f in fields(cls)}}
-    assert holders, f"no settings class holds {section}.{key}"
-    assert {rule for rule, classes in settings_classes_by_rule().items() if classes & holders} == readers
+    assert set(rules_reading(f"{section}.{key}", key_readers())) - {"memory_plan"} == readers
 
 
 # Keys changed together in one dry run: Snakemake gives a job one reason, and a job whose input is rebuilt is listed
@@ -613,10 +595,14 @@ def test_keys_rerun_only_the_stages_that_read_them(demo_workdir, group):
     path = overlay(demo_workdir, "-".join(group), {"demo": change})
     proc = snakemake(demo_workdir, *DEMO_TARGETS, "-n", "--configfile", path)
     plan = {"memory_plan"} if any(k.split(".")[0] in ("attribution", "training") for k in group) else set()
-    # the demo has no removal check and no TrackStar: those rules read the keys but are not in this DAG
+    # the demo has no removal check, no TrackStar, no TRAK and no ensemble: those rules read the keys but are not in
+    # this DAG
     absent = {"removal_retrain", "bergson_adam_query_gradients", "bergson_adam_hessian", "bergson_adam_index",
-              "planted_bergson_adam_index"}
-    assert rerun_for_their_params(proc) == (readers - absent) | plan
+              "planted_bergson_adam_index", "bergson_trak", "train_ensemble_member", "member_fit_factors",
+              "member_kronfluence_scores", "member_planted_kronfluence_scores", "bergson_adam_mix"}
+    # readers downstream of another reader: Snakemake gives the changed input as their reason
+    downstream = {"planted_audit"}
+    assert rerun_for_their_params(proc) == (readers - absent - downstream) | plan
 
 
 # Run after the page is loaded: which images did not decode, which in-page links have no target.

@@ -55,6 +55,8 @@ STRUCTURAL = {
     "validation.damping.factors": "the damping sweep's jobs (empty = none)",
     "validation.damping.methods": "which methods the sweep rescores",
     "validation.removal.fractions": "the removal check's jobs (empty = none)",
+    "attribution.ensemble": "the ensemble's members: their training, factor fits and score jobs, and the mean of "
+                            "their score shards (1 = the run's adapter alone)",
 }
 
 
@@ -114,16 +116,26 @@ def schema_keys(schema: dict | None = None) -> list[dict]:
 
 
 def _rule_blocks() -> dict[str, str]:
-    """Rule name -> its params block, from workflow/rules/*.smk (a `use rule ... as B with:` block counts as B)."""
-    blocks = {}
+    """Rule name -> its params block, from workflow/rules/*.smk (a `use rule A as B with:` block counts as B, and
+    without a params block of its own B has A's)."""
+    blocks, parents = {}, {}
     for smk in sorted(RULES.glob("*.smk")):
         text = smk.read_text()
-        headers = list(re.finditer(r"^(?:(?:local)?rule (\w+):|use rule \w+ as (\w+) with:)$", text, flags=re.M))
+        headers = list(re.finditer(r"^(?:(?:local)?rule (\w+):|use rule (\w+) as (\w+) with:)$", text, flags=re.M))
         for header, after in zip(headers, headers[1:] + [None]):
             body = text[header.end():after.start() if after else len(text)]
             params = re.search(r"^    params:\n((?:        .*\n|\s*\n)*)", body, flags=re.M)
-            blocks[header.group(1) or header.group(2)] = params.group(1) if params else ""
-    return blocks
+            name = header.group(1) or header.group(3)
+            blocks[name] = params.group(1) if params else None
+            if header.group(2):
+                parents[name] = header.group(2)
+
+    def inherited(name: str) -> str:
+        while blocks.get(name) is None and name in parents:
+            name = parents[name]
+        return blocks.get(name) or ""
+
+    return {name: inherited(name) for name in blocks}
 
 
 def _helper_reads() -> dict[str, set[str]]:
@@ -134,8 +146,16 @@ def _helper_reads() -> dict[str, set[str]]:
         name = match.group(1)
         if name in SECTION_HELPERS or name.endswith("_settings"):
             continue
-        reads[name] = _chains(match.group(0))
+        reads[name] = _chains(match.group(0)) | _settings_keys(re.findall(r"\b([A-Z]\w+)\.from_run\(", match.group(0)))
     return reads
+
+
+def _settings_keys(class_names) -> set[str]:
+    """The config keys the named settings classes hold."""
+    from playpen_attribution import settings
+
+    return {f"{cls.SECTION}.{f.name}" for cls in (getattr(settings, n) for n in class_names if hasattr(settings, n))
+            for f in dataclasses.fields(cls)}
 
 
 def _chains(text: str) -> set[str]:
@@ -165,15 +185,11 @@ def _chains(text: str) -> set[str]:
 
 def key_readers() -> dict[str, set[str]]:
     """Rule -> the config keys (dotted; a section prefix means every key under it) its params hold."""
-    from playpen_attribution import settings
-
     helpers = _helper_reads()
     readers = {}
     for rule, params in _rule_blocks().items():
         keys = _chains(params)
-        for cls_name in SETTINGS_USE.findall(params):
-            cls = getattr(settings, cls_name)
-            keys.update(f"{cls.SECTION}.{f.name}" for f in dataclasses.fields(cls))
+        keys.update(_settings_keys(SETTINGS_USE.findall(params)))
         for name in set(re.findall(r"\b(\w+)\b", params)) & set(helpers):
             keys.update(helpers[name])
         readers[rule] = keys

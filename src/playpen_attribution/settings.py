@@ -213,5 +213,5 @@ class RemovalChoice(_FromConfig):
 
 # Every class a rule's params come from (the config test checks each field is a key of its section).
 STAGE_SETTINGS = (Tokenization, Lora, Training, FactorFit, KronfluenceScoring, KronfluenceSweep, BergsonGradients,
-                  BergsonHessian, BergsonReduce, BergsonMix, BergsonScoring, PlantedCopies, LdsSubsets,
+                  BergsonHessian, BergsonReduce, BergsonMix, BergsonScoring, BergsonTrak, PlantedCopies, LdsSubsets,
                   RemovalChoice)
