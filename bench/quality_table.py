@@ -2,9 +2,11 @@
 interval and its margin over the best baseline (lds.csv), planted recall (planted_summary.csv), and each
 preconditioned method against its plain counterpart (EK-FAC against identity, a Bergson variant against the plain
 cosine), paired per query with the same word-clustered bootstrap the LDS uses (lds_per_query.csv); the noise ceiling
-of the repeated retrains (lds.csv) and the removal check (removal.csv) where the run has them.
+of the repeated retrains (lds.csv) and the removal check (removal.csv) where the run has them. `--versus DIR`: each
+method's LDS minus the same method's in another workdir's run measured against the same retrains (e.g. an ensemble
+against its first member alone), paired per query.
 
-    uv run python bench/quality_table.py --workdir DIR --run smol [--run real ...]
+    uv run python bench/quality_table.py --workdir DIR --run smol [--run real ...] [--versus OTHER_DIR]
 """
 
 from __future__ import annotations
@@ -56,6 +58,29 @@ def paired_table(folder: Path, run: str, seed: int = 0) -> list[str]:
     return lines
 
 
+def versus_table(folder: Path, other: Path, run: str, seed: int = 0) -> list[str]:
+    """Each method of `folder` minus the same method of `other` (another configuration of the run, LDS against the
+    same retrains: the actual losses must agree), paired per query."""
+    import json
+
+    import numpy as np
+
+    mine, theirs = (json.loads((f / "lds" / "query_losses.json").read_text()) for f in (folder, other))
+    if mine["subsets"].keys() != theirs["subsets"].keys() or not all(
+            np.allclose(mine["subsets"][k]["query_losses"], theirs["subsets"][k]["query_losses"]) for k in mine["subsets"]):
+        raise SystemExit(f"{folder} and {other} measure against different retrains; compare runs of the same LDS")
+    a_all, b_all = (pd.read_csv(f / "lds_per_query.csv") for f in (folder, other))
+    lines = []
+    for method in [m for m in a_all.method.unique() if not is_baseline(m) and m in set(b_all.method)]:
+        a = a_all[a_all.method == method].set_index("query_id")
+        b = b_all[b_all.method == method].set_index("query_id").loc[a.index]
+        mean, low, high = mean_and_cluster_interval((a.lds - b.lds).to_numpy(), a.counted.to_numpy(), list(a.cluster),
+                                                    seed=seed)
+        lines.append(f"| {run} | {method} | {a.lds[a.counted].mean():.3f} | {b.lds[a.counted].mean():.3f} | "
+                     f"{signed(mean, low, high)} |")
+    return lines
+
+
 def ceiling_table(folder: Path, run: str) -> list[str]:
     lds = pd.read_csv(folder / "lds.csv")
     if "noise_ceiling" not in lds or lds.noise_ceiling.isna().all():
@@ -83,6 +108,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workdir", type=Path, required=True)
     parser.add_argument("--run", action="append", required=True)
+    parser.add_argument("--versus", type=Path, help="another workdir with the same runs, to compare each method with")
     args = parser.parse_args()
     print("| run | method | LDS [95%] | best baseline | its LDS | margin [95%] | planted recall@1 |")
     print("|---|---|---|---|---|---|---|")
@@ -96,6 +122,12 @@ def main() -> None:
     print("|---|---|---|---|")
     for run in args.run:
         print("\n".join(ceiling_table(args.workdir / "results" / run / "validation", run)))
+    if args.versus:
+        print(f"\n| run | method | LDS here | LDS in {args.versus.name} | difference [95%], paired per query |")
+        print("|---|---|---|---|---|")
+        for run in args.run:
+            print("\n".join(versus_table(args.workdir / "results" / run / "validation",
+                                         args.versus / "results" / run / "validation", run)))
     rows = [line for run in args.run for line in removal_table(args.workdir / "results" / run / "validation", run)]
     if rows:
         print("\n| run | fraction | removed by | rows | loss rise [95%] | over random [95%] | over TF-IDF [95%] |")

@@ -687,7 +687,7 @@ def test_trackstar_adds_its_own_gradient_space_and_reuses_everything_else(demo_w
 
 
 def test_an_ensemble_trains_only_its_new_members_and_rescores_only_the_methods_that_average(demo_workdir):
-    """attribution.ensemble 3 with TRAK: two new adapters (seeds + 1, + 2), each with its own EK-FAC factors and
+    """attribution.ensemble 3 with TRAK: two new adapters (seeds + 1000, + 2000), each with its own EK-FAC factors and
     score shards (training rows and planted copies), the mean of the members' shards, one TRAK job over the three
     adapters; the plain Bergson variants, the run's adapter and its factors are reused."""
     path = overlay(demo_workdir, "ensemble", {"demo": {"attribution": {
@@ -716,12 +716,13 @@ def test_an_ensemble_trains_only_its_new_members_and_rescores_only_the_methods_t
 
 
 def test_an_ensemble_member_trains_with_the_next_seed(demo_workdir, tmp_path):
-    """Member 1 of the demo's ensemble, trained for real: the run's training with seed + 1 on the same rows."""
+    """Member 1 of the demo's ensemble, trained for real: the run's training with seed + 1000 on the same rows (clear
+    of the LDS retrains' seeds, seed + repeat)."""
     path = overlay(demo_workdir, "ensemble-member", {"demo": {"attribution": {"ensemble": 2}}})
     snakemake(demo_workdir, "results/demo/ensemble/member-1/adapter", "--configfile", path)
     member, own = (json.loads((demo_workdir / f"results/demo/{folder}/manifest.json").read_text())
                    for folder in ("ensemble/member-1/adapter", "adapter"))
-    assert member["seed"] == own["seed"] + 1 and member["training"]["seed"] == own["training"]["seed"] + 1
+    assert member["seed"] == own["seed"] + 1000 and member["training"]["seed"] == own["training"]["seed"] + 1000
     assert member["trained_row_ids"] == own["trained_row_ids"]
     assert {k: v for k, v in member["training"].items() if k != "seed"} == \
         {k: v for k, v in own["training"].items() if k != "seed"}

@@ -1,5 +1,5 @@
-"""An ensemble of adapters (`attribution.ensemble`: K adapters trained on every training row with seeds
-training.seed, training.seed + 1, ...; member 0 is the run's adapter). TRAK averages over it inside Bergson's own
+"""An ensemble of adapters (`attribution.ensemble`: K adapters trained on every training row; member 0 is the run's
+adapter, member k >= 1 trains with seed training.seed + 1000 k). TRAK averages over it inside Bergson's own
 pipeline (`bergson_attribution.trak_stage`); every Kronfluence strategy scores each member with the member's own
 factors, and its score shards are the members' mean (Park et al. 2023 average over independently trained models
 for the same reason: one training run's scores carry its seed's noise).
@@ -16,8 +16,14 @@ from playpen_attribution.tables import save_shard
 MEMBER_FOLDER = "ensemble/member-{member}"  # under results/<run>/: member k >= 1 (member 0 is the run's own folders)
 
 
+# Members' seeds stay clear of the seeds the LDS and removal retrains use (training.seed + repeat): a member that
+# shared its LoRA initialisation and dropout stream with the retrains it is measured against would correlate its
+# scores' seed noise with theirs and flatter the ensemble.
+MEMBER_SEED_STRIDE = 1000
+
+
 def member_seed(training_seed: int, member: int) -> int:
-    return training_seed + member
+    return training_seed + MEMBER_SEED_STRIDE * member
 
 
 def mean_of_member_shards(member_paths: list, out_path) -> None:
