@@ -131,7 +131,7 @@ def test_every_bench_table_has_its_markers_and_a_rerun_rewrites_only_between_the
         literal |= set(re.findall(r'write_docs_table\("([\w-]+)"', script.read_text()))
     runs = {"kronfluence-overhead-demo", "kronfluence-overhead-rehearsal", "bergson-overhead-demo-2-shards",
             "bergson-overhead-rehearsal-1-shards", "bergson-overhead-rehearsal-2-shards", "rehearsal-table",
-            "smol-table"}  # names made from --run / --shards
+            "smol-table", "replicate-agreement-smol"}  # names made from --run / --shards
     assert {"gradient-passes", "lds-overhead", "table-scale", "plan-at-length-table"} <= literal
     for name in literal | runs:
         assert f"<!-- {name} -->" in page and f"<!-- /{name} -->" in page, name
