@@ -187,14 +187,14 @@ def test_every_gpu_rule_goes_to_the_gpu_partition():
     profile = yaml.safe_load((REPO / "profiles" / "slurm" / "config.yaml").read_text())
     gpu_partition = profile["set-resources"]["train_adapter"]["slurm_partition"]
     on_gpu = {rule for rule, res in profile["set-resources"].items() if res.get("slurm_partition") == gpu_partition}
-    asking = set()
-    for smk in sorted((REPO / "workflow" / "rules").glob("*.smk")):  # validate.smk's `use rule`s after their bases
-        text = smk.read_text()
-        headers = list(re.finditer(r"^(?:(?:local)?rule (\w+):|use rule (\w+) as (\w+) with:)$", text, flags=re.M))
-        for header, after in zip(headers, headers[1:] + [None]):
-            body = text[header.end():after.start() if after else len(text)]
-            name = header.group(1) or header.group(3)
-            if re.search(r"^\s+gpu=1,", body, flags=re.M) or (header.group(2) and header.group(2) in asking):
-                asking.add(name)
+    from playpen_attribution.config_reference import rule_texts
+
+    rules = rule_texts()
+
+    def asks(name: str) -> bool:
+        parent, body = rules[name]
+        return bool(re.search(r"^\s+gpu=1,", body, flags=re.M)) or (parent in rules and asks(parent))
+
+    asking = {name for name in rules if asks(name)}
     assert {"train_adapter", "removal_retrain", "planted_kronfluence_scores"} <= asking
     assert asking == on_gpu, (sorted(asking - on_gpu), sorted(on_gpu - asking))

@@ -115,27 +115,35 @@ def schema_keys(schema: dict | None = None) -> list[dict]:
     return rows
 
 
-def _rule_blocks() -> dict[str, str]:
-    """Rule name -> its params block, from workflow/rules/*.smk (a `use rule A as B with:` block counts as B, and
-    without a params block of its own B has A's)."""
-    blocks, parents = {}, {}
+def rule_texts() -> dict[str, tuple[str | None, str]]:
+    """Rule name -> (the rule it is a `use rule` of, or None; its own block), from workflow/rules/*.smk in file order
+    (a `use rule A as B with:` block counts as B). One parser of the rule files for the reference and the tests."""
+    rules = {}
     for smk in sorted(RULES.glob("*.smk")):
         text = smk.read_text()
         headers = list(re.finditer(r"^(?:(?:local)?rule (\w+):|use rule (\w+) as (\w+) with:)$", text, flags=re.M))
         for header, after in zip(headers, headers[1:] + [None]):
-            body = text[header.end():after.start() if after else len(text)]
-            params = re.search(r"^    params:\n((?:        .*\n|\s*\n)*)", body, flags=re.M)
-            name = header.group(1) or header.group(3)
-            blocks[name] = params.group(1) if params else None
-            if header.group(2):
-                parents[name] = header.group(2)
+            rules[header.group(1) or header.group(3)] = (header.group(2),
+                                                         text[header.end():after.start() if after else len(text)])
+    return rules
+
+
+def _rule_blocks() -> dict[str, str]:
+    """Rule name -> its params block (a `use rule A as B` without a params block of its own has A's)."""
+    rules = rule_texts()
+
+    def own(body: str) -> str | None:
+        params = re.search(r"^    params:\n((?:        .*\n|\s*\n)*)", body, flags=re.M)
+        return params.group(1) if params else None
 
     def inherited(name: str) -> str:
-        while blocks.get(name) is None and name in parents:
-            name = parents[name]
-        return blocks.get(name) or ""
+        parent, body = rules[name]
+        block = own(body)
+        if block is None and parent in rules:
+            return inherited(parent)
+        return block or ""
 
-    return {name: inherited(name) for name in blocks}
+    return {name: inherited(name) for name in rules}
 
 
 def _helper_reads() -> dict[str, set[str]]:
