@@ -373,8 +373,11 @@ def trak_stage(model_dirs: list, train_tokens_dir, query_tokens_dir, out_dir, se
                        reduced=reduce(scores[:, rows:], axis=0))
         write_json_atomic({"members": [str(d) for d in model_dirs], "rows": rows,
                            "planted": 0 if planted is None else len(planted)}, tmp / "trak.json")
-    log_gradient_pass(train_tokens_dir, len(scored) * 2 * len(model_dirs), token_count(scored) * 2 * len(model_dirs),
-                      f"bergson TRAK, {len(model_dirs)} member(s): Gram and scores")
+    # per member: the Gram's pass over the training rows, and the scoring pass over them and the copies
+    members = len(model_dirs)
+    log_gradient_pass(train_tokens_dir, (len(train) + len(scored)) * members,
+                      (token_count(train) + token_count(scored)) * members,
+                      f"bergson TRAK, {members} member(s): Gram and scores")
 
 
 def trak_shard_stage(trak_dir, out_path, *, shard: int, shards: int, planted: bool = False) -> None:
