@@ -774,9 +774,12 @@ def test_the_demo_killed_mid_job_and_mid_merge_finishes_with_the_same_command(de
 
     first = _start(work, *DEMO_TARGETS)
     log = work / "logs" / "demo" / "kronfluence_scores_ekfac_0.log"
+    # the lock check while the first holds its locks, before its score job starts: on a loaded machine the check
+    # takes long enough for the job to finish, and the kill below must find it running
     deadline = time.time() + 300
-    while not log.exists() and time.time() < deadline:
-        time.sleep(0.2)
+    while not list((work / ".snakemake" / "locks").glob("*.lock")) and time.time() < deadline:
+        assert first.poll() is None, first.stdout.read()[-3000:]
+        time.sleep(0.1)
     second = subprocess.run([sys.executable, "-m", "snakemake", "--directory", str(work), "--cores", "1",
                              *DEMO_TARGETS], cwd=work, capture_output=True, text=True)
     assert second.returncode != 0 and "Directory cannot be locked" in second.stdout + second.stderr

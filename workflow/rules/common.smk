@@ -317,7 +317,7 @@ def method_shards(wildcards, bergson_only=False):
 
 
 def ensemble_member_scores(wildcards):
-    """The members' files that rule ensemble_mean_scores averages: the run's own, then each member's."""
+    """The inputs of ensemble_mean_scores, the members' files it averages: the run's own, then each member's."""
     return [f"results/{wildcards.run}/{wildcards.path}"] + [
         f"results/{wildcards.run}/{MEMBER_FOLDER.format(member=k)}/{wildcards.path}"
         for k in range(1, ensemble_size(wildcards))]
