@@ -774,16 +774,20 @@ def test_the_demo_killed_mid_job_and_mid_merge_finishes_with_the_same_command(de
 
     first = _start(work, *DEMO_TARGETS)
     log = work / "logs" / "demo" / "kronfluence_scores_ekfac_0.log"
-    # the lock check while the first holds its locks, before its score job starts: on a loaded machine the check
-    # takes long enough for the job to finish, and the kill below must find it running
     deadline = time.time() + 300
-    while not list((work / ".snakemake" / "locks").glob("*.lock")) and time.time() < deadline:
+    while not log.exists():
         assert first.poll() is None, first.stdout.read()[-3000:]
-        time.sleep(0.1)
+        assert time.time() < deadline, f"{log} never appeared"
+        time.sleep(0.2)
+    # the score job frozen mid-run (SIGSTOP to the whole session) while a second invocation is refused: on a loaded
+    # machine the check takes long enough that a running job would finish before the kill
+    time.sleep(1.0)
+    os.killpg(first.pid, signal.SIGSTOP)
     second = subprocess.run([sys.executable, "-m", "snakemake", "--directory", str(work), "--cores", "1",
                              *DEMO_TARGETS], cwd=work, capture_output=True, text=True)
     assert second.returncode != 0 and "Directory cannot be locked" in second.stdout + second.stderr
-    _kill_when(first, log)
+    os.killpg(first.pid, signal.SIGKILL)
+    first.wait()
     assert not shard.exists()  # the job wrote nothing under its output's name
     # what is left to do after the kill is what was left before it: the shard and what follows it
     after_kill = subprocess.run([sys.executable, "-m", "snakemake", "--directory", str(work), "-n", *DEMO_TARGETS],
