@@ -26,7 +26,12 @@ EVERY_STAGE = {"fetch_base_model", "prepare_data", "tokenize", "train_adapter", 
                "planted_bergson_index", "planted_bergson_scores", "planted_audit", "lds_retrain", "lds_losses", "lds",
                "damping_sweep_bergson", "damping_sweep", "removal_rows", "removal_retrain", "removal",
                "bergson_adam_query_gradients", "bergson_adam_hessian", "bergson_adam_mix", "bergson_adam_index",
-               "planted_bergson_adam_index"}  # the taboo run sweeps only Bergson's (cheap) damping
+               "planted_bergson_adam_index", "bergson_trak", "bergson_trak_shard", "planted_bergson_trak",
+               "train_ensemble_member", "member_fit_factors", "member_kronfluence_scores",
+               "member_planted_kronfluence_scores", "ensemble_mean_scores"}  # the taboo run sweeps only Bergson's damping
+# an ensemble's own stages (the taboo runs have one of 2 adapters; smol has one adapter)
+ENSEMBLE_STAGES = {"train_ensemble_member", "member_fit_factors", "member_kronfluence_scores",
+                   "member_planted_kronfluence_scores", "ensemble_mean_scores"}
 
 
 def planned_jobs(proc) -> dict[str, int]:
@@ -405,8 +410,8 @@ def test_real_runs_dry_run_builds_the_dag(tmp_path):
     runs = ("taboo", "taboo_describer")
     proc = snakemake(tmp_path, "-n", *(f"results/{run}/report/index.html" for run in runs))
     # per run: EK-FAC and four Bergson variants (plain, train-side and mixed preconditioner, TrackStar), 4 shards
-    # each; TrackStar's Adam-normalised gradients, preconditioners and index; 32 LDS subsets x 2 seeds in one job each;
-    # the removal check: none, TF-IDF, 3 random draws and 5 methods, one retrain job each
+    # each, and TRAK; TrackStar's Adam-normalised gradients, preconditioners and index; 32 LDS subsets x 2 seeds in one job each;
+    # the removal check: none, TF-IDF, 3 random draws and 6 methods, one retrain job each
     assert planned_jobs(proc) == {"fetch_base_model": 2, "prepare_data": 6, "tokenize": 6, "train_adapter": 2,
                                   "fit_factors": 2, "kronfluence_scores": 8, "bergson_query_gradients": 2,
                                   "bergson_hessian": 4, "bergson_mix": 2, "bergson_reduce": 8,
@@ -417,9 +422,14 @@ def test_real_runs_dry_run_builds_the_dag(tmp_path):
                                   "planted_copies": 2, "planted_kronfluence_scores": 2, "planted_bergson_index": 2,
                                   "planted_bergson_scores": 8,
                                   "planted_audit": 2, "lds_retrain": 128, "lds_losses": 2, "lds": 2,
-                                  "removal_rows": 20, "removal_retrain": 20, "removal": 2,
+                                  "removal_rows": 22, "removal_retrain": 22, "removal": 2,
                                   # the two preconditioned Bergson variants' damping, rescored from the index
-                                  "damping_sweep_bergson": 4, "damping_sweep": 2}
+                                  "damping_sweep_bergson": 4, "damping_sweep": 2,
+                                  # TRAK over the ensemble of 2; the second member's EK-FAC factors and shards, and
+                                  # the members' mean of each EK-FAC shard (4 shards and the planted copies)
+                                  "bergson_trak": 2, "bergson_trak_shard": 8, "planted_bergson_trak": 2,
+                                  "train_ensemble_member": 2, "member_fit_factors": 2, "member_kronfluence_scores": 8,
+                                  "member_planted_kronfluence_scores": 2, "ensemble_mean_scores": 10}
     assert set(planned_jobs(proc)) == EVERY_STAGE
     assert "gpu=1" in proc.stdout
 
@@ -430,10 +440,10 @@ def test_the_packaged_model_run_converts_its_model_once_and_downloads_nothing(tm
     jobs = planned_jobs(snakemake(tmp_path, "-n", "results/smol/report/index.html"))
     assert jobs["convert_packaged_model"] == 1 and "fetch_base_model" not in jobs
     assert jobs["fit_factors"] == 2 and jobs["kronfluence_scores"] == 4  # ekfac and identity, 2 shards each
-    # 20 LDS subsets in jobs of 10, two repeats; the removal check: none, tfidf, 2 random draws and 6 methods
+    # 20 LDS subsets in jobs of 10, two repeats; the removal check: none, tfidf, 2 random draws and 7 methods
     assert jobs["bergson_scores"] == 8 and jobs["lds_retrain"] == 4 and jobs["damping_sweep_bergson"] == 2
-    assert jobs["removal_retrain"] == jobs["removal_rows"] == 10 and jobs["bergson_adam_index"] == 2
-    assert set(jobs) == (EVERY_STAGE - {"fetch_base_model"}) | {"convert_packaged_model"}
+    assert jobs["removal_retrain"] == jobs["removal_rows"] == 11 and jobs["bergson_adam_index"] == 2
+    assert set(jobs) == (EVERY_STAGE - {"fetch_base_model"} - ENSEMBLE_STAGES) | {"convert_packaged_model"}
 
 
 def graphviz():
