@@ -90,7 +90,8 @@ def main() -> None:
     settings = [parse_setting(s) for s in (args.setting or ["baseline"])]
     lines = [f"{machine_line()}, {time.strftime('%Y-%m-%d')}",
              f"`uv run python bench/replicate_agreement.py --run {args.run} --subsets {args.subsets} --repeats "
-             f"{args.repeats}{''.join(' --setting ' + s for s in args.setting)}`", "",
+             f"{args.repeats}{''.join(' --setting ' + s for s in args.setting)}{' --table-only' if args.table_only else ''}` "
+             f"(workdir {workdir})", "",
              "| setting | overrides | agreement [95% CI] | subset / seed spread | mean query loss | retrain wall s |",
              "|---|---|---:|---:|---:|---:|"]
     for name, overrides in settings:
@@ -108,12 +109,12 @@ def main() -> None:
             if (folder / target).stat().st_mtime >= start:  # rebuilt now (not a rerun with nothing to do)
                 timing.write_text(json.dumps({"wall_seconds": time.perf_counter() - start}))
         result = agreement(folder / target, folder / f"results/{args.run}/data/query.parquet")
-        wall = json.loads(timing.read_text())["wall_seconds"] if timing.exists() else float("nan")
+        wall = f"{json.loads(timing.read_text())['wall_seconds']:.0f}" if timing.exists() else ""  # a run of before
         shown = ", ".join(f"{k}={v}" for k, v in _flatten(overrides).items()) or "(the run's)"
         lines.append(f"| {name} | {shown} | {result['agreement']:.3f} [{result['low']:.3f}, {result['high']:.3f}] | "
                      f"{result['subset_spread']:.3f} / {result['seed_spread']:.3f} = "
                      f"{result['subset_spread'] / result['seed_spread']:.2f} | {result['mean_query_loss']:.2f} | "
-                     f"{wall:.0f} |")
+                     f"{wall} |")
         print(lines[-1], flush=True)
     lines += ["", f"{args.subsets} subsets x {args.repeats} repeats per setting (training seeds training.seed + "
                   f"repeat); agreement = the LDS noise ceiling these repeats give (lds.csv's noise_ceiling)."]
