@@ -19,6 +19,7 @@ setting trains subsets x repeats adapters on `validation.lds.fraction` of the ro
 
 from __future__ import annotations
 
+import copy
 import json
 import sys
 import time
@@ -30,6 +31,8 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import bench_arguments, machine_line, snakemake, write_docs_table  # noqa: E402
+
+from playpen_attribution.config import deep_update  # noqa: E402
 
 
 def parse_setting(text: str) -> tuple[str, dict]:
@@ -44,13 +47,6 @@ def parse_setting(text: str) -> tuple[str, dict]:
             node = node.setdefault(part, {})
         node[leaf] = yaml.safe_load(value)
     return name, overrides
-
-
-def deep_merge(base: dict, extra: dict) -> dict:
-    merged = dict(base)
-    for key, value in extra.items():
-        merged[key] = deep_merge(merged.get(key, {}), value) if isinstance(value, dict) else value
-    return merged
 
 
 def agreement(losses_json: Path, query_parquet: Path, seed: int = 0) -> dict:
@@ -99,7 +95,7 @@ def main() -> None:
         folder.mkdir(parents=True, exist_ok=True)
         overlay = folder / "setting.yaml"
         lds = {"validation": {"lds": {"subsets": args.subsets, "repeats": args.repeats}}}
-        overlay.write_text(yaml.safe_dump({"runs": {args.run: deep_merge(overrides, lds)}}))
+        overlay.write_text(yaml.safe_dump({"runs": {args.run: deep_update(copy.deepcopy(overrides), lds)}}))
         target = f"results/{args.run}/validation/lds/query_losses.json"
         timing = folder / "wall.json"
         if not args.table_only:

@@ -26,10 +26,16 @@ def member_seed(training_seed: int, member: int) -> int:
     return training_seed + MEMBER_SEED_STRIDE * member
 
 
+def member_paths(run: str, path: str, members: int) -> list[str]:
+    """`results/<run>/<path>` of every member, the run's own (member 0) first."""
+    return [f"results/{run}/{path}"] + [f"results/{run}/{MEMBER_FOLDER.format(member=k)}/{path}"
+                                         for k in range(1, members)]
+
+
 def mean_of_member_shards(member_paths: list, out_path) -> None:
     """Rule `ensemble_mean_scores`: one score shard whose scores (and per-token scores, and reduced scores) are the
     mean of the members' shards, which must hold the same queries and training rows in the same order."""
-    members = [np.load(p, allow_pickle=False) for p in member_paths]
+    members = [np.load(p, allow_pickle=False) for p in member_paths]  # lazy: an array is read when asked for
     first = members[0]
     for path, member in zip(member_paths, members):
         for ids in ("query_ids", "train_ids"):
@@ -38,10 +44,15 @@ def mean_of_member_shards(member_paths: list, out_path) -> None:
                                  f"members were scored on different data; rerun its scoring "
                                  f"(snakemake {Path(path)} --force)")
 
-    def mean(key):
+    def mean(key, dtype):
+        """Summed one member at a time: the job holds the sum and one member's array (a shard's per-token scores
+        can be GBs; they are summed in float32, as they are stored)."""
         if not all(key in m.files for m in members):
             return None
-        return np.mean([m[key].astype(np.float64) for m in members], axis=0)
+        total = members[0][key].astype(dtype)
+        for member in members[1:]:
+            total += member[key]
+        return total / len(members)
 
-    save_shard(out_path, mean("scores"), list(first["query_ids"]), list(first["train_ids"]),
-               per_token=mean("per_token"), reduced=mean("reduced"))
+    save_shard(out_path, mean("scores", np.float64), list(first["query_ids"]), list(first["train_ids"]),
+               per_token=mean("per_token", np.float32), reduced=mean("reduced", np.float64))

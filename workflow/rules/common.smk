@@ -18,7 +18,7 @@ from playpen_attribution.methods import (
     parse_variant,
 )
 from playpen_attribution.data import split_config
-from playpen_attribution.ensemble import MEMBER_FOLDER, member_seed
+from playpen_attribution.ensemble import member_paths, member_seed
 from playpen_attribution.plan import (
     architecture_file,
     architecture_of,
@@ -291,15 +291,14 @@ def ensemble_size(wildcards):
 
 def ensemble_adapters(wildcards):
     """The ensemble's adapters: the run's own (member 0), then members 1..K-1."""
-    members = [f"results/{wildcards.run}/{MEMBER_FOLDER.format(member=k)}/adapter" for k in range(1, ensemble_size(wildcards))]
-    return [f"results/{wildcards.run}/adapter"] + members
+    return member_paths(wildcards.run, "adapter", ensemble_size(wildcards))
 
 
 def ensemble_scores(wildcards, path, method):
     """A score file of `method` under results/<run>/ (`path`, e.g. kronfluence/scores/ekfac/shard-0.npz): the mean over
     the ensemble's members where the method averages over them and the run has more than one (rule
     ensemble_mean_scores), else the run's own adapter's."""
-    if method.ensembled and not method.is_trak and ensemble_size(wildcards) > 1:
+    if method.family == "kronfluence" and ensemble_size(wildcards) > 1:  # TRAK averages inside its own job
         return f"results/{wildcards.run}/ensemble/mean/{path}"
     return f"results/{wildcards.run}/{path}"
 
@@ -318,13 +317,11 @@ def method_shards(wildcards, bergson_only=False):
 
 def ensemble_member_scores(wildcards):
     """The inputs of ensemble_mean_scores, the members' files it averages: the run's own, then each member's."""
-    return [f"results/{wildcards.run}/{wildcards.path}"] + [
-        f"results/{wildcards.run}/{MEMBER_FOLDER.format(member=k)}/{wildcards.path}"
-        for k in range(1, ensemble_size(wildcards))]
+    return member_paths(wildcards.run, wildcards.path, ensemble_size(wildcards))
 
 
 def member_training(wildcards):
-    """Training settings of ensemble member k: the run's, with seed training.seed + k."""
+    """Training settings of ensemble member k: the run's, with its seed (`ensemble.member_seed`)."""
     run = run_cfg(wildcards)
     return as_params(Training.from_run(run, seed=member_seed(run["training"]["seed"], int(wildcards.member))))
 
