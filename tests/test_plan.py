@@ -151,6 +151,29 @@ def test_kept_query_gradients_are_planned_and_refused_naming_the_queries_kept_pe
     assert plan["jobs"]["kronfluence_scores"]["fits"]
 
 
+def test_an_ensembles_mean_is_planned_for_its_per_token_scores():
+    """The members' mean of a shard holds the running sum and one member's arrays: with per-token scores that is the
+    score job's own per-token part (two copies of a shard's array), which resources.table_mem_mb alone would miss."""
+    import copy
+
+    run = copy.deepcopy(CONFIG["runs"]["taboo"])
+    arch = arch_of("taboo")
+    # shards of 2,000 rows x 2,000 queries x 240 tokens: 3.84 GB of per-token scores, under per_token_max_gb (4)
+    lengths = {"source": "test", "train_rows": 4000, "queries": 2000, "longest_sequence": 240, "longest_completion": 8}
+    run["attribution"]["kronfluence"]["per_token_scores"] = True
+    run["attribution"]["shards"] = 2
+    run["attribution"]["ensemble"] = 1
+    assert "ensemble_mean_scores" not in build_plan(run, arch, lengths, gpu_mem_gb=80)["cpu_jobs"]
+    run["attribution"]["ensemble"] = 3
+    plan = build_plan(run, arch, lengths, gpu_mem_gb=80)
+    mean = plan["cpu_jobs"]["ensemble_mean_scores"]["parts_gb"]
+    assert mean["per-token scores"] == pytest.approx(2 * 2000 * 2000 * 240 * 4 / 1e9, rel=1e-3)
+    assert mean["per-token scores"] == plan["cpu_jobs"]["kronfluence_scores"]["parts_gb"]["per-token scores"]
+    assert mean["scores"] == pytest.approx(2 * 2000 * 2000 * 8 / 1e9, rel=1e-3)
+    check_plan(plan, run, "taboo")  # within the per-token limit: accepted
+    assert plan["cpu_jobs"]["ensemble_mean_scores"]["total_gb"] * 1000 > run["resources"]["table_mem_mb"]
+
+
 @pytest.mark.parametrize("run", ["smol", "rehearsal"])
 def test_the_plan_is_within_30_percent_of_the_measured_peaks(run):
     """Every model-holding job of two measured CPU runs (bench/measured/peaks.json: a 30-layer pretrained Llama at

@@ -26,6 +26,19 @@ def member_seed(training_seed: int, member: int) -> int:
     return training_seed + MEMBER_SEED_STRIDE * member
 
 
+def adapters_line(methods, members: int, training_seed: int) -> str:
+    """The report's line saying which adapters each method's scores come from."""
+    from playpen_attribution.methods import parse_method
+
+    if members <= 1:
+        return f"the run's adapter (training seed {training_seed})"
+    seeds = ", ".join(str(member_seed(training_seed, k)) for k in range(members))
+    averaged = [m for m in methods if parse_method(m).ensembled]
+    alone = [m for m in methods if m not in averaged]
+    parts = [f"{', '.join(averaged)}: mean over {members} adapters (training seeds {seeds})"] if averaged else []
+    return "; ".join(parts + ([f"{', '.join(alone)}: the run's adapter alone (seed {training_seed})"] if alone else []))
+
+
 def member_paths(run: str, path: str, members: int) -> list[str]:
     """`results/<run>/<path>` of every member, the run's own (member 0) first."""
     return [f"results/{run}/{path}"] + [f"results/{run}/{MEMBER_FOLDER.format(member=k)}/{path}"
@@ -52,7 +65,8 @@ def mean_of_member_shards(member_paths: list, out_path) -> None:
         total = members[0][key].astype(dtype)
         for member in members[1:]:
             total += member[key]
-        return total / len(members)
+        total /= len(members)  # in place: no third array
+        return total
 
     save_shard(out_path, mean("scores", np.float64), list(first["query_ids"]), list(first["train_ids"]),
                per_token=mean("per_token", np.float32), reduced=mean("reduced", np.float64))

@@ -296,6 +296,12 @@ def stage_estimates(run: dict, arch: dict, lengths: dict, device: str) -> dict[s
             score["per-token scores"] = queries * rows_per_shard * seq * 4 * 2 / GB
         plans["kronfluence_scores"] = score
         plans["planted_kronfluence_scores"] = {k: v for k, v in score.items() if k != "per-token scores"}
+        if attribution["ensemble"] > 1:
+            # no model: the members' mean of one shard holds the running sum and one member's arrays (the scores
+            # in float64, the per-token scores as stored)
+            plans["ensemble_mean_scores"] = {"runtime": runtime,
+                                             "scores": 2 * queries * rows_per_shard * 8 / GB,
+                                             **{k: v for k, v in score.items() if k == "per-token scores"}}
 
     if any(m.startswith("bergson_") for m in attribution["methods"]):
         p = bg["projection_dim"]

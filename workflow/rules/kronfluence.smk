@@ -115,7 +115,8 @@ rule ensemble_mean_scores:
     benchmark:
         "benchmarks/{run}/ensemble_mean_scores/{path}.tsv"
     resources:
-        mem_mb=table_mem_mb,
+        # the plan's sum and one member's per-token scores, at least resources.table_mem_mb
+        mem_mb=planned_mem_mb("ensemble_mean_scores", lambda run: run["resources"]["table_mem_mb"]),
     conda:
         CONDA_ENV
     script:

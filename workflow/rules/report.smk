@@ -27,6 +27,8 @@ rule report:
         queries_shown=lambda wc: run_cfg(wc)["report"]["queries_shown"],
         words_k=lambda wc: run_cfg(wc)["report"]["words_k"],
         title=lambda wc: f"Attribution report: {wc.run} ({run_cfg(wc)['description']})",
+        ensemble=ensemble_size,
+        training_seed=lambda wc: run_cfg(wc)["training"]["seed"],
         code=script_code("report.py"),
     log:
         "logs/{run}/report.log",
