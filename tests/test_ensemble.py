@@ -126,3 +126,25 @@ def test_members_scored_on_other_rows_are_refused_by_name(tmp_path):
     with pytest.raises(ValueError, match="b.npz"):
         mean_of_member_shards([tmp_path / "a.npz", tmp_path / "b.npz"], tmp_path / "mean.npz")
     assert not (tmp_path / "mean.npz").exists()
+
+
+def test_bergsons_score_store_is_read_as_written_and_a_short_or_partial_one_refused(tmp_path):
+    """TRAK's scores come back through Bergson's own store (written here by Bergson's own writer): exactly the
+    [queries, rows] it holds; a store with other counts, or with a row never written (read back as 0), is refused."""
+    import torch
+    from bergson.score.score_writer import MemmapSequenceScoreWriter
+
+    scores = np.arange(15, dtype=np.float32).reshape(5, 3) - 7.0  # [rows, queries], as Bergson writes them
+    writer = MemmapSequenceScoreWriter(tmp_path / "full", num_items=5, num_scores=3, distributed=False)
+    writer(list(range(5)), torch.from_numpy(scores))
+    writer.flush()
+    assert np.array_equal(ba.read_score_store(tmp_path / "full", queries=3, rows=5), scores.T)
+    with pytest.raises(ValueError, match=r"3 x 5 per-row scores where 3 queries x 6 rows"):
+        ba.read_score_store(tmp_path / "full", queries=3, rows=6)
+    with pytest.raises(ValueError, match=r"3 x 5 .* where 2 queries x 5 rows"):
+        ba.read_score_store(tmp_path / "full", queries=2, rows=5)
+    partial = MemmapSequenceScoreWriter(tmp_path / "partial", num_items=5, num_scores=3, distributed=False)
+    partial([0, 1, 3, 4], torch.from_numpy(scores[[0, 1, 3, 4]]))
+    partial.flush()
+    with pytest.raises(ValueError, match="unwritten"):
+        ba.read_score_store(tmp_path / "partial", queries=3, rows=5)

@@ -319,6 +319,23 @@ TRAK_SCORES = "scores.npz"  # in a bergson_trak folder: the training rows' score
 TRAK_PLANTED = "planted.npz"  # and the planted copies', where the run plants some
 
 
+def read_score_store(scores_dir, queries: int, rows: int) -> np.ndarray:
+    """A Bergson score directory (`scores.bin` + `info.json`, read by Bergson's own `load_scores`) as a float64
+    [queries, rows] array; refused unless it holds exactly that many per-row scores, every cell written (Bergson
+    zero-fills the file first, so an unwritten cell would read as a score of 0)."""
+    from bergson.data import load_scores
+
+    store = load_scores(Path(scores_dir))
+    if store.offsets is not None or store.num_scores != queries or len(store) != rows:
+        kind = "per-token" if store.offsets is not None else "per-row"
+        raise ValueError(f"{scores_dir}: Bergson wrote {store.num_scores} x {len(store)} {kind} scores where "
+                         f"{queries} queries x {rows} rows per row were asked; rerun the job (snakemake --force)")
+    if not store.is_written():
+        raise ValueError(f"{scores_dir}: Bergson left some of the {queries} x {rows} scores unwritten (an interrupted "
+                         f"scoring pass); rerun the job (snakemake --force)")
+    return np.stack([np.asarray(store.get(slice(None), q), dtype=np.float64) for q in range(queries)])
+
+
 def trak_stage(model_dirs: list, train_tokens_dir, query_tokens_dir, out_dir, settings: BergsonTrak, *,
                aggregation: str = "mean", planted_tokens_dir=None) -> None:
     """Rule `bergson_trak`: Bergson's TRAK pipeline (`bergson.cli.trak.trak`, Park et al. 2023) over the ensemble of
@@ -332,7 +349,7 @@ def trak_stage(model_dirs: list, train_tokens_dir, query_tokens_dir, out_dir, se
     Writes `scores.npz` ([queries, rows] and the reduced score: the mean, or sum, of the per-query scores, which is
     the score against the aggregated query because TRAK is linear in the query gradient) and `planted.npz`."""
     import datasets
-    from bergson.cli.trak import _open_scores, trak
+    from bergson.cli.trak import trak
     from bergson.config.config import InversionConfig, PreprocessConfig, QuerySetConfig, ScoreConfig, TrakConfig
 
     from playpen_attribution.tables import save_shard
@@ -359,11 +376,7 @@ def trak_stage(model_dirs: list, train_tokens_dir, query_tokens_dir, out_dir, se
             query=QuerySetConfig(dataset=str(Path(query_tokens_dir).resolve()), split="train", aggregation="none"),
             preprocess_cfg=PreprocessConfig(inversion_cfg=InversionConfig(damping_factor=settings.damping_factor)),
             score_cfg=ScoreConfig(), checkpoints=models, stats_sample_size=len(train)))
-        store, info = _open_scores(Path(scratch) / "trak" / "scores", "r")
-        if info["num_scores"] != len(query_ids) or info["num_rows"] != len(scored):
-            raise RuntimeError(f"Bergson's TRAK returned {info['num_scores']} x {info['num_rows']} scores for "
-                               f"{len(query_ids)} queries and {len(scored)} rows")
-        scores = np.stack([np.asarray(store[f"score_{q}"], dtype=np.float64) for q in range(len(query_ids))])
+        scores = read_score_store(Path(scratch) / "trak" / "scores", len(query_ids), len(scored))
         reduce = np.mean if aggregation == "mean" else np.sum
         rows = len(train)
         save_shard(tmp / TRAK_SCORES, scores[:, :rows], query_ids, list(train["row_id"]),
