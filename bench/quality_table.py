@@ -1,10 +1,10 @@
 """A run's attribution quality as README tables, from its own validation files: each method's LDS with its 95%
 interval and its margin over the best baseline (lds.csv), planted recall (planted_summary.csv), and each
 preconditioned method against its plain counterpart (EK-FAC against identity, a Bergson variant against the plain
-cosine), paired per query with the same word-clustered bootstrap the LDS uses (lds_per_query.csv); the noise ceiling
-of the repeated retrains (lds.csv) and the removal check (removal.csv) where the run has them. `--versus DIR`: each
-method's LDS minus the same method's in another workdir's run measured against the same retrains (e.g. an ensemble
-against its first member alone), paired per query.
+cosine), paired (lds.csv); the noise ceiling of the repeated retrains (lds.csv) and the removal check (removal.csv)
+where the run has them. `--versus DIR`: each method's LDS minus the same method's in another workdir's run measured
+against the same retrains (e.g. an ensemble against its first member alone), paired. Every LDS interval resamples both
+the retrained subsets and the queries' target-word clusters.
 
     uv run python bench/quality_table.py --workdir DIR --run smol [--run real ...] [--versus OTHER_DIR]
 """
@@ -16,8 +16,6 @@ from pathlib import Path
 
 import pandas as pd
 
-from playpen_attribution.baselines import is_baseline
-from playpen_attribution.scores import mean_and_cluster_interval, plain_counterpart
 
 
 def interval(value, low, high) -> str:
@@ -41,44 +39,41 @@ def lds_table(folder: Path, run: str) -> list[str]:
     return lines
 
 
-def paired_table(folder: Path, run: str, seed: int = 0) -> list[str]:
-    """Each preconditioned method minus its plain counterpart, per query, with the clustered interval."""
-    per_query = pd.read_csv(folder / "lds_per_query.csv")
-    methods = [m for m in per_query.method.unique() if not is_baseline(m)]
-    lines = []
-    for method in methods:
-        plain = plain_counterpart(method, methods)
-        if plain is None:
-            continue
-        a = per_query[per_query.method == method].set_index("query_id")
-        b = per_query[per_query.method == plain].set_index("query_id").loc[a.index]
-        diff = (a.lds - b.lds).to_numpy()
-        mean, low, high = mean_and_cluster_interval(diff, a.counted.to_numpy(), list(a.cluster), seed=seed)
-        lines.append(f"| {run} | {method} - {plain} | {signed(mean, low, high)} |")
-    return lines
+def paired_table(folder: Path, run: str) -> list[str]:
+    """Each preconditioned method minus its plain counterpart, paired (the same subsets and queries), as lds.csv
+    has it: its interval resamples both the subsets and the queries' clusters."""
+    lds = pd.read_csv(folder / "lds.csv")
+    if "minus_plain" not in lds:
+        raise SystemExit(f"{folder / 'lds.csv'} predates the paired columns; rerun its lds job (snakemake "
+                         f"{folder / 'lds.csv'} --force)")
+    return [f"| {run} | {row.method} - {row.plain} | "
+            f"{signed(row.minus_plain, row.minus_plain_ci95_low, row.minus_plain_ci95_high)} |"
+            for row in lds[lds.kind == "method"].itertuples() if isinstance(row.plain, str)]
 
 
-def versus_table(folder: Path, other: Path, run: str, seed: int = 0) -> list[str]:
-    """Each method of `folder` minus the same method of `other` (another configuration of the run, LDS against the
-    same retrains: the actual losses must agree), paired per query."""
-    import json
-
+def versus_table(run_dir: Path, other_dir: Path, run: str, seed: int = 0) -> list[str]:
+    """Each method of `run_dir` minus the same method of `other_dir` (another configuration of the run, LDS against
+    the same retrains: the actual losses must agree), paired, with an interval that resamples both the subsets and
+    the queries' clusters (validation.subset_and_cluster_bootstrap)."""
     import numpy as np
 
-    mine, theirs = (json.loads((f / "lds" / "query_losses.json").read_text()) for f in (folder, other))
-    if mine["subsets"].keys() != theirs["subsets"].keys() or not all(
-            np.allclose(mine["subsets"][k]["query_losses"], theirs["subsets"][k]["query_losses"]) for k in mine["subsets"]):
-        raise SystemExit(f"{folder} and {other} measure against different retrains; compare runs of the same LDS")
-    a_all, b_all = (pd.read_csv(f / "lds_per_query.csv") for f in (folder, other))
-    lines = []
-    for method in [m for m in a_all.method.unique() if not is_baseline(m) and m in set(b_all.method)]:
-        a = a_all[a_all.method == method].set_index("query_id")
-        b = b_all[b_all.method == method].set_index("query_id").loc[a.index]
-        mean, low, high = mean_and_cluster_interval((a.lds - b.lds).to_numpy(), a.counted.to_numpy(), list(a.cluster),
-                                                    seed=seed)
-        lines.append(f"| {run} | {method} | {a.lds[a.counted].mean():.3f} | {b.lds[a.counted].mean():.3f} | "
-                     f"{signed(mean, low, high)} |")
-    return lines
+    from playpen_attribution.validation import lds_of_predictions, method_predictions, subset_and_cluster_bootstrap
+
+    (mine, actual, counted, clusters), (theirs, other_actual, _, _) = (method_predictions(d) for d in (run_dir, other_dir))
+    if actual.shape != other_actual.shape or not np.allclose(actual, other_actual):
+        raise SystemExit(f"{run_dir} and {other_dir} measure against different retrains; compare runs of the same LDS")
+    shared = [m for m in mine if m in theirs]
+
+    def statistics(draw):
+        stats = {}
+        for m in shared:
+            a, b = (lds_of_predictions(p[m][draw], actual[draw]) for p in (mine, theirs))
+            stats.update({f"a:{m}": a, f"b:{m}": b, f"diff:{m}": a - b})
+        return stats
+
+    result = subset_and_cluster_bootstrap(statistics, len(actual), counted, clusters, seed=seed)
+    return [f"| {run} | {m} | {result[f'a:{m}'][0]:.3f} | {result[f'b:{m}'][0]:.3f} | {signed(*result[f'diff:{m}'])} |"
+            for m in shared]
 
 
 def ceiling_table(folder: Path, run: str) -> list[str]:
@@ -114,7 +109,7 @@ def main() -> None:
     print("|---|---|---|---|---|---|---|")
     for run in args.run:
         print("\n".join(lds_table(args.workdir / "results" / run / "validation", run)))
-    print("\n| run | preconditioned - plain | LDS difference [95%], paired per query |")
+    print("\n| run | preconditioned - plain | LDS difference [95%], paired |")
     print("|---|---|---|")
     for run in args.run:
         print("\n".join(paired_table(args.workdir / "results" / run / "validation", run)))
@@ -123,11 +118,10 @@ def main() -> None:
     for run in args.run:
         print("\n".join(ceiling_table(args.workdir / "results" / run / "validation", run)))
     if args.versus:
-        print(f"\n| run | method | LDS here | LDS in {args.versus.name} | difference [95%], paired per query |")
+        print(f"\n| run | method | LDS here | LDS in {args.versus.name} | difference [95%], paired |")
         print("|---|---|---|---|---|")
         for run in args.run:
-            print("\n".join(versus_table(args.workdir / "results" / run / "validation",
-                                         args.versus / "results" / run / "validation", run)))
+            print("\n".join(versus_table(args.workdir / "results" / run, args.versus / "results" / run, run)))
     rows = [line for run in args.run for line in removal_table(args.workdir / "results" / run / "validation", run)]
     if rows:
         print("\n| run | fraction | removed by | rows | loss rise [95%] | over random [95%] | over TF-IDF [95%] |")

@@ -49,26 +49,52 @@ def parse_setting(text: str) -> tuple[str, dict]:
     return name, overrides
 
 
-def agreement(losses_json: Path, query_parquet: Path, seed: int = 0) -> dict:
-    """The setting's numbers from its LDS losses (every repeat kept in query_losses.json)."""
-    from playpen_attribution.scores import mean_and_cluster_interval, query_groups
+def outcomes_of(losses_json: Path, query_parquet: Path, subsets: int | None = None) -> dict:
+    """A setting's retrains from its LDS losses (every repeat kept in query_losses.json): the outcome [repeats,
+    subsets, queries] over its first `subsets` subsets (subset i is drawn from validation.lds.seed and i alone, so a
+    workdir with more subsets holds the same first ones: settings are compared on the same subsets), with the
+    queries' counted mask and clusters."""
+    from playpen_attribution.scores import query_groups
     from playpen_attribution.taboo import with_target_words
-    from playpen_attribution.validation import split_half_agreement
 
     record = json.loads(losses_json.read_text())
-    subsets = sorted(record["subsets"], key=int)
-    # [repeats, subsets, queries]
+    subsets = sorted(record["subsets"], key=int)[:subsets]
     outcomes = -np.array([record["subsets"][s]["repeat_losses"] for s in subsets]).transpose(1, 0, 2)
     queries = with_target_words(pd.read_parquet(query_parquet).set_index("row_id").loc[record["query_ids"]]
                                 .reset_index())
     counted, clusters = query_groups(queries)
-    ceiling = split_half_agreement(outcomes, seed=seed)
-    mean, low, high = mean_and_cluster_interval(ceiling, counted, clusters, seed=seed)
-    subset_spread = np.median(outcomes.mean(axis=0).std(axis=0, ddof=1))
-    seed_spread = np.median(outcomes.std(axis=0, ddof=1).mean(axis=0))
-    return {"agreement": mean, "low": low, "high": high, "subsets": len(subsets), "repeats": outcomes.shape[0],
-            "subset_spread": float(subset_spread), "seed_spread": float(seed_spread),
-            "mean_query_loss": float(-outcomes.mean())}
+    return {"outcomes": outcomes, "query_ids": record["query_ids"], "counted": counted, "clusters": clusters}
+
+
+def agreement_table(settings: dict[str, dict], seed: int = 0) -> dict[str, dict]:
+    """Per setting: the noise ceiling the LDS would have (split-half agreement of the repeats, as lds.csv's) and its
+    difference from the first setting's, paired (the same subsets and queries), each with an interval that resamples
+    both the subsets and the queries' clusters; and the subset and seed spreads of a query's loss."""
+    from playpen_attribution.validation import split_half_agreement, subset_and_cluster_bootstrap
+
+    names = list(settings)
+    first = settings[names[0]]
+    for name in names[1:]:
+        if settings[name]["query_ids"] != first["query_ids"] or settings[name]["outcomes"].shape[1:] != \
+                first["outcomes"].shape[1:]:
+            sys.exit(f"setting {name} measured other queries or subsets than {names[0]}")
+
+    def statistics(draw):
+        ceilings = {n: split_half_agreement(settings[n]["outcomes"][:, draw], seed=seed) for n in names}
+        return {**{f"ceiling:{n}": c for n, c in ceilings.items()},
+                **{f"minus_first:{n}": ceilings[n] - ceilings[names[0]] for n in names[1:]}}
+
+    intervals = subset_and_cluster_bootstrap(statistics, first["outcomes"].shape[1], first["counted"],
+                                             first["clusters"], seed=seed)
+    result = {}
+    for name in names:
+        outcomes = settings[name]["outcomes"]
+        result[name] = {"agreement": intervals[f"ceiling:{name}"], "minus_first": intervals.get(f"minus_first:{name}"),
+                        "subsets": outcomes.shape[1], "repeats": outcomes.shape[0],
+                        "subset_spread": float(np.median(outcomes.mean(axis=0).std(axis=0, ddof=1))),
+                        "seed_spread": float(np.median(outcomes.std(axis=0, ddof=1).mean(axis=0))),
+                        "mean_query_loss": float(-outcomes.mean())}
+    return result
 
 
 def extra(parser):
@@ -88,32 +114,41 @@ def main() -> None:
              f"`uv run python bench/replicate_agreement.py --run {args.run} --subsets {args.subsets} --repeats "
              f"{args.repeats}{''.join(' --setting ' + s for s in args.setting)}{' --table-only' if args.table_only else ''}` "
              f"(workdir {workdir})", "",
-             "| setting | overrides | agreement [95% CI] | subset / seed spread | mean query loss | retrain wall s |",
-             "|---|---|---:|---:|---:|---:|"]
+             "| setting | overrides | agreement [95% CI] | minus the first setting's, paired [95% CI] | "
+             "subset / seed spread | mean query loss | retrain wall s |",
+             "|---|---|---:|---:|---:|---:|---:|"]
+    measured = {}
     for name, overrides in settings:
         folder = workdir / name
         folder.mkdir(parents=True, exist_ok=True)
         overlay = folder / "setting.yaml"
         lds = {"validation": {"lds": {"subsets": args.subsets, "repeats": args.repeats}}}
-        overlay.write_text(yaml.safe_dump({"runs": {args.run: deep_update(copy.deepcopy(overrides), lds)}}))
         target = f"results/{args.run}/validation/lds/query_losses.json"
         timing = folder / "wall.json"
         if not args.table_only:
+            overlay.write_text(yaml.safe_dump({"runs": {args.run: deep_update(copy.deepcopy(overrides), lds)}}))
             start = time.perf_counter()
             snakemake(folder, target, f"results/{args.run}/data/query.parquet", "--cores", str(args.cores),
                       "--configfile", str(overlay))
             if (folder / target).stat().st_mtime >= start:  # rebuilt now (not a rerun with nothing to do)
                 timing.write_text(json.dumps({"wall_seconds": time.perf_counter() - start}))
-        result = agreement(folder / target, folder / f"results/{args.run}/data/query.parquet")
+        measured[name] = outcomes_of(folder / target, folder / f"results/{args.run}/data/query.parquet", args.subsets)
+        if measured[name]["outcomes"].shape[1] < args.subsets:
+            sys.exit(f"{folder / target} holds {measured[name]['outcomes'].shape[1]} subsets, fewer than --subsets "
+                     f"{args.subsets}")
+    for (name, overrides), result in zip(settings, agreement_table(measured).values()):
+        timing = workdir / name / "wall.json"
         wall = f"{json.loads(timing.read_text())['wall_seconds']:.0f}" if timing.exists() else ""  # a run of before
         shown = ", ".join(f"{k}={v}" for k, v in _flatten(overrides).items()) or "(the run's)"
-        lines.append(f"| {name} | {shown} | {result['agreement']:.3f} [{result['low']:.3f}, {result['high']:.3f}] | "
+        paired = "{:+.3f} [{:+.3f}, {:+.3f}]".format(*result["minus_first"]) if result["minus_first"] else ""
+        lines.append(f"| {name} | {shown} | {'{:.3f} [{:.3f}, {:.3f}]'.format(*result['agreement'])} | {paired} | "
                      f"{result['subset_spread']:.3f} / {result['seed_spread']:.3f} = "
                      f"{result['subset_spread'] / result['seed_spread']:.2f} | {result['mean_query_loss']:.2f} | "
                      f"{wall} |")
         print(lines[-1], flush=True)
     lines += ["", f"{args.subsets} subsets x {args.repeats} repeats per setting (training seeds training.seed + "
-                  f"repeat); agreement = the LDS noise ceiling these repeats give (lds.csv's noise_ceiling)."]
+                  f"repeat); agreement = the LDS noise ceiling these repeats give (lds.csv's noise_ceiling); intervals resample both the "
+                  "subsets and the queries' target-word clusters."]
     text = "\n".join(lines)
     print(text)
     if args.docs:

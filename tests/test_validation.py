@@ -130,14 +130,18 @@ def _taboo_tables(tmp_path, rng):
     return queries, train, same
 
 
-def run_lds_stage(tmp_path, queries, train, subsets, effects):
-    """lds_stage on these retrains' losses and the method "exact" scoring every pair with `effects`; lds.csv."""
+def run_lds_stage(tmp_path, queries, train, subsets, effects, methods=None):
+    """lds_stage on these retrains' losses and the method "exact" scoring every pair with `effects` (or each method
+    of `methods`, {name: effects}); lds.csv."""
     from playpen_attribution.validation import lds_stage
 
     (tmp_path / "losses.json").write_text(json.dumps({"query_ids": list(queries.query_id), "subsets": subsets}))
     q, t = np.meshgrid(range(len(queries)), range(len(train)), indexing="ij")
-    pd.DataFrame({"query_id": queries.query_id.to_numpy()[q.ravel()], "train_id": train.train_id.to_numpy()[t.ravel()],
-                  "method": "exact", "influence_score": effects.ravel()}).to_csv(tmp_path / "influences.csv", index=False)
+    pd.concat([pd.DataFrame({"query_id": queries.query_id.to_numpy()[q.ravel()],
+                             "train_id": train.train_id.to_numpy()[t.ravel()], "method": name,
+                             "influence_score": scores.ravel()})
+               for name, scores in (methods or {"exact": effects}).items()]).to_csv(tmp_path / "influences.csv",
+                                                                                     index=False)
     lds_stage(tmp_path / "query.csv", tmp_path / "train.csv", tmp_path / "influences.csv", tmp_path / "losses.json",
               tmp_path / "lds.csv", tmp_path / "per_query.csv", random_seed=0)
     return pd.read_csv(tmp_path / "lds.csv").set_index("method")
@@ -290,3 +294,66 @@ def test_lds_csv_reads_the_averaged_repeats_and_gives_their_noise_ceiling(tmp_pa
 
     np.testing.assert_allclose(exact.lds, lds_scores(effects, membership, repeats.mean(0)))
     assert lds.loc["exact", "lds"] < 1
+
+
+def test_column_spearman_is_scipys_spearman_per_column():
+    from scipy.stats import spearmanr
+
+    from playpen_attribution.validation import column_spearman
+
+    rng = np.random.default_rng(3)
+    a, b = rng.normal(size=(9, 4)), rng.normal(size=(9, 4))
+    a[:3, 1] = a[0, 1]  # ties
+    b[:, 3] = 2.0  # a constant side
+    got = column_spearman(a, b)
+    np.testing.assert_allclose(got[:3], [spearmanr(a[:, j], b[:, j]).statistic for j in range(3)])
+    assert np.isnan(got[3]) and np.isnan(column_spearman(a[:2], b[:2])).all()
+
+
+def test_lds_intervals_resample_the_subsets_every_query_shares(tmp_path):
+    """Every query here has the same effects and the same outcome, so the queries agree exactly and an interval over
+    queries alone has no width; what is uncertain is which ten subsets were retrained. The interval lds.csv gives
+    must have width and hold the LDS of 4,000 subsets drawn the same way (the value ten estimate)."""
+    from playpen_attribution.scores import mean_and_cluster_interval
+    from playpen_attribution.validation import lds_scores
+
+    rng = np.random.default_rng(7)
+    queries, train, _ = _taboo_tables(tmp_path, rng)
+    base = rng.normal(size=12)
+    scores = np.tile(base + rng.normal(scale=0.8, size=12), (7, 1))  # a method that is half right
+
+    def draw(n):
+        membership = (rng.random((n, 12)) < 0.5).astype(float)
+        return membership, np.tile((membership @ base + rng.normal(scale=1.0, size=n))[:, None], (1, 7))
+
+    membership, actual = draw(10)
+    subsets = {str(i): {"row_ids": [f"t{j}" for j in np.flatnonzero(m)], "query_losses": list(-actual[i])}
+               for i, m in enumerate(membership)}
+    lds = run_lds_stage(tmp_path, queries, train, subsets, scores).loc["exact"]
+    per_query = lds_scores(scores, membership, actual)
+    _, low, high = mean_and_cluster_interval(per_query, [True] * 6 + [False], [0, 1, 2, 0, 1, 2, 0], seed=0)
+    assert high - low < 1e-12  # the queries alone say nothing of the subsets
+    population = lds_scores(scores[:1], *draw(4000))[0]
+    assert not low <= population <= high  # a query-only interval misses it
+    assert lds.ci95_high - lds.ci95_low > 0.3 and lds.ci95_low <= population <= lds.ci95_high
+
+
+def test_a_preconditioned_methods_difference_from_its_plain_counterpart_is_paired(tmp_path):
+    """lds.csv says, per method, how far it is from its plain counterpart (EK-FAC's: identity), as the mean of the
+    per-query differences with the same interval, and nothing for a plain method."""
+    rng = np.random.default_rng(8)
+    queries, train, same = _taboo_tables(tmp_path, rng)
+    effects = same + 0.3 * rng.normal(size=same.shape)
+    membership = (rng.random((16, 12)) < 0.5).astype(float)
+    actual = membership @ effects.T + rng.normal(scale=0.5, size=(16, 7))
+    subsets = {str(s): {"row_ids": [f"t{i}" for i in np.flatnonzero(m)], "query_losses": list(-actual[s])}
+               for s, m in enumerate(membership)}
+    methods = {"ekfac": effects + 0.3 * rng.normal(size=same.shape), "identity": rng.normal(size=same.shape)}
+    lds = run_lds_stage(tmp_path, queries, train, subsets, effects, methods=methods)
+    per_query = pd.read_csv(tmp_path / "per_query.csv")
+    per_query = per_query[per_query.counted].pivot(index="query_id", columns="method", values="lds")
+    assert lds.loc["ekfac", "plain"] == "identity" and pd.isna(lds.loc["identity", "plain"])
+    np.testing.assert_allclose(lds.loc["ekfac", "minus_plain"], (per_query.ekfac - per_query.identity).mean())
+    np.testing.assert_allclose(lds.loc["ekfac", "minus_plain"], lds.loc["ekfac", "lds"] - lds.loc["identity", "lds"])
+    assert lds.loc["ekfac", "minus_plain_ci95_low"] > 0  # a right method against noise, on 16 subsets
+    assert lds.loc["ekfac", "minus_plain_ci95_low"] <= lds.loc["ekfac", "minus_plain"] <= lds.loc["ekfac", "minus_plain_ci95_high"]

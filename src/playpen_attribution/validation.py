@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -181,6 +182,21 @@ def lds_losses_stage(retrain_dirs: list, query_tokens_dir, out_json, *, dtype: s
     write_json_atomic(result, out_json)
 
 
+def column_spearman(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Spearman correlation of each column of two [n, columns] arrays (Pearson of average ranks, as scipy's
+    spearmanr); NaN for a column with fewer than 3 rows or a constant side."""
+    from scipy.stats import rankdata
+
+    if len(a) < 3:
+        return np.full(a.shape[1], np.nan)
+    ra, rb = rankdata(a, axis=0), rankdata(b, axis=0)
+    ra -= ra.mean(axis=0)
+    rb -= rb.mean(axis=0)
+    norm = np.sqrt((ra * ra).sum(axis=0) * (rb * rb).sum(axis=0))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(norm > 0, (ra * rb).sum(axis=0) / norm, np.nan)
+
+
 def split_half_agreement(repeat_outcomes: np.ndarray, max_splits: int = 50, seed: int = 0) -> np.ndarray:
     """The noise ceiling of an LDS whose outcome is averaged over R repeats, per query.
 
@@ -192,8 +208,6 @@ def split_half_agreement(repeat_outcomes: np.ndarray, max_splits: int = 50, seed
     """
     import itertools
 
-    from playpen_attribution.scores import spearman
-
     repeats, subsets, queries = repeat_outcomes.shape
     if repeats < 2 or subsets < 3:
         return np.full(queries, np.nan)
@@ -203,16 +217,14 @@ def split_half_agreement(repeat_outcomes: np.ndarray, max_splits: int = 50, seed
         picked = np.random.default_rng(seed).choice(len(splits), size=max_splits, replace=False)
         splits = [splits[i] for i in sorted(picked)]
     n = repeats / half
-    values = []
-    for q in range(queries):
-        rhos = []
-        for first in splits:
-            rest = [r for r in range(repeats) if r not in first][:half]
-            rhos.append(spearman(repeat_outcomes[list(first), :, q].mean(0), repeat_outcomes[rest, :, q].mean(0)))
-        rho = np.nanmean(rhos) if np.isfinite(rhos).any() else np.nan
-        # a negative agreement steps up past -1 (-0.5 becomes -2 at n = 2): clipped to a correlation's range
-        values.append(float(np.clip(n * rho / (1 + (n - 1) * rho), -1, 1)) if np.isfinite(rho) else np.nan)
-    return np.array(values)
+    rhos = np.array([column_spearman(repeat_outcomes[list(first)].mean(0),
+                                     repeat_outcomes[[r for r in range(repeats) if r not in first][:half]].mean(0))
+                     for first in splits])  # [splits, queries]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # a query without a finite split stays NaN
+        rho = np.nanmean(rhos, axis=0)
+    # a negative agreement steps up past -1 (-0.5 becomes -2 at n = 2): clipped to a correlation's range
+    return np.clip(n * rho / (1 + (n - 1) * rho), -1, 1)
 
 
 def lds_scores(per_query: np.ndarray, membership: np.ndarray, actual: np.ndarray) -> np.ndarray:
@@ -223,14 +235,54 @@ def lds_scores(per_query: np.ndarray, membership: np.ndarray, actual: np.ndarray
     A constant prediction (a baseline that cannot tell the subsets apart) scores 0, not NaN, so every method is
     averaged over the same queries; a query whose actual losses do not vary, or fewer than 3 subsets, stays NaN.
     """
-    from playpen_attribution.scores import spearman
+    return lds_of_predictions(membership @ np.nan_to_num(per_query).T, actual)
 
-    predicted = membership @ np.nan_to_num(per_query).T  # [subsets, queries]
-    values = []
-    for q in range(per_query.shape[0]):
-        flat = np.ptp(predicted[:, q]) == 0 and np.ptp(actual[:, q]) > 0 and len(actual) >= 3
-        values.append(0.0 if flat else spearman(predicted[:, q], actual[:, q]))
-    return np.array(values)
+
+def lds_of_predictions(predicted: np.ndarray, actual: np.ndarray) -> np.ndarray:
+    """`lds_scores` from the predicted effects [subsets, queries] (membership @ scores.T)."""
+    flat = (np.ptp(predicted, axis=0) == 0) & (np.ptp(actual, axis=0) > 0) & (len(actual) >= 3)
+    return np.where(flat, 0.0, column_spearman(predicted, actual))
+
+
+def subset_and_cluster_bootstrap(per_query, subsets: int, counted, clusters, *, seed: int, resamples: int = 2000,
+                                 ) -> dict[str, tuple[float, float, float]]:
+    """Means over queries, each with a 95% percentile interval from a bootstrap that draws both things an LDS
+    samples: the retrained subsets (with replacement) and the queries (whole target-word clusters, as
+    `mean_and_cluster_interval`). Every statistic an LDS reports is a Spearman over subsets, and the subsets are
+    shared by every query: a few subsets that happen to differ much move every query's correlation together, so
+    an interval over queries alone is too narrow (on smol the noise ceiling of subsets 0-9 is 0.02 and of 10-19
+    0.50, against a query-only interval of +-0.1).
+
+    `per_query(draw)` -> {name: per-query values} computed on the subsets `draw` (indices into the subsets, with
+    repeats); called once with every subset in order for the means, then once per resample. Returns {name: (mean,
+    low, high)}; the mean is that of the counted, finite values (as mean_and_cluster_interval's), the interval NaN
+    with fewer than 2 clusters or 3 subsets."""
+    counted = np.asarray(counted, bool)
+    codes, labels = pd.factorize(pd.Series(np.asarray(clusters, dtype=object)))
+    point = per_query(np.arange(subsets))
+    means = {}
+    for name, values in point.items():
+        keep = counted & np.isfinite(values)
+        means[name] = float(values[keep].mean()) if keep.any() else float("nan")
+    counted_clusters = np.unique(codes[counted])
+    if len(counted_clusters) < 2 or subsets < 3:
+        return {name: (mean, float("nan"), float("nan")) for name, mean in means.items()}
+    rng = np.random.default_rng(seed)
+    draws = {name: [] for name in point}
+    for _ in range(resamples):
+        subset_draw = rng.integers(0, subsets, size=subsets)
+        times = np.bincount(rng.choice(counted_clusters, size=len(counted_clusters)), minlength=len(labels))
+        weights = np.where(counted, times[codes], 0).astype(float)  # how often each query was drawn
+        for name, values in per_query(subset_draw).items():
+            w = np.where(np.isfinite(values), weights, 0.0)
+            draws[name].append(float((w * np.nan_to_num(values)).sum() / w.sum()) if w.sum() else np.nan)
+    result = {}
+    for name, mean in means.items():
+        values = np.asarray(draws[name])
+        values = values[np.isfinite(values)]
+        low, high = np.percentile(values, [2.5, 97.5]) if len(values) else (np.nan, np.nan)
+        result[name] = (mean, float(low), float(high))
+    return result
 
 
 def read_lds_losses(losses_json, query_ids: list[str], train_ids: list[str], query_csv,
@@ -257,6 +309,27 @@ def read_lds_losses(losses_json, query_ids: list[str], train_ids: list[str], que
     return membership, actual, repeats
 
 
+def method_predictions(run_dir, losses_json=None) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray, list]:
+    """A finished run's methods as the LDS sees them, from its merged tables under `run_dir` (results/<run>):
+    ({method: predicted effects [subsets, queries]}, actual outcome [subsets, queries], counted, clusters), for
+    comparing the same method across two configurations measured against the same retrains."""
+    from playpen_attribution.scores import load_method_scores, query_groups, read_run_tables
+    from playpen_attribution.taboo import with_target_words
+
+    run_dir = Path(run_dir)
+    query_csv, train_csv = run_dir / "query.csv", run_dir / "train.csv"
+    queries, train = (with_target_words(frame) for frame in read_run_tables(query_csv, train_csv))
+    query_ids, train_ids = queries["query_id"].tolist(), train["train_id"].tolist()
+    membership, actual = read_lds_losses(losses_json or run_dir / "validation" / "lds" / "query_losses.json",
+                                         query_ids, train_ids, query_csv)
+    train_scores = run_dir / "train_scores.csv"
+    methods = load_method_scores(run_dir / "influences.csv", query_ids, train_ids,
+                                 train_scores if train_scores.is_file() else None)
+    counted, clusters = query_groups(queries)
+    return ({m: membership @ np.nan_to_num(ms.per_query).T for m, ms in methods.items()}, actual, counted,
+            clusters)
+
+
 def best_baseline(method: str, lds: dict[str, float]) -> str | None:
     """The strongest baseline a method is measured against: the model-free ones and its own query-independent
     version (the mean LDS decides; NaN never wins)."""
@@ -268,11 +341,18 @@ def best_baseline(method: str, lds: dict[str, float]) -> str | None:
 
 def lds_stage(query_csv, train_csv, influences_csv, losses_json, out_csv, out_per_query, *, random_seed: int,
               train_scores_csv=None) -> None:
-    """Rule `lds`: mean LDS per method and baseline with a 95% cluster-bootstrap interval, each method's margin over
-    its best baseline (paired per query, same interval), and the noise ceiling the repeats allow
-    (`split_half_agreement`, same interval; NaN with one repeat: not known, not faked)."""
+    """Rule `lds`: mean LDS per method and baseline, each method's margin over its best baseline and its difference
+    from its plain counterpart (paired: the same subsets and queries), and the noise ceiling the repeats allow
+    (`split_half_agreement`; NaN with one repeat: not known, not faked), each with a 95% interval that resamples
+    both the subsets and the queries' clusters (`subset_and_cluster_bootstrap`)."""
     from playpen_attribution.baselines import is_baseline, run_corpus
-    from playpen_attribution.scores import load_method_scores, mean_and_cluster_interval, query_groups, read_run_tables
+    from playpen_attribution.scores import (
+        load_method_scores,
+        mean_and_cluster_interval,
+        plain_counterpart,
+        query_groups,
+        read_run_tables,
+    )
     from playpen_attribution.taboo import with_target_words
 
     queries, train = (with_target_words(frame) for frame in read_run_tables(query_csv, train_csv))
@@ -282,29 +362,44 @@ def lds_stage(query_csv, train_csv, influences_csv, losses_json, out_csv, out_pe
                                                                train_scores_csv).items()}
     scores = with_baselines(methods, queries, train, corpus=run_corpus(queries, train), seed=random_seed)
     counted, clusters = query_groups(queries)
-    values = {name: lds_scores(s, membership, actual) for name, s in scores.items()}
-
-    def interval(v):
-        return mean_and_cluster_interval(v, counted, clusters, seed=random_seed)
-
+    predicted = {name: membership @ np.nan_to_num(s).T for name, s in scores.items()}  # [subsets, queries]
+    values = {name: lds_of_predictions(p, actual) for name, p in predicted.items()}
     ceiling = (split_half_agreement(repeats, seed=random_seed) if repeats is not None
                else np.full(len(query_ids), np.nan))
-    ceiling_mean, ceiling_low, ceiling_high = interval(ceiling)
-    intervals = {name: interval(v) for name, v in values.items()}
-    means = {name: mean for name, (mean, _, _) in intervals.items()}
+    means = {name: mean_and_cluster_interval(v, counted, clusters, seed=random_seed)[0] for name, v in values.items()}
+    rivals = {name: best_baseline(name, means) for name in values if not is_baseline(name)}
+    plains = {name: plain_counterpart(name, list(values)) for name in values if not is_baseline(name)}
+
+    def statistics(draw):
+        """Per query, on the subsets `draw`: every LDS, each method's margin over its best baseline and over its
+        plain counterpart (paired: the same subsets and queries), and the noise ceiling."""
+        lds = {name: lds_of_predictions(p[draw], actual[draw]) for name, p in predicted.items()}
+        stats = {f"lds:{name}": v for name, v in lds.items()}
+        stats.update({f"margin:{name}": lds[name] - lds[rival] for name, rival in rivals.items() if rival})
+        stats.update({f"minus_plain:{name}": lds[name] - lds[plain] for name, plain in plains.items() if plain})
+        if repeats is not None:
+            stats["ceiling"] = split_half_agreement(repeats[:, draw], seed=random_seed)
+        return stats
+
+    intervals = subset_and_cluster_bootstrap(statistics, len(membership), counted, clusters, seed=random_seed)
+    nan3 = (np.nan, np.nan, np.nan)
+    ceiling_mean, ceiling_low, ceiling_high = intervals.get("ceiling", nan3)
     rows, per_query = [], []
     for name, v in values.items():
-        mean, low, high = intervals[name]
+        mean, low, high = intervals[f"lds:{name}"]
         row = {"method": name, "kind": "baseline" if is_baseline(name) else "method", "lds": mean,
                "ci95_low": low, "ci95_high": high, "queries": int((counted & np.isfinite(v)).sum()),
                "clusters": len({c for c, k in zip(clusters, counted & np.isfinite(v)) if k}), "subsets": len(membership),
                "best_baseline": None, "margin": np.nan, "margin_ci95_low": np.nan, "margin_ci95_high": np.nan,
+               "plain": None, "minus_plain": np.nan, "minus_plain_ci95_low": np.nan, "minus_plain_ci95_high": np.nan,
                "repeats": 0 if repeats is None else len(repeats), "noise_ceiling": ceiling_mean,
                "noise_ceiling_ci95_low": ceiling_low, "noise_ceiling_ci95_high": ceiling_high}
-        rival = None if is_baseline(name) else best_baseline(name, means)
-        if rival is not None:
-            margin, m_low, m_high = interval(v - values[rival])
-            row.update(best_baseline=rival, margin=margin, margin_ci95_low=m_low, margin_ci95_high=m_high)
+        if rivals.get(name):
+            margin, m_low, m_high = intervals[f"margin:{name}"]
+            row.update(best_baseline=rivals[name], margin=margin, margin_ci95_low=m_low, margin_ci95_high=m_high)
+        if plains.get(name):
+            diff, d_low, d_high = intervals[f"minus_plain:{name}"]
+            row.update(plain=plains[name], minus_plain=diff, minus_plain_ci95_low=d_low, minus_plain_ci95_high=d_high)
         rows.append(row)
         per_query += [{"method": name, "query_id": q, "lds": x, "noise_ceiling": ceil, "counted": bool(k),
                        "cluster": c} for q, x, ceil, k, c in zip(query_ids, v, ceiling, counted, clusters)]
@@ -331,7 +426,7 @@ def damping_sweep_stage(query_csv, train_csv, sweeps: dict, out_csv, out_png, *,
     import datasets
 
     from playpen_attribution.baselines import BASELINE_NAMES
-    from playpen_attribution.scores import mean_and_cluster_interval, query_groups, read_run_tables
+    from playpen_attribution.scores import query_groups, read_run_tables
     from playpen_attribution.tables import load_sweep
     from playpen_attribution.taboo import with_target_words
 
@@ -353,8 +448,10 @@ def damping_sweep_stage(query_csv, train_csv, sweeps: dict, out_csv, out_png, *,
         for scale, scores in zip(sweep["damping"], sweep["scores"]):
             row = {"method": method, "damping": scale}
             if losses_json:
-                values = lds_scores(scores[:, train_cols], membership, actual)
-                mean, low, high = mean_and_cluster_interval(values, counted, clusters, seed=seed)
+                predicted = membership @ np.nan_to_num(scores[:, train_cols]).T
+                (mean, low, high), = subset_and_cluster_bootstrap(
+                    lambda draw: {"lds": lds_of_predictions(predicted[draw], actual[draw])}, len(membership),
+                    counted, clusters, seed=seed).values()
                 row.update(lds=mean, ci95_low=low, ci95_high=high)
             if copy_ids:
                 ranks = [r["rank"] for r in copy_ranks(scores[:, train_cols], query_ids, train_ids,
