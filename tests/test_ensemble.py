@@ -13,7 +13,9 @@ from playpen_attribution.tables import save_shard
 
 from conftest import train_demo_adapter
 
-TRAK_SETTINGS = {"precision": "fp32", "trak_projection_dim": 64, "token_batch_size": 512, "damping_factor": 0.1,
+# 1 - p in batches of 5 rows of different lengths: a row's 1 - p must not depend on its batch's padding
+TRAK_SETTINGS = {"precision": "fp32", "trak_projection_dim": 64, "trak_loss_batch_size": 5, "token_batch_size": 512,
+                 "damping_factor": 0.1,
                  "seed": 0}
 PLANTED = [0, 3]  # queries with a copy among the scored rows
 

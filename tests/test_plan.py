@@ -174,6 +174,22 @@ def test_an_ensembles_mean_is_planned_for_its_per_token_scores():
     assert plan["cpu_jobs"]["ensemble_mean_scores"]["total_gb"] * 1000 > run["resources"]["table_mem_mb"]
 
 
+def test_trak_plans_its_1_minus_p_pass_over_the_whole_vocabulary():
+    """TRAK's weights come from a forward pass over batches of attribution.bergson.trak_loss_batch_size rows whose
+    float32 logits and log-softmax span the vocabulary: on Gemma 3's 262,144 tokens, Bergson's default of 32 rows of
+    512 tokens would hold 34 GB; the plan says so and the smaller batch fits."""
+    import copy
+
+    run = copy.deepcopy(CONFIG["runs"]["taboo"])
+    arch = arch_of("taboo")
+    lengths = {"source": "test", "train_rows": 2000, "queries": 300, "longest_sequence": 512, "longest_completion": 8}
+    for rows in (32, 8):
+        run["attribution"]["bergson"]["trak_loss_batch_size"] = rows
+        parts = build_plan(run, arch, lengths, gpu_mem_gb=80)["jobs"]["bergson_trak"]["parts_gb"]
+        assert parts["1 - p logits"] == pytest.approx(2 * rows * 512 * 262144 * 4 / 1e9, rel=1e-3)
+    assert build_plan(run, arch, lengths, gpu_mem_gb=80)["jobs"]["bergson_trak"]["fits"]
+
+
 @pytest.mark.parametrize("run", ["smol", "rehearsal"])
 def test_the_plan_is_within_30_percent_of_the_measured_peaks(run):
     """Every model-holding job of two measured CPU runs (bench/measured/peaks.json: a 30-layer pretrained Llama at

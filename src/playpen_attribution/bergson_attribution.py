@@ -375,7 +375,8 @@ def trak_stage(model_dirs: list, train_tokens_dir, query_tokens_dir, out_dir, se
         trak(index_cfg, TrakConfig(
             query=QuerySetConfig(dataset=str(Path(query_tokens_dir).resolve()), split="train", aggregation="none"),
             preprocess_cfg=PreprocessConfig(inversion_cfg=InversionConfig(damping_factor=settings.damping_factor)),
-            score_cfg=ScoreConfig(), checkpoints=models, stats_sample_size=len(train)))
+            score_cfg=ScoreConfig(), checkpoints=models, stats_sample_size=len(train),
+            loss_batch_size=settings.trak_loss_batch_size))
         scores = read_score_store(Path(scratch) / "trak" / "scores", len(query_ids), len(scored))
         reduce = np.mean if aggregation == "mean" else np.sum
         rows = len(train)

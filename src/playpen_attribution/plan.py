@@ -342,6 +342,9 @@ def stage_estimates(run: dict, arch: dict, lengths: dict, device: str) -> dict[s
                 "projection": max(i * o for i, o in lora_shapes(arch, lora)) * trak_dim * 4 / GB,
                 "Gram and its inverse": trak_dim * trak_dim * (4 + 3 * 8) / GB,
                 "scores": (attribution["ensemble"] + 2) * lengths["queries"] * scored_rows * 8 / GB,
+                # the 1 - p pass: a batch's float32 logits and their log-softmax over the whole vocabulary, planned
+                # beside the gradient pass's peak (measured on smol: 8.3 GB, above either pass alone)
+                "1 - p logits": 2 * _logits_gb(arch, bg["trak_loss_batch_size"] * seq, 1),
             }
     return plans
 

@@ -181,6 +181,7 @@ class BergsonTrak(_FromConfig):
     SECTION: ClassVar[str] = "attribution.bergson"
     precision: str
     trak_projection_dim: int
+    trak_loss_batch_size: int
     token_batch_size: int
     damping_factor: float
     seed: int
