@@ -10,8 +10,11 @@ For each setting (a name and config overrides, e.g. `dropout0=lora.dropout=0`), 
   data more than on the seed has a ratio above 1;
 - mean query loss of the retrained adapters (how far training went under the setting).
 
-    uv run python bench/replicate_agreement.py --run smol --subsets 10 --repeats 2 \\
+    uv run python bench/replicate_agreement.py --run smol --subsets 20 --repeats 2 \\
         --setting baseline --setting dropout0=lora.dropout=0 --setting epochs3=training.epochs=3
+
+Fewer than about 20 subsets cannot tell settings apart: the interval of the agreement (subsets and queries
+resampled) spans about 1 at 10 subsets on smol (docs/benchmarks.md).
 
 The same subsets (validation.lds.seed) and seeds (training.seed + repeat) under every setting. Long on a CPU: each
 setting trains subsets x repeats adapters on `validation.lds.fraction` of the rows.
@@ -99,7 +102,7 @@ def agreement_table(settings: dict[str, dict], seed: int = 0) -> dict[str, dict]
 
 def extra(parser):
     parser.add_argument("--run", default="smol")
-    parser.add_argument("--subsets", type=int, default=10)
+    parser.add_argument("--subsets", type=int, default=20)
     parser.add_argument("--cores", type=int, default=2)
     parser.add_argument("--setting", action="append", default=[],
                         help="NAME[=key.path=value,...]: a training setting to measure (repeatable; default: baseline)")
