@@ -239,9 +239,16 @@ def lds_scores(per_query: np.ndarray, membership: np.ndarray, actual: np.ndarray
 
 
 def lds_of_predictions(predicted: np.ndarray, actual: np.ndarray) -> np.ndarray:
-    """`lds_scores` from the predicted effects [subsets, queries] (membership @ scores.T)."""
-    flat = (np.ptp(predicted, axis=0) == 0) & (np.ptp(actual, axis=0) > 0) & (len(actual) >= 3)
-    return np.where(flat, 0.0, column_spearman(predicted, actual))
+    """`lds_scores` from the predicted effects [subsets, queries] (membership @ scores.T), or of several methods at
+    once, [subsets, methods, queries] -> [methods, queries] (one ranking pass for all: the bootstrap calls this
+    thousands of times)."""
+    subsets, queries = actual.shape
+    widths = predicted.shape[1:-1]
+    flat_predicted = predicted.reshape(subsets, -1)
+    repeated = np.broadcast_to(actual[:, None, :], (subsets, flat_predicted.shape[1] // queries, queries))
+    rho = column_spearman(flat_predicted, repeated.reshape(subsets, -1))
+    flat = (np.ptp(flat_predicted, axis=0) == 0) & (np.ptp(repeated.reshape(subsets, -1), axis=0) > 0) & (subsets >= 3)
+    return np.where(flat, 0.0, rho).reshape(*widths, queries)
 
 
 def subset_and_cluster_bootstrap(per_query, subsets: int, counted, clusters, *, seed: int, resamples: int = 2000,
@@ -363,7 +370,9 @@ def lds_stage(query_csv, train_csv, influences_csv, losses_json, out_csv, out_pe
     scores = with_baselines(methods, queries, train, corpus=run_corpus(queries, train), seed=random_seed)
     counted, clusters = query_groups(queries)
     predicted = {name: membership @ np.nan_to_num(s).T for name, s in scores.items()}  # [subsets, queries]
-    values = {name: lds_of_predictions(p, actual) for name, p in predicted.items()}
+    names = list(predicted)
+    stacked = np.stack([predicted[name] for name in names], axis=1)  # [subsets, methods, queries]
+    values = dict(zip(names, lds_of_predictions(stacked, actual)))
     ceiling = (split_half_agreement(repeats, seed=random_seed) if repeats is not None
                else np.full(len(query_ids), np.nan))
     means = {name: mean_and_cluster_interval(v, counted, clusters, seed=random_seed)[0] for name, v in values.items()}
@@ -373,7 +382,7 @@ def lds_stage(query_csv, train_csv, influences_csv, losses_json, out_csv, out_pe
     def statistics(draw):
         """Per query, on the subsets `draw`: every LDS, each method's margin over its best baseline and over its
         plain counterpart (paired: the same subsets and queries), and the noise ceiling."""
-        lds = {name: lds_of_predictions(p[draw], actual[draw]) for name, p in predicted.items()}
+        lds = dict(zip(names, lds_of_predictions(stacked[draw], actual[draw])))
         stats = {f"lds:{name}": v for name, v in lds.items()}
         stats.update({f"margin:{name}": lds[name] - lds[rival] for name, rival in rivals.items() if rival})
         stats.update({f"minus_plain:{name}": lds[name] - lds[plain] for name, plain in plains.items() if plain})
