@@ -139,8 +139,9 @@ def main() -> None:
         if measured[name]["outcomes"].shape[1] < args.subsets:
             sys.exit(f"{folder / target} holds {measured[name]['outcomes'].shape[1]} subsets, fewer than --subsets "
                      f"{args.subsets}")
-    for (name, overrides), result in zip(settings, agreement_table(measured).values()):
-        timing = workdir / name / "wall.json"
+    results = agreement_table(measured)
+    for name, overrides in settings:
+        result, timing = results[name], workdir / name / "wall.json"
         wall = f"{json.loads(timing.read_text())['wall_seconds']:.0f}" if timing.exists() else ""  # a run of before
         shown = ", ".join(f"{k}={v}" for k, v in _flatten(overrides).items()) or "(the run's)"
         paired = "{:+.3f} [{:+.3f}, {:+.3f}]".format(*result["minus_first"]) if result["minus_first"] else ""

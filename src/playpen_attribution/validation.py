@@ -243,12 +243,17 @@ def lds_of_predictions(predicted: np.ndarray, actual: np.ndarray) -> np.ndarray:
     once, [subsets, methods, queries] -> [methods, queries] (one ranking pass for all: the bootstrap calls this
     thousands of times)."""
     subsets, queries = actual.shape
-    widths = predicted.shape[1:-1]
-    flat_predicted = predicted.reshape(subsets, -1)
-    repeated = np.broadcast_to(actual[:, None, :], (subsets, flat_predicted.shape[1] // queries, queries))
-    rho = column_spearman(flat_predicted, repeated.reshape(subsets, -1))
-    flat = (np.ptp(flat_predicted, axis=0) == 0) & (np.ptp(repeated.reshape(subsets, -1), axis=0) > 0) & (subsets >= 3)
-    return np.where(flat, 0.0, rho).reshape(*widths, queries)
+    by_method = predicted.reshape(subsets, -1, queries)
+    methods = by_method.shape[1]
+    rho = column_spearman(by_method.reshape(subsets, -1), np.tile(actual, (1, methods))).reshape(methods, queries)
+    flat = (np.ptp(by_method, axis=0) == 0) & (np.ptp(actual, axis=0) > 0) & (subsets >= 3)
+    return np.where(flat, 0.0, rho).reshape(predicted.shape[1:])
+
+
+def counted_mean(values: np.ndarray, counted) -> float:
+    """Mean of the counted, finite per-query values (NaN where there are none)."""
+    keep = np.asarray(counted, bool) & np.isfinite(values)
+    return float(values[keep].mean()) if keep.any() else float("nan")
 
 
 def subset_and_cluster_bootstrap(per_query, subsets: int, counted, clusters, *, seed: int, resamples: int = 2000,
@@ -267,10 +272,7 @@ def subset_and_cluster_bootstrap(per_query, subsets: int, counted, clusters, *, 
     counted = np.asarray(counted, bool)
     codes, labels = pd.factorize(pd.Series(np.asarray(clusters, dtype=object)))
     point = per_query(np.arange(subsets))
-    means = {}
-    for name, values in point.items():
-        keep = counted & np.isfinite(values)
-        means[name] = float(values[keep].mean()) if keep.any() else float("nan")
+    means = {name: counted_mean(values, counted) for name, values in point.items()}
     counted_clusters = np.unique(codes[counted])
     if len(counted_clusters) < 2 or subsets < 3:
         return {name: (mean, float("nan"), float("nan")) for name, mean in means.items()}
@@ -316,25 +318,33 @@ def read_lds_losses(losses_json, query_ids: list[str], train_ids: list[str], que
     return membership, actual, repeats
 
 
-def method_predictions(run_dir, losses_json=None) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray, list]:
+def lds_inputs(query_csv, train_csv, influences_csv, losses_json, train_scores_csv=None):
+    """What an LDS reads: (queries, train, membership [subsets, rows], actual [subsets, queries], repeats or None,
+    {method: per-query scores [queries, rows]})."""
+    from playpen_attribution.scores import load_method_scores, read_run_tables
+    from playpen_attribution.taboo import with_target_words
+
+    queries, train = (with_target_words(frame) for frame in read_run_tables(query_csv, train_csv))
+    query_ids, train_ids = queries["query_id"].tolist(), train["train_id"].tolist()
+    membership, actual, repeats = read_lds_losses(losses_json, query_ids, train_ids, query_csv, with_repeats=True)
+    methods = {m: ms.per_query for m, ms in load_method_scores(influences_csv, query_ids, train_ids,
+                                                               train_scores_csv).items()}
+    return queries, train, membership, actual, repeats, methods
+
+
+def method_predictions(run_dir) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray, list]:
     """A finished run's methods as the LDS sees them, from its merged tables under `run_dir` (results/<run>):
     ({method: predicted effects [subsets, queries]}, actual outcome [subsets, queries], counted, clusters), for
     comparing the same method across two configurations measured against the same retrains."""
-    from playpen_attribution.scores import load_method_scores, query_groups, read_run_tables
-    from playpen_attribution.taboo import with_target_words
+    from playpen_attribution.scores import query_groups
 
     run_dir = Path(run_dir)
-    query_csv, train_csv = run_dir / "query.csv", run_dir / "train.csv"
-    queries, train = (with_target_words(frame) for frame in read_run_tables(query_csv, train_csv))
-    query_ids, train_ids = queries["query_id"].tolist(), train["train_id"].tolist()
-    membership, actual = read_lds_losses(losses_json or run_dir / "validation" / "lds" / "query_losses.json",
-                                         query_ids, train_ids, query_csv)
     train_scores = run_dir / "train_scores.csv"
-    methods = load_method_scores(run_dir / "influences.csv", query_ids, train_ids,
-                                 train_scores if train_scores.is_file() else None)
+    queries, _, membership, actual, _, methods = lds_inputs(
+        run_dir / "query.csv", run_dir / "train.csv", run_dir / "influences.csv",
+        run_dir / "validation" / "lds" / "query_losses.json", train_scores if train_scores.is_file() else None)
     counted, clusters = query_groups(queries)
-    return ({m: membership @ np.nan_to_num(ms.per_query).T for m, ms in methods.items()}, actual, counted,
-            clusters)
+    return {m: membership @ np.nan_to_num(s).T for m, s in methods.items()}, actual, counted, clusters
 
 
 def best_baseline(method: str, lds: dict[str, float]) -> str | None:
@@ -353,29 +363,20 @@ def lds_stage(query_csv, train_csv, influences_csv, losses_json, out_csv, out_pe
     (`split_half_agreement`; NaN with one repeat: not known, not faked), each with a 95% interval that resamples
     both the subsets and the queries' clusters (`subset_and_cluster_bootstrap`)."""
     from playpen_attribution.baselines import is_baseline, run_corpus
-    from playpen_attribution.scores import (
-        load_method_scores,
-        mean_and_cluster_interval,
-        plain_counterpart,
-        query_groups,
-        read_run_tables,
-    )
-    from playpen_attribution.taboo import with_target_words
+    from playpen_attribution.scores import plain_counterpart, query_groups
 
-    queries, train = (with_target_words(frame) for frame in read_run_tables(query_csv, train_csv))
-    query_ids, train_ids = queries["query_id"].tolist(), train["train_id"].tolist()
-    membership, actual, repeats = read_lds_losses(losses_json, query_ids, train_ids, query_csv, with_repeats=True)
-    methods = {m: ms.per_query for m, ms in load_method_scores(influences_csv, query_ids, train_ids,
-                                                               train_scores_csv).items()}
+    queries, train, membership, actual, repeats, methods = lds_inputs(query_csv, train_csv, influences_csv,
+                                                                       losses_json, train_scores_csv)
+    query_ids = queries["query_id"].tolist()
     scores = with_baselines(methods, queries, train, corpus=run_corpus(queries, train), seed=random_seed)
     counted, clusters = query_groups(queries)
-    predicted = {name: membership @ np.nan_to_num(s).T for name, s in scores.items()}  # [subsets, queries]
-    names = list(predicted)
-    stacked = np.stack([predicted[name] for name in names], axis=1)  # [subsets, methods, queries]
+    names = list(scores)
+    # predicted effects of every method and baseline: [subsets, methods, queries]
+    stacked = np.stack([membership @ np.nan_to_num(scores[name]).T for name in names], axis=1)
     values = dict(zip(names, lds_of_predictions(stacked, actual)))
     ceiling = (split_half_agreement(repeats, seed=random_seed) if repeats is not None
                else np.full(len(query_ids), np.nan))
-    means = {name: mean_and_cluster_interval(v, counted, clusters, seed=random_seed)[0] for name, v in values.items()}
+    means = {name: counted_mean(v, counted) for name, v in values.items()}
     rivals = {name: best_baseline(name, means) for name in values if not is_baseline(name)}
     plains = {name: plain_counterpart(name, list(values)) for name in values if not is_baseline(name)}
 
@@ -458,9 +459,9 @@ def damping_sweep_stage(query_csv, train_csv, sweeps: dict, out_csv, out_png, *,
             row = {"method": method, "damping": scale}
             if losses_json:
                 predicted = membership @ np.nan_to_num(scores[:, train_cols]).T
-                (mean, low, high), = subset_and_cluster_bootstrap(
+                mean, low, high = subset_and_cluster_bootstrap(
                     lambda draw: {"lds": lds_of_predictions(predicted[draw], actual[draw])}, len(membership),
-                    counted, clusters, seed=seed).values()
+                    counted, clusters, seed=seed)["lds"]
                 row.update(lds=mean, ci95_low=low, ci95_high=high)
             if copy_ids:
                 ranks = [r["rank"] for r in copy_ranks(scores[:, train_cols], query_ids, train_ids,
