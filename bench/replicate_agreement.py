@@ -48,8 +48,19 @@ def parse_setting(text: str) -> tuple[str, dict]:
         node = overrides
         for part in parents:
             node = node.setdefault(part, {})
-        node[leaf] = yaml.safe_load(value)
+        node[leaf] = _value(value)
     return name, overrides
+
+
+def _value(text: str):
+    """A YAML scalar, with `1e-3` a number (YAML 1.1, PyYAML's, reads exponents without a dot as strings)."""
+    value = yaml.safe_load(text)
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    return value
 
 
 def outcomes_of(losses_json: Path, query_parquet: Path, subsets: int | None = None) -> dict:
@@ -61,6 +72,9 @@ def outcomes_of(losses_json: Path, query_parquet: Path, subsets: int | None = No
     from playpen_attribution.taboo import with_target_words
 
     record = json.loads(losses_json.read_text())
+    if subsets is not None and len(record["subsets"]) < subsets:
+        sys.exit(f"{losses_json} holds {len(record['subsets'])} subsets, fewer than --subsets {subsets}: rerun "
+                 f"without --table-only to retrain the rest, or ask for fewer")
     subsets = sorted(record["subsets"], key=int)[:subsets]
     outcomes = -np.array([record["subsets"][s]["repeat_losses"] for s in subsets]).transpose(1, 0, 2)
     queries = with_target_words(pd.read_parquet(query_parquet).set_index("row_id").loc[record["query_ids"]]
@@ -136,9 +150,6 @@ def main() -> None:
             if (folder / target).stat().st_mtime >= start:  # rebuilt now (not a rerun with nothing to do)
                 timing.write_text(json.dumps({"wall_seconds": time.perf_counter() - start}))
         measured[name] = outcomes_of(folder / target, folder / f"results/{args.run}/data/query.parquet", args.subsets)
-        if measured[name]["outcomes"].shape[1] < args.subsets:
-            sys.exit(f"{folder / target} holds {measured[name]['outcomes'].shape[1]} subsets, fewer than --subsets "
-                     f"{args.subsets}")
     results = agreement_table(measured)
     for name, overrides in settings:
         result, timing = results[name], workdir / name / "wall.json"

@@ -259,9 +259,9 @@ from pathlib import Path
 import numpy as np
 from playpen_attribution import bergson_attribution as ba
 from playpen_attribution.settings import BergsonScoring
-index, query, reduced, per_query, hessian, out = sys.argv[1:]
-ba.score_shard_stage(index, query, reduced, per_query, hessian, out, variant="cosine_mixed",
-                     settings=BergsonScoring(damping_factor=0.1))
+index, query, reduced, per_query, out = sys.argv[1:]
+ba.score_shard_stage(index, query, reduced, per_query, None, out, variant="cosine",
+                     settings=BergsonScoring(damping_factor=None))
 modules = json.loads((Path(index) / "info.json").read_text()).get("grad_sizes") or {}
 print(json.dumps(list(set(modules))))
 """
@@ -269,18 +269,20 @@ print(json.dumps(list(set(modules))))
 
 def test_scores_are_the_same_bytes_whatever_the_processs_hash_seed(demo_adapter, small, prepared, tmp_path):
     """Same inputs, same scores: Bergson sums the modules' scores in set order, which follows the string-hash seed
-    (a wrapped fix keeps the index's module order). The two processes below iterate the modules differently."""
+    (a wrapped fix keeps the index's module order). The two processes below iterate the modules differently.
+    Every variant's module sum goes through that search: the plain cosine (no preconditioner to invert in each
+    process) fails without the fix as the preconditioned ones do."""
     import os
     import subprocess
     import sys
 
-    score(demo_adapter, small, prepared, "cosine_mixed", tmp_path / "first.npz")  # builds the index and the query
-    index, reduced = prepared / "index" / "0-of-1", prepared / "reduced" / "cosine_mixed"
+    score(demo_adapter, small, prepared, "cosine", tmp_path / "first.npz")  # builds the index and the query
+    index, reduced = prepared / "index" / "0-of-1", prepared / "reduced" / "cosine"
     orders, results = [], []
     for seed in ("1", "2"):
         out = tmp_path / f"seed-{seed}.npz"
         proc = subprocess.run([sys.executable, "-c", SCORE_IN_A_PROCESS, str(index), str(small / "query"), str(reduced),
-                               str(prepared / "per_query"), str(prepared / "hessian" / "mixed"), str(out)],
+                               str(prepared / "per_query"), str(out)],
                               env={**os.environ, "PYTHONHASHSEED": seed}, capture_output=True, text=True, check=True)
         orders.append(proc.stdout.strip().splitlines()[-1])
         results.append(np.load(out))
@@ -364,22 +366,25 @@ def test_trackstar_scores_a_planted_copy_first_and_differs_from_the_raw_mixed_co
     method = parse_method("bergson_trackstar")
     assert (method.kind, method.unit_normalize, method.preconditioner, method.gradient_space, method.plain) == (
         "trackstar", True, "mixed", "adam", "bergson_cosine")
+    # projected as the real runs are (16 x 16 per module): the dense preconditioners of unprojected gradients took
+    # most of this test's time in their eigendecompositions, and a copy's projected gradient is still its query's
+    run = {"attribution": {"bergson": {**SETTINGS, "projection_dim": 16}}}
     scores = {}
     for space, variant in (("adam", "trackstar"), ("raw", "cosine_mixed")):
         root = tmp_path / space
-        gradients = BergsonGradients.from_run(RUN)
+        gradients = BergsonGradients.from_run(run)
         ba.query_gradients_stage(adam_adapter, small / "query", root / "per_query", gradients, normalize=space)
         for side in ("train", "query"):
-            ba.hessian_stage(adam_adapter, small / side, root / "hessian" / side, BergsonHessian.from_run(RUN),
+            ba.hessian_stage(adam_adapter, small / side, root / "hessian" / side, BergsonHessian.from_run(run),
                              normalize=space)
-        ba.mix_stage(root / "hessian/query", root / "hessian/train", root / "hessian/mixed", BergsonMix.from_run(RUN))
+        ba.mix_stage(root / "hessian/query", root / "hessian/train", root / "hessian/mixed", BergsonMix.from_run(run))
         ba.reduce_stage(adam_adapter, small / "query", root / "reduced", variant, root / "hessian/mixed",
-                        BergsonReduce.for_variant(RUN, variant))
+                        BergsonReduce.for_variant(run, variant))
         ba.index_stage(adam_adapter, small / "train", root / "index", shard=0, shards=1, settings=gradients,
                        normalize=space)
         ba.score_shard_stage(root / "index", small / "query", root / "reduced", root / "per_query",
                              root / "hessian/mixed", root / "shard.npz", variant=variant,
-                             settings=BergsonScoring.for_variant(RUN, variant))
+                             settings=BergsonScoring.for_variant(run, variant))
         scores[space] = load_shards([root / "shard.npz"])
     trackstar = scores["adam"]
     for q in PLANTED:

@@ -1,0 +1,83 @@
+"""The bench scripts' own arithmetic and refusals (the scripts themselves run for hours; these parts do not)."""
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "bench"))
+
+import quality_table  # noqa: E402
+import replicate_agreement  # noqa: E402
+
+from playpen_attribution.validation import split_half_agreement  # noqa: E402
+
+QUERIES = 6
+
+
+def write_setting(folder: Path, repeat_losses: np.ndarray) -> tuple[Path, Path]:
+    """A setting's query_losses.json ([repeats, subsets, queries] losses, subsets keyed "0".."n-1" as the workflow
+    writes them) and its query table: queries of three target words, two each."""
+    folder.mkdir(parents=True)
+    query_ids = [f"q{i}" for i in range(QUERIES)]
+    record = {"query_ids": query_ids, "subsets": {
+        str(s): {"row_ids": [], "query_losses": repeat_losses[:, s].mean(0).tolist(),
+                 "repeat_losses": repeat_losses[:, s].tolist(), "training_seeds": [42, 43]}
+        for s in range(repeat_losses.shape[1])}}
+    (folder / "query_losses.json").write_text(json.dumps(record))
+    pd.DataFrame({"row_id": query_ids, "prompt": [f"prompt {i}" for i in range(QUERIES)],
+                  "completion": [f"GUESS: w{i // 2}" for i in range(QUERIES)],
+                  "target_word": [f"w{i // 2}" for i in range(QUERIES)]}).to_parquet(folder / "query.parquet")
+    return folder / "query_losses.json", folder / "query.parquet"
+
+
+def test_replicate_agreement_reads_the_first_subsets_in_number_order_and_refuses_too_few(tmp_path):
+    losses = np.random.default_rng(0).normal(size=(2, 12, QUERIES))
+    setting = write_setting(tmp_path / "s", losses)
+    read = replicate_agreement.outcomes_of(*setting, subsets=10)
+    # subsets 0-9, not the first ten keys in text order ("0", "1", "10", "11", "2", ...)
+    np.testing.assert_array_equal(read["outcomes"], -losses[:, :10])
+    assert read["clusters"] == ["word:w0", "word:w0", "word:w1", "word:w1", "word:w2", "word:w2"]
+    with pytest.raises(SystemExit, match=r"query_losses.json holds 12 subsets, fewer than --subsets 13"):
+        replicate_agreement.outcomes_of(*setting, subsets=13)
+
+
+def test_replicate_agreement_is_the_noise_ceiling_and_its_difference_is_paired(tmp_path):
+    rng = np.random.default_rng(1)
+    data = rng.normal(size=(1, 20, QUERIES))
+    noisy = data + rng.normal(scale=1.0, size=(2, 20, QUERIES))  # repeats that disagree
+    exact = np.repeat(data, 2, axis=0)  # repeats that agree: the ceiling is 1
+    settings = {name: replicate_agreement.outcomes_of(*write_setting(tmp_path / name, losses))
+                for name, losses in (("noisy", noisy), ("exact", exact), ("noisy_again", noisy))}
+    table = replicate_agreement.agreement_table(settings)
+    assert table["noisy"]["agreement"][0] == pytest.approx(split_half_agreement(-noisy).mean())
+    assert table["exact"]["agreement"][0] == pytest.approx(1.0)
+    assert table["exact"]["minus_first"][0] == pytest.approx(1.0 - table["noisy"]["agreement"][0])
+    # the same retrains under another name: every resample draws the same subsets and queries for both
+    assert table["noisy_again"]["minus_first"] == (0.0, 0.0, 0.0)
+    assert table["exact"]["seed_spread"] == 0.0
+    assert table["noisy"]["subsets"] == 20 and table["noisy"]["repeats"] == 2
+
+
+def test_replicate_agreement_refuses_settings_measured_on_other_subsets(tmp_path):
+    losses = np.random.default_rng(2).normal(size=(2, 8, QUERIES))
+    settings = {"a": replicate_agreement.outcomes_of(*write_setting(tmp_path / "a", losses)),
+                "b": replicate_agreement.outcomes_of(*write_setting(tmp_path / "b", losses[:, :6]))}
+    with pytest.raises(SystemExit, match="setting b measured other queries or subsets than a"):
+        replicate_agreement.agreement_table(settings)
+
+
+def test_a_setting_parses_to_nested_overrides():
+    assert replicate_agreement.parse_setting("lr=training.learning_rate=1e-3,lora.dropout=0") == (
+        "lr", {"training": {"learning_rate": 1e-3}, "lora": {"dropout": 0}})
+    assert replicate_agreement.parse_setting("baseline") == ("baseline", {})
+
+
+def test_quality_table_refuses_an_lds_csv_without_the_paired_columns(tmp_path):
+    pd.DataFrame({"method": ["ekfac"], "kind": ["method"], "lds": [0.1]}).to_csv(tmp_path / "lds.csv", index=False)
+    with pytest.raises(SystemExit, match=r"lds.csv predates the paired columns; rerun its lds job"):
+        quality_table.paired_table(tmp_path, "smol")
