@@ -142,3 +142,30 @@ def test_loss_rise_is_over_the_reference_averaged_over_repeats_and_draws():
     assert table.loc["ekfac", "over_random_ci95_low"] > 0  # every query rose more than under random removal
     assert table.loc["random", "kind"] == "control" and table.loc["random", "draws"] == 2
     assert (table.repeats == 2).all() and np.isnan(table.loc["tfidf", "over_random"])
+
+
+def test_intervals_resample_the_seeds_and_random_draws_that_every_query_shares():
+    # 4 training seeds that move every query's loss together, 3 queries of 3 target words that agree exactly: an
+    # interval over the queries alone has no width, whatever the seeds do
+    seed_effect = np.array([0.1, 0.5, 0.2, 0.4])[:, None] * np.ones((1, 3))  # [repeats, queries]
+    reference = np.full((4, 3), 2.0)
+    losses = {("none", "0"): reference,
+              ("ekfac", "0.1"): reference + seed_effect + 0.1,
+              ("random-0", "0.1"): reference + seed_effect,  # the same seeds moved the random retrains alike
+              ("random-1", "0.1"): reference + seed_effect + 0.2}
+    kinds = {"none": "reference", "ekfac": "method", "random-0": "control", "random-1": "control"}
+    table = removal_table(losses, kinds, ["0.1"], np.ones(3, bool), ["a", "b", "c"], seed=0).set_index("selection")
+    ekfac = table.loc["ekfac"]
+    np.testing.assert_allclose(ekfac.loss_rise, 0.4)
+    # the seeds' spread (a mean of 4 drawn from 0.2, 0.6, 0.3, 0.5) is in the interval
+    assert 0.2 <= ekfac.ci95_low < 0.35 and 0.45 < ekfac.ci95_high <= 0.6
+    # paired by seed, ekfac - random moves only with the random draws resampled: both draws random-0 (+0.1), both
+    # random-1 (-0.1) or one of each (0)
+    np.testing.assert_allclose(ekfac.over_random, 0.0, atol=1e-12)
+    np.testing.assert_allclose([ekfac.over_random_ci95_low, ekfac.over_random_ci95_high], [-0.1, 0.1])
+    # one draw of each: the random control's interval is the seeds' alone
+    single = removal_table({k: v for k, v in losses.items() if k[0] != "random-1"},
+                           {k: v for k, v in kinds.items() if k != "random-1"}, ["0.1"], np.ones(3, bool),
+                           ["a", "b", "c"], seed=0).set_index("selection")
+    np.testing.assert_allclose(single.loc["ekfac", ["over_random", "over_random_ci95_low", "over_random_ci95_high"]]
+                               .astype(float), 0.1)

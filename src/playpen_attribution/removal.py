@@ -159,34 +159,56 @@ def read_removal_losses(paths: list, query_ids: list[str]) -> dict[tuple[str, st
 def removal_table(losses: dict[tuple[str, str], np.ndarray], kinds: dict[str, str], fractions: list[str],
                   counted: np.ndarray, clusters: list, *, seed: int) -> pd.DataFrame:
     """Per selection and fraction: the query set's mean loss rise over the reference (per query, the mean over
-    repeats after removal minus the reference's, then the mean over counted queries, with a 95% cluster-bootstrap
-    interval); `random` is the mean over the random draws. Each method's rise minus random's and minus TF-IDF's,
-    paired per query, with the same interval: above 0 with its interval, the method chose rows that mattered more."""
-    from playpen_attribution.scores import mean_and_cluster_interval
+    repeats after removal minus the reference's, then the mean over counted queries); `random` is the mean over the
+    random draws. Each method's rise minus random's and minus TF-IDF's, paired per query: above 0 with its interval,
+    the method chose rows that mattered more.
 
-    reference = losses[(REFERENCE, "0")].mean(axis=0)
+    The 95% intervals resample, together, everything the rises share across queries: the training seeds (repeat r
+    trains every selection and the reference with seed training.seed + r, so a draw of repeats keeps them paired),
+    the random draws behind `random`, and the queries' target-word clusters
+    (validation.shared_and_cluster_bootstrap). An interval over the queries alone would leave out that one seed or one
+    draw moves every query's loss together."""
+    from playpen_attribution.validation import shared_and_cluster_bootstrap
+
+    reference = losses[(REFERENCE, "0")]  # [repeats, queries]
     draws = sorted(s for s in kinds if is_random(s))
+    keys = [(selection, fraction) for fraction in fractions for selection in kinds if (selection, fraction) in losses]
+    for key in keys:
+        if losses[key].shape != reference.shape:
+            raise ValueError(f"selection {key[0]} at {key[1]} has {len(losses[key])} repeats, the reference "
+                             f"{len(reference)}; rerun the missing removal_retrain jobs")
 
-    def interval(values):
-        return mean_and_cluster_interval(values, counted, clusters, seed=seed)
+    def per_query(shared):
+        repeat_draw, random_draw = shared
+        base = reference[repeat_draw].mean(axis=0)
+        stats = {}
+        for fraction in fractions:
+            rise = {s: losses[(s, f)][repeat_draw].mean(axis=0) - base for s, f in keys if f == fraction}
+            if draws:
+                rise["random"] = np.mean([rise[draws[d]] for d in random_draw], axis=0)
+            for selection, values in rise.items():
+                stats[(fraction, selection, "rise")] = values
+                for rival in ("random", "tfidf"):
+                    if kinds.get(selection) == "method" and rival in rise:
+                        stats[(fraction, selection, rival)] = values - rise[rival]
+        return stats
 
+    intervals = shared_and_cluster_bootstrap(per_query, (len(reference), len(draws)), counted, clusters, seed=seed)
     rows = []
-    for fraction in fractions:
-        rise = {s: losses[(s, fraction)].mean(axis=0) - reference for s in kinds if (s, fraction) in losses}
-        if draws:
-            rise["random"] = np.mean([rise[d] for d in draws], axis=0)
-        for selection, values in rise.items():
-            kind = "control" if selection == "random" else kinds[selection]
-            mean, low, high = interval(values)
-            row = {"selection": selection, "kind": kind, "fraction": float(fraction), "removed": None,
-                   "repeats": len(losses[(REFERENCE, "0")]), "draws": len(draws) if selection == "random" else 1,
-                   "loss_rise": mean, "ci95_low": low, "ci95_high": high}
-            for rival in ("random", "tfidf"):
-                if kind == "method" and rival in rise:
-                    margin, m_low, m_high = interval(values - rise[rival])
-                    row.update({f"over_{rival}": margin, f"over_{rival}_ci95_low": m_low,
-                                f"over_{rival}_ci95_high": m_high})
-            rows.append(row)
+    for fraction, selection, statistic in intervals:
+        if statistic != "rise":
+            continue
+        kind = "control" if selection == "random" else kinds[selection]
+        mean, low, high = intervals[(fraction, selection, "rise")]
+        row = {"selection": selection, "kind": kind, "fraction": float(fraction), "removed": None,
+               "repeats": len(reference), "draws": len(draws) if selection == "random" else 1,
+               "loss_rise": mean, "ci95_low": low, "ci95_high": high}
+        for rival in ("random", "tfidf"):
+            if (fraction, selection, rival) in intervals:
+                margin, m_low, m_high = intervals[(fraction, selection, rival)]
+                row.update({f"over_{rival}": margin, f"over_{rival}_ci95_low": m_low,
+                            f"over_{rival}_ci95_high": m_high})
+        rows.append(row)
     return pd.DataFrame(rows)
 
 

@@ -268,21 +268,33 @@ def subset_and_cluster_bootstrap(per_query, subsets: int, counted, clusters, *, 
     `per_query(draw)` -> {name: per-query values} computed on the subsets `draw` (indices into the subsets, with
     repeats); called once with every subset in order for the means, then once per resample. Returns {name: (mean,
     low, high)}; the mean is that of the counted, finite values (as mean_and_cluster_interval's), the interval NaN
-    with fewer than 2 clusters or 3 subsets."""
+    with fewer than 2 clusters or 3 subsets (a Spearman over fewer is not defined)."""
+    return shared_and_cluster_bootstrap(lambda draws: per_query(draws[0]), (subsets,), counted, clusters, seed=seed,
+                                        resamples=resamples, least=(3,))
+
+
+def shared_and_cluster_bootstrap(per_query, sizes: tuple[int, ...], counted, clusters, *, seed: int,
+                                 resamples: int = 2000, least: tuple[int, ...] | None = None,
+                                 ) -> dict[str, tuple[float, float, float]]:
+    """`subset_and_cluster_bootstrap` over any number of axes that every query shares (retrained subsets, training
+    seeds, random control draws): each resample draws each axis's indices with replacement, in order, and the
+    queries' clusters. `per_query(draws)` gets one index array per axis (every index in order for the means); an
+    axis of size 0 is drawn as an empty array. The interval is NaN with fewer than 2 counted clusters or an axis
+    smaller than its `least` (default 1)."""
     counted = np.asarray(counted, bool)
     codes, labels = pd.factorize(pd.Series(np.asarray(clusters, dtype=object)))
-    point = per_query(np.arange(subsets))
+    point = per_query(tuple(np.arange(n) for n in sizes))
     means = {name: counted_mean(values, counted) for name, values in point.items()}
     counted_clusters = np.unique(codes[counted])
-    if len(counted_clusters) < 2 or subsets < 3:
+    if len(counted_clusters) < 2 or any(n < low for n, low in zip(sizes, least or (1,) * len(sizes))):
         return {name: (mean, float("nan"), float("nan")) for name, mean in means.items()}
     rng = np.random.default_rng(seed)
     draws = {name: [] for name in point}
     for _ in range(resamples):
-        subset_draw = rng.integers(0, subsets, size=subsets)
+        shared = tuple(rng.integers(0, n, size=n) if n else np.arange(0) for n in sizes)
         times = np.bincount(rng.choice(counted_clusters, size=len(counted_clusters)), minlength=len(labels))
         weights = np.where(counted, times[codes], 0).astype(float)  # how often each query was drawn
-        for name, values in per_query(subset_draw).items():
+        for name, values in per_query(shared).items():
             w = np.where(np.isfinite(values), weights, 0.0)
             draws[name].append(float((w * np.nan_to_num(values)).sum() / w.sum()) if w.sum() else np.nan)
     result = {}
