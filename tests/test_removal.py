@@ -169,3 +169,13 @@ def test_intervals_resample_the_seeds_and_random_draws_that_every_query_shares()
                            ["a", "b", "c"], seed=0).set_index("selection")
     np.testing.assert_allclose(single.loc["ekfac", ["over_random", "over_random_ci95_low", "over_random_ci95_high"]]
                                .astype(float), 0.1)
+
+
+def test_a_selection_with_fewer_repeats_than_the_reference_is_refused():
+    # the intervals pair selections by training seed: a selection missing a repeat cannot be paired
+    reference = np.full((2, 3), 2.0)
+    losses = {("none", "0"): reference, ("ekfac", "0.1"): reference[:1] + 0.1}
+    with pytest.raises(ValueError, match=r"selection ekfac at 0.1 has 1 repeats, the reference 2; rerun the missing "
+                                         r"removal_retrain jobs"):
+        removal_table(losses, {"none": "reference", "ekfac": "method"}, ["0.1"], np.ones(3, bool), ["a", "b", "c"],
+                      seed=0)
