@@ -140,8 +140,7 @@ def test_the_schemas_methods_are_the_ones_the_package_parses():
     assert parsed["bergson_cosine_mixed"].plain == "bergson_cosine" and parsed["ekfac"].plain == "identity"
     assert parsed["identity"].plain is None and parsed["bergson_dot"].plain is None
     trak = parsed["bergson_trak"]
-    assert trak.plain == "bergson_dot" and trak.folder() == "bergson/trak" and trak.ensembled
-    assert parsed["ekfac"].ensembled and not parsed["bergson_cosine_mixed"].ensembled
+    assert trak.plain == "bergson_dot" and trak.folder() == "bergson/trak" and trak.is_trak
     with pytest.raises(ValueError, match="unknown Bergson variant 'cosine_both'"):
         parse_method("bergson_cosine_both")
 

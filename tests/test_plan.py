@@ -172,6 +172,12 @@ def test_an_ensembles_mean_is_planned_for_its_per_token_scores():
     assert mean["scores"] == pytest.approx(2 * 2000 * 2000 * 8 / 1e9, rel=1e-3)
     check_plan(plan, run, "taboo")  # within the per-token limit: accepted
     assert plan["cpu_jobs"]["ensemble_mean_scores"]["total_gb"] * 1000 > run["resources"]["table_mem_mb"]
+    # Bergson variants alone average their members' shards too (scores, no per-token part); TRAK alone, in its job
+    run["attribution"]["methods"] = ["bergson_cosine_mixed"]
+    mean = build_plan(run, arch, lengths, gpu_mem_gb=80)["cpu_jobs"]["ensemble_mean_scores"]["parts_gb"]
+    assert set(mean) == {"runtime", "scores"} and mean["scores"] == pytest.approx(2 * 2000 * 2000 * 8 / 1e9, rel=1e-3)
+    run["attribution"]["methods"] = ["bergson_trak"]
+    assert "ensemble_mean_scores" not in build_plan(run, arch, lengths, gpu_mem_gb=80)["cpu_jobs"]
 
 
 def test_trak_plans_its_1_minus_p_pass_over_the_whole_vocabulary():

@@ -154,15 +154,15 @@ def test_per_token_scores_are_drawn_on_the_tokens(tmp_path):
     assert "per-token scores</td><td>ekfac" in page
 
 
-def test_the_summary_says_which_adapters_each_method_averaged(tmp_path):
-    """With attribution.ensemble 2, EK-FAC's scores are the mean over two adapters and Bergson's cosine the run's own:
-    the page says so, with the members' seeds."""
+def test_the_summary_says_which_adapters_the_scores_averaged(tmp_path):
+    """With attribution.ensemble 2, every method's scores are the mean over two adapters (the damping sweep's the run's
+    own): the page says so, with the members' seeds."""
     paths, _, _ = tables(tmp_path, np.random.default_rng(6))
     common = dict(query_csv=paths["query"], train_csv=paths["train"], influences_csv=paths["influences"],
                   train_scores_csv=paths["train_scores"], top_k=3)
     page = build_report(**common, out_dir=tmp_path / "two", ensemble=2, training_seed=42)["index.html"].read_text()
-    assert ("adapters</td><td>ekfac: mean over 2 adapters (training seeds 42, 1042); "
-            "bergson_cosine: the run&#39;s adapter alone (seed 42)") in page
+    assert ("adapters</td><td>every method: the mean over 2 adapters (training seeds 42, 1042); the damping sweep "
+            "rescores the run&#39;s adapter alone (seed 42)") in page
     page = build_report(**common, out_dir=tmp_path / "one", ensemble=1, training_seed=7)["index.html"].read_text()
     assert "adapters</td><td>the run&#39;s adapter (training seed 7)" in page
 

@@ -696,10 +696,11 @@ def test_trackstar_adds_its_own_gradient_space_and_reuses_everything_else(demo_w
     assert (demo_workdir / "results" / "demo" / "adapter" / "optimizer.pt").is_file()
 
 
-def test_an_ensemble_trains_only_its_new_members_and_rescores_only_the_methods_that_average(demo_workdir):
-    """attribution.ensemble 3 with TRAK: two new adapters (seeds + 1000, + 2000), each with its own EK-FAC factors and
-    score shards (training rows and planted copies), the mean of the members' shards, one TRAK job over the three
-    adapters; the plain Bergson variants, the run's adapter and its factors are reused."""
+def test_an_ensemble_trains_only_its_new_members_and_scores_every_method_with_each(demo_workdir):
+    """attribution.ensemble 3 with TRAK: two new adapters (seeds + 1000, + 2000), each with its own EK-FAC factors,
+    Bergson gradients and preconditioners, and score shards (training rows and planted copies); the mean of the
+    members' shards for every method but TRAK, and one TRAK job over the three adapters. The run's own adapter, its
+    factors and its Bergson index are reused."""
     path = overlay(demo_workdir, "ensemble", {"demo": {"attribution": {
         "ensemble": 3, "methods": ["ekfac", "bergson_cosine", "bergson_cosine_mixed", "bergson_trak"]}}})
     out = snakemake(demo_workdir, *DEMO_TARGETS, "-n", "--configfile", path)
@@ -708,28 +709,51 @@ def test_an_ensemble_trains_only_its_new_members_and_rescores_only_the_methods_t
                                                                   "planted_audit", "damping_sweep", "report",
                                                                   "memory_plan")} == {
         "train_ensemble_member": 2, "member_fit_factors": 2, "member_kronfluence_scores": 4,
-        "member_planted_kronfluence_scores": 2, "ensemble_mean_scores": 3, "bergson_trak": 1,
-        "bergson_trak_shard": 2, "planted_bergson_trak": 1}
+        "member_planted_kronfluence_scores": 2, "bergson_trak": 1, "bergson_trak_shard": 2, "planted_bergson_trak": 1,
+        # per new member: its query gradients, its two-sided preconditioner (cosine_mixed), both variants' reduced
+        # queries, its index of both shards and both variants' scores of them, and of the planted copies
+        "bergson_query_gradients": 2, "bergson_hessian": 4, "bergson_mix": 2, "bergson_reduce": 4,
+        "bergson_index": 4, "bergson_scores": 8, "planted_bergson_index": 2, "planted_bergson_scores": 4,
+        # ekfac's and both Bergson variants' two shards and planted copies
+        "ensemble_mean_scores": 9}
     planned = dry_run_jobs(out)
     trak = next(fields for rule, fields in planned if rule == "bergson_trak")
     assert {"results/demo/adapter", "results/demo/ensemble/member-1/adapter", "results/demo/ensemble/member-2/adapter",
             "results/demo/validation/planted/tokens"} <= set(trak["input"].split(", "))
     means = {fields["output"]: set(fields["input"].split(", ")) for rule, fields in planned
              if rule == "ensemble_mean_scores"}
-    assert means["results/demo/ensemble/mean/kronfluence/scores/ekfac/shard-1.npz"] == {
-        "results/demo/kronfluence/scores/ekfac/shard-1.npz",
-        "results/demo/ensemble/member-1/kronfluence/scores/ekfac/shard-1.npz",
-        "results/demo/ensemble/member-2/kronfluence/scores/ekfac/shard-1.npz"}
+    for path in ("kronfluence/scores/ekfac/shard-1.npz", "bergson/scores/cosine_mixed/shard-1.npz",
+                 "validation/planted/bergson/cosine/shard-0.npz"):
+        assert means[f"results/demo/ensemble/mean/{path}"] == {
+            f"results/demo/{path}", f"results/demo/ensemble/member-1/{path}",
+            f"results/demo/ensemble/member-2/{path}"}, path
+    member_scores = {fields["output"]: fields["input"].split(", ") for rule, fields in planned
+                     if rule == "bergson_scores"}
+    # a member's scores read its own index, reduced query, per-query gradients and preconditioner
+    inputs = member_scores["results/demo/ensemble/member-2/bergson/scores/cosine_mixed/shard-0.npz"]
+    assert {"results/demo/ensemble/member-2/bergson/index/shard-0", "results/demo/ensemble/member-2/bergson/query/"
+            "cosine_mixed", "results/demo/ensemble/member-2/bergson/query/per_query",
+            "results/demo/ensemble/member-2/bergson/hessian/mixed"} <= set(inputs)
     merge = next(fields for rule, fields in planned if rule == "merge_influences")
-    assert "results/demo/ensemble/mean/kronfluence/scores/ekfac/shard-0.npz" in merge["input"]
-    assert "results/demo/bergson/scores/cosine/shard-0.npz" in merge["input"]  # not averaged: the run's adapter
+    assert {"results/demo/ensemble/mean/kronfluence/scores/ekfac/shard-0.npz",
+            "results/demo/ensemble/mean/bergson/scores/cosine/shard-0.npz",
+            "results/demo/bergson/scores/trak/shard-0.npz"} <= set(merge["input"].split(", "))
 
 
-def test_an_ensemble_member_trains_with_the_next_seed(demo_workdir, tmp_path):
+def test_an_ensemble_member_trains_with_the_next_seed_and_the_mean_averages_its_own_scores(demo_workdir, tmp_path):
     """Member 1 of the demo's ensemble, trained for real: the run's training with seed + 1000 on the same rows (clear
-    of the LDS retrains' seeds, seed + repeat)."""
+    of the LDS retrains' seeds, seed + repeat); its Bergson scores come from its own gradients and preconditioner
+    (they differ from the run's adapter's), and the shard the merges read is the two members' mean."""
     path = overlay(demo_workdir, "ensemble-member", {"demo": {"attribution": {"ensemble": 2}}})
-    snakemake(demo_workdir, "results/demo/ensemble/member-1/adapter", "--configfile", path)
+    shard = "bergson/scores/cosine_mixed/shard-0.npz"
+    snakemake(demo_workdir, f"results/demo/ensemble/mean/{shard}", "--configfile", path)
+    own_scores, member_scores, mean = (np.load(demo_workdir / f"results/demo/{folder}{shard}")
+                                       for folder in ("", "ensemble/member-1/", "ensemble/mean/"))
+    assert not np.allclose(own_scores["scores"], member_scores["scores"], rtol=1e-3, atol=1e-4)
+    for key in ("scores", "reduced"):
+        np.testing.assert_allclose(mean[key], (own_scores[key].astype(np.float64) + member_scores[key]) / 2,
+                                   rtol=1e-6, atol=1e-7)
+    assert list(mean["train_ids"]) == list(own_scores["train_ids"]) == list(member_scores["train_ids"])
     member, own = (json.loads((demo_workdir / f"results/demo/{folder}/manifest.json").read_text())
                    for folder in ("ensemble/member-1/adapter", "adapter"))
     assert member["seed"] == own["seed"] + 1000 and member["training"]["seed"] == own["training"]["seed"] + 1000

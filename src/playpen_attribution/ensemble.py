@@ -1,8 +1,9 @@
 """An ensemble of adapters (`attribution.ensemble`: K adapters trained on every training row; member 0 is the run's
 adapter, member k >= 1 trains with seed training.seed + 1000 k). TRAK averages over it inside Bergson's own
-pipeline (`bergson_attribution.trak_stage`); every Kronfluence strategy scores each member with the member's own
-factors, and its score shards are the members' mean (Park et al. 2023 average over independently trained models
-for the same reason: one training run's scores carry its seed's noise).
+pipeline (`bergson_attribution.trak_stage`); every other method scores each member with the member's own factors
+(Kronfluence) or gradients and preconditioners (Bergson), and its score shards are the members' mean (Park et al.
+2023 average over independently trained models for the same reason: one training run's scores carry its seed's
+noise).
 """
 
 from __future__ import annotations
@@ -14,6 +15,9 @@ import numpy as np
 from playpen_attribution.tables import save_shard
 
 MEMBER_FOLDER = "ensemble/member-{member}"  # under results/<run>/: member k >= 1 (member 0 is the run's own folders)
+# The Bergson rules' wildcard `member_dir`: "" (the run's own adapter) or a member's folder with its slash, so one rule
+# scores every member (the Kronfluence rules have a copy per member instead, wildcard `member`).
+MEMBER_DIR_PATTERN = r"(ensemble/member-[1-9]\d*/)?"
 
 
 # Members' seeds stay clear of the seeds the LDS and removal retrains use (training.seed + repeat): a member that
@@ -26,17 +30,13 @@ def member_seed(training_seed: int, member: int) -> int:
     return training_seed + MEMBER_SEED_STRIDE * member
 
 
-def adapters_line(methods, members: int, training_seed: int) -> str:
-    """The report's line saying which adapters each method's scores come from."""
-    from playpen_attribution.methods import parse_method
-
+def adapters_line(members: int, training_seed: int) -> str:
+    """The report's line saying which adapters the scores come from."""
     if members <= 1:
         return f"the run's adapter (training seed {training_seed})"
     seeds = ", ".join(str(member_seed(training_seed, k)) for k in range(members))
-    averaged = [m for m in methods if parse_method(m).ensembled]
-    alone = [m for m in methods if m not in averaged]
-    parts = [f"{', '.join(averaged)}: mean over {members} adapters (training seeds {seeds})"] if averaged else []
-    return "; ".join(parts + ([f"{', '.join(alone)}: the run's adapter alone (seed {training_seed})"] if alone else []))
+    return (f"every method: the mean over {members} adapters (training seeds {seeds}); the damping sweep rescores "
+            f"the run's adapter alone (seed {training_seed})")
 
 
 def member_paths(run: str, path: str, members: int) -> list[str]:

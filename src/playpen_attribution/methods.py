@@ -5,10 +5,8 @@ Names: Kronfluence strategies (identity, diagonal, kfac, ekfac) and Bergson vari
 bergson_{dot,cosine}[_{train,query,mixed}], where the suffix names the side the preconditioner is fitted on, and
 bergson_trackstar: TrackStar (Chang et al. 2024) through Bergson, the mixed-preconditioned cosine of gradients first
 normalised by the adapter's Adam second moments (its own gradient space: `Method.gradient_space` "adam"), and
-bergson_trak: TRAK (Park et al. 2023) through Bergson's own pipeline, averaged over the run's ensemble of adapters.
-
-`Method.ensembled`: whether a method's scores are averaged over the adapters of `attribution.ensemble` (every
-Kronfluence strategy, and TRAK); the other Bergson variants score the run's adapter alone.
+bergson_trak: TRAK (Park et al. 2023) through Bergson's own pipeline. Every method's scores are averaged over the
+adapters of `attribution.ensemble` (TRAK inside its own job, the others as the mean of the members' score shards).
 """
 
 from __future__ import annotations
@@ -48,11 +46,6 @@ class Method:
     @property
     def is_trak(self) -> bool:
         return self.family == "bergson" and self.kind == TRAK
-
-    @property
-    def ensembled(self) -> bool:
-        """Averaged over the adapters of `attribution.ensemble`: every Kronfluence strategy, and TRAK."""
-        return self.family == "kronfluence" or self.is_trak
 
     @property
     def gradient_space(self) -> str:

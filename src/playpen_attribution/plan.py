@@ -296,12 +296,6 @@ def stage_estimates(run: dict, arch: dict, lengths: dict, device: str) -> dict[s
             score["per-token scores"] = queries * rows_per_shard * seq * 4 * 2 / GB
         plans["kronfluence_scores"] = score
         plans["planted_kronfluence_scores"] = {k: v for k, v in score.items() if k != "per-token scores"}
-        if attribution["ensemble"] > 1:
-            # no model: the members' mean of one shard holds the running sum and one member's arrays (the scores
-            # in float64, the per-token scores as stored)
-            plans["ensemble_mean_scores"] = {"runtime": runtime,
-                                             "scores": 2 * queries * rows_per_shard * 8 / GB,
-                                             **{k: v for k, v in score.items() if k == "per-token scores"}}
 
     if any(m.startswith("bergson_") for m in attribution["methods"]):
         p = bg["projection_dim"]
@@ -346,6 +340,12 @@ def stage_estimates(run: dict, arch: dict, lengths: dict, device: str) -> dict[s
                 # beside the gradient pass's peak (measured on smol: 8.3 GB, above either pass alone)
                 "1 - p logits": 2 * _logits_gb(arch, bg["trak_loss_batch_size"] * seq, 1),
             }
+    if attribution["ensemble"] > 1 and any(m != "bergson_trak" for m in attribution["methods"]):
+        # no model: the members' mean of one shard (any method but TRAK) holds the running sum and one member's
+        # arrays: the scores in float64, Kronfluence's per-token scores as stored
+        plans["ensemble_mean_scores"] = {
+            "runtime": runtime, "scores": 2 * lengths["queries"] * rows_per_shard * 8 / GB,
+            **{k: v for k, v in plans.get("kronfluence_scores", {}).items() if k == "per-token scores"}}
     return plans
 
 

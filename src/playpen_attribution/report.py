@@ -369,7 +369,7 @@ def build_report(*, query_csv, train_csv, influences_csv, out_dir, train_scores_
     summary = {"methods": ", ".join(methods), "queries": len(query_ids), "training rows": len(train_ids),
                "k": top_k, "per-token scores": ", ".join(sorted({k[0] for k in per_token})) or "not computed"}
     if training_seed is not None:
-        summary["adapters"] = adapters_line(list(methods), ensemble, training_seed)
+        summary["adapters"] = adapters_line(ensemble, training_seed)
     page = render_page(title=title, summary=summary, methods=methods, agree=agree, stability=stability,
                        episodes=episodes, queries=queries, query_ids=query_ids,
                        plots={"agreement": paths["agreement.png"], "distributions": paths["score_distributions.png"]},

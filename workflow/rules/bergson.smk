@@ -1,21 +1,23 @@
 # Bergson: the training rows' gradients collected once per contiguous shard (an index), the query set reduced to one
 # gradient per variant, optional dense preconditioners, and every variant's scores computed from the index (no model):
-# each row against the reduced query and against each query on its own.
+# each row against the reduced query and against each query on its own. Every stage runs per adapter of the ensemble
+# (attribution.ensemble): {member_dir} is "" for the run's own, "ensemble/member-k/" for member k >= 1; the merges
+# read the mean of the members' score shards (rule ensemble_mean_scores).
 
 
 rule bergson_query_gradients:
     input:
-        model="results/{run}/adapter",
+        model="results/{run}/{member_dir}adapter",
         query="results/{run}/data/tokens/query",
     output:
-        directory("results/{run}/bergson/query/per_query"),
+        directory("results/{run}/{member_dir}bergson/query/per_query"),
     params:
         bergson=stage_settings(BergsonGradients),
         code=script_code("bergson_query_gradients.py"),
     log:
-        "logs/{run}/bergson_query_gradients.log",
+        "logs/{run}/{member_dir}bergson_query_gradients.log",
     benchmark:
-        "benchmarks/{run}/bergson_query_gradients.tsv"
+        "benchmarks/{run}/{member_dir}bergson_query_gradients.tsv"
     threads: model_threads
     resources:
         gpu=1,
@@ -29,19 +31,19 @@ rule bergson_query_gradients:
 
 rule bergson_hessian:
     input:
-        model="results/{run}/adapter",
+        model="results/{run}/{member_dir}adapter",
         tokens="results/{run}/data/tokens/{side}",
     output:
-        directory("results/{run}/bergson/hessian/{side}"),
+        directory("results/{run}/{member_dir}bergson/hessian/{side}"),
     wildcard_constraints:
         side="train|query",
     params:
         bergson=stage_settings(BergsonHessian),
         code=script_code("bergson_hessian.py"),
     log:
-        "logs/{run}/bergson_hessian_{side}.log",
+        "logs/{run}/{member_dir}bergson_hessian_{side}.log",
     benchmark:
-        "benchmarks/{run}/bergson_hessian_{side}.tsv"
+        "benchmarks/{run}/{member_dir}bergson_hessian_{side}.tsv"
     threads: model_threads
     resources:
         gpu=1,
@@ -55,17 +57,17 @@ rule bergson_hessian:
 
 rule bergson_mix:
     input:
-        query="results/{run}/bergson/hessian/query",
-        train="results/{run}/bergson/hessian/train",
+        query="results/{run}/{member_dir}bergson/hessian/query",
+        train="results/{run}/{member_dir}bergson/hessian/train",
     output:
-        directory("results/{run}/bergson/hessian/mixed"),
+        directory("results/{run}/{member_dir}bergson/hessian/mixed"),
     params:
         bergson=stage_settings(BergsonMix),
         code=script_code("bergson_mix.py"),
     log:
-        "logs/{run}/bergson_mix.log",
+        "logs/{run}/{member_dir}bergson_mix.log",
     benchmark:
-        "benchmarks/{run}/bergson_mix.tsv"
+        "benchmarks/{run}/{member_dir}bergson_mix.tsv"
     conda:
         CONDA_ENV
     script:
@@ -74,11 +76,11 @@ rule bergson_mix:
 
 rule bergson_reduce:
     input:
-        model="results/{run}/adapter",
+        model="results/{run}/{member_dir}adapter",
         query="results/{run}/data/tokens/query",
         hessian=bergson_hessian,
     output:
-        directory("results/{run}/bergson/query/{variant}"),
+        directory("results/{run}/{member_dir}bergson/query/{variant}"),
     wildcard_constraints:
         variant=VARIANT_PATTERN,
     params:
@@ -87,9 +89,9 @@ rule bergson_reduce:
         normalize=lambda wc: gradient_space(wc.variant),
         code=script_code("bergson_reduce.py"),
     log:
-        "logs/{run}/bergson_reduce_{variant}.log",
+        "logs/{run}/{member_dir}bergson_reduce_{variant}.log",
     benchmark:
-        "benchmarks/{run}/bergson_reduce_{variant}.tsv"
+        "benchmarks/{run}/{member_dir}bergson_reduce_{variant}.tsv"
     threads: model_threads
     resources:
         gpu=1,
@@ -104,10 +106,10 @@ rule bergson_reduce:
 # The one pass over a shard's training tokens: every variant (and a new one) is scored from this index.
 rule bergson_index:
     input:
-        model="results/{run}/adapter",
+        model="results/{run}/{member_dir}adapter",
         train="results/{run}/data/tokens/train",
     output:
-        directory("results/{run}/bergson/index/shard-{shard}"),
+        directory("results/{run}/{member_dir}bergson/index/shard-{shard}"),
     wildcard_constraints:
         shard=r"\d+",
     params:
@@ -115,9 +117,9 @@ rule bergson_index:
         bergson=stage_settings(BergsonGradients),
         code=script_code("bergson_index.py"),
     log:
-        "logs/{run}/bergson_index_{shard}.log",
+        "logs/{run}/{member_dir}bergson_index_{shard}.log",
     benchmark:
-        "benchmarks/{run}/bergson_index_{shard}.tsv"
+        "benchmarks/{run}/{member_dir}bergson_index_{shard}.tsv"
     threads: model_threads
     resources:
         gpu=1,
@@ -134,11 +136,11 @@ rule bergson_scores:
     input:
         index=bergson_shard_index,
         query="results/{run}/data/tokens/query",
-        reduced="results/{run}/bergson/query/{variant}",
+        reduced="results/{run}/{member_dir}bergson/query/{variant}",
         per_query=bergson_per_query,
         hessian=bergson_hessian,
     output:
-        "results/{run}/bergson/scores/{variant}/shard-{shard}.npz",
+        "results/{run}/{member_dir}bergson/scores/{variant}/shard-{shard}.npz",
     wildcard_constraints:
         variant=VARIANT_PATTERN,
         shard=r"\d+",
@@ -146,9 +148,9 @@ rule bergson_scores:
         bergson=variant_settings(BergsonScoring),
         code=script_code("bergson_scores.py"),
     log:
-        "logs/{run}/bergson_scores_{variant}_{shard}.log",
+        "logs/{run}/{member_dir}bergson_scores_{variant}_{shard}.log",
     benchmark:
-        "benchmarks/{run}/bergson_scores_{variant}_{shard}.tsv"
+        "benchmarks/{run}/{member_dir}bergson_scores_{variant}_{shard}.tsv"
     resources:
         mem_mb=score_mem("bergson_scores"),
         runtime=attribution_runtime,
@@ -162,15 +164,15 @@ rule bergson_scores:
 # second moments (training saves them as adapter/optimizer.pt), under bergson/adam/. Only bergson_trackstar reads them.
 use rule bergson_query_gradients as bergson_adam_query_gradients with:
     output:
-        directory("results/{run}/bergson/adam/query/per_query"),
+        directory("results/{run}/{member_dir}bergson/adam/query/per_query"),
     params:
         bergson=stage_settings(BergsonGradients),
         normalize="adam",
         code=script_code("bergson_query_gradients.py"),
     log:
-        "logs/{run}/bergson_adam_query_gradients.log",
+        "logs/{run}/{member_dir}bergson_adam_query_gradients.log",
     benchmark:
-        "benchmarks/{run}/bergson_adam_query_gradients.tsv"
+        "benchmarks/{run}/{member_dir}bergson_adam_query_gradients.tsv"
     resources:
         gpu=1,
         mem_mb=score_mem("bergson_adam_query_gradients"),
@@ -179,15 +181,15 @@ use rule bergson_query_gradients as bergson_adam_query_gradients with:
 
 use rule bergson_hessian as bergson_adam_hessian with:
     output:
-        directory("results/{run}/bergson/adam/hessian/{side}"),
+        directory("results/{run}/{member_dir}bergson/adam/hessian/{side}"),
     params:
         bergson=stage_settings(BergsonHessian),
         normalize="adam",
         code=script_code("bergson_hessian.py"),
     log:
-        "logs/{run}/bergson_adam_hessian_{side}.log",
+        "logs/{run}/{member_dir}bergson_adam_hessian_{side}.log",
     benchmark:
-        "benchmarks/{run}/bergson_adam_hessian_{side}.tsv"
+        "benchmarks/{run}/{member_dir}bergson_adam_hessian_{side}.tsv"
     resources:
         gpu=1,
         mem_mb=score_mem("bergson_adam_hessian"),
@@ -196,28 +198,28 @@ use rule bergson_hessian as bergson_adam_hessian with:
 
 use rule bergson_mix as bergson_adam_mix with:
     input:
-        query="results/{run}/bergson/adam/hessian/query",
-        train="results/{run}/bergson/adam/hessian/train",
+        query="results/{run}/{member_dir}bergson/adam/hessian/query",
+        train="results/{run}/{member_dir}bergson/adam/hessian/train",
     output:
-        directory("results/{run}/bergson/adam/hessian/mixed"),
+        directory("results/{run}/{member_dir}bergson/adam/hessian/mixed"),
     log:
-        "logs/{run}/bergson_adam_mix.log",
+        "logs/{run}/{member_dir}bergson_adam_mix.log",
     benchmark:
-        "benchmarks/{run}/bergson_adam_mix.tsv"
+        "benchmarks/{run}/{member_dir}bergson_adam_mix.tsv"
 
 
 use rule bergson_index as bergson_adam_index with:
     output:
-        directory("results/{run}/bergson/adam/index/shard-{shard}"),
+        directory("results/{run}/{member_dir}bergson/adam/index/shard-{shard}"),
     params:
         shards=shard_count,
         bergson=stage_settings(BergsonGradients),
         normalize="adam",
         code=script_code("bergson_index.py"),
     log:
-        "logs/{run}/bergson_adam_index_{shard}.log",
+        "logs/{run}/{member_dir}bergson_adam_index_{shard}.log",
     benchmark:
-        "benchmarks/{run}/bergson_adam_index_{shard}.tsv"
+        "benchmarks/{run}/{member_dir}bergson_adam_index_{shard}.tsv"
     resources:
         gpu=1,
         mem_mb=score_mem("bergson_adam_index"),

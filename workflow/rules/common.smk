@@ -18,7 +18,7 @@ from playpen_attribution.methods import (
     parse_variant,
 )
 from playpen_attribution.data import split_config
-from playpen_attribution.ensemble import member_paths, member_seed
+from playpen_attribution.ensemble import MEMBER_DIR_PATTERN, member_paths, member_seed
 from playpen_attribution.plan import (
     architecture_file,
     architecture_of,
@@ -84,6 +84,8 @@ ANY_RUN = run_names(lambda c: True)
 
 wildcard_constraints:
     run=ANY_RUN,
+    # the Bergson stages' ensemble member: "" for the run's own adapter, "ensemble/member-k/" for member k >= 1
+    member_dir=MEMBER_DIR_PATTERN,
 
 
 def refuse_unknown_run(wildcards):
@@ -296,9 +298,8 @@ def ensemble_adapters(wildcards):
 
 def ensemble_scores(wildcards, path, method):
     """A score file of `method` under results/<run>/ (`path`, e.g. kronfluence/scores/ekfac/shard-0.npz): the mean over
-    the ensemble's members where the method averages over them and the run has more than one (rule
-    ensemble_mean_scores), else the run's own adapter's."""
-    if method.family == "kronfluence" and ensemble_size(wildcards) > 1:  # TRAK averages inside its own job
+    the ensemble's members where the run has more than one (rule ensemble_mean_scores), else the run's own adapter's."""
+    if not method.is_trak and ensemble_size(wildcards) > 1:  # TRAK averages in its own job
         return f"results/{wildcards.run}/ensemble/mean/{path}"
     return f"results/{wildcards.run}/{path}"
 
@@ -328,9 +329,12 @@ def member_training(wildcards):
 
 # Bergson inputs by run.
 def bergson_space(wildcards, area="bergson"):
-    """Where a variant's gradients live under results/<run>/<area>: `bergson` for raw gradients, `bergson/adam` for
-    TrackStar's (normalised by the adapter's Adam second moments)."""
-    parts = ["results", wildcards.run, area] + (["adam"] if gradient_space(wildcards.variant) == "adam" else [])
+    """Where a variant's gradients live under results/<run>/<member_dir><area>: `bergson` for raw gradients,
+    `bergson/adam` for TrackStar's (normalised by the adapter's Adam second moments). The member's folder where the
+    job scores an ensemble member's adapter (wildcard member_dir), else the run's own."""
+    member_dir = getattr(wildcards, "member_dir", "")
+    parts = [f"results/{wildcards.run}/{member_dir}{area}"] + (
+        ["adam"] if gradient_space(wildcards.variant) == "adam" else [])
     return "/".join(parts)
 
 

@@ -98,26 +98,3 @@ use rule kronfluence_scores as member_kronfluence_scores with:
         gpu=1,
         mem_mb=score_mem("kronfluence_scores"),
         runtime=attribution_runtime,
-
-
-# A table job: the members' score shards (the run's own and each member's) averaged into one.
-rule ensemble_mean_scores:
-    input:
-        ensemble_member_scores,
-    output:
-        "results/{run}/ensemble/mean/{path}",
-    wildcard_constraints:
-        path=rf"(validation/planted/)?kronfluence/(scores/)?({STRATEGY_PATTERN})/shard-\d+\.npz",
-    params:
-        code=script_code("ensemble_mean_scores.py"),
-    log:
-        "logs/{run}/ensemble_mean_scores/{path}.log",
-    benchmark:
-        "benchmarks/{run}/ensemble_mean_scores/{path}.tsv"
-    resources:
-        # the plan's sum and one member's per-token scores, at least resources.table_mem_mb
-        mem_mb=planned_mem_mb("ensemble_mean_scores", lambda run: run["resources"]["table_mem_mb"]),
-    conda:
-        CONDA_ENV
-    script:
-        "../scripts/ensemble_mean_scores.py"

@@ -27,6 +27,31 @@ rule query_losses:
         "../scripts/query_losses.py"
 
 
+# An ensemble (attribution.ensemble): the members' score shards (the run's own and each member's) averaged into the
+# one the merges read, for every method but TRAK (which averages in its own job). A table job.
+rule ensemble_mean_scores:
+    input:
+        ensemble_member_scores,
+    output:
+        "results/{run}/ensemble/mean/{path}",
+    wildcard_constraints:
+        path=rf"(validation/planted/)?(kronfluence/(scores/)?({STRATEGY_PATTERN})|bergson/(scores/)?({VARIANT_PATTERN}))"
+        r"/shard-\d+\.npz",
+    params:
+        code=script_code("ensemble_mean_scores.py"),
+    log:
+        "logs/{run}/ensemble_mean_scores/{path}.log",
+    benchmark:
+        "benchmarks/{run}/ensemble_mean_scores/{path}.tsv"
+    resources:
+        # the plan's sum and one member's per-token scores, at least resources.table_mem_mb
+        mem_mb=planned_mem_mb("ensemble_mean_scores", lambda run: run["resources"]["table_mem_mb"]),
+    conda:
+        CONDA_ENV
+    script:
+        "../scripts/ensemble_mean_scores.py"
+
+
 rule merge_influences:
     input:
         unpack(lambda wc: {f"shards_{m}": paths for m, paths in method_shards(wc).items()}),

@@ -67,10 +67,10 @@ use rule planted_kronfluence_scores as member_planted_kronfluence_scores with:
 
 use rule bergson_index as planted_bergson_index with:
     input:
-        model="results/{run}/adapter",
+        model="results/{run}/{member_dir}adapter",
         train="results/{run}/validation/planted/tokens",
     output:
-        directory("results/{run}/validation/planted/bergson/index/shard-{shard}"),
+        directory("results/{run}/{member_dir}validation/planted/bergson/index/shard-{shard}"),
     wildcard_constraints:
         shard="0",
     params:
@@ -78,17 +78,17 @@ use rule bergson_index as planted_bergson_index with:
         bergson=stage_settings(BergsonGradients),
         code=script_code("bergson_index.py"),
     log:
-        "logs/{run}/planted_bergson_index_{shard}.log",
+        "logs/{run}/{member_dir}planted_bergson_index_{shard}.log",
     benchmark:
-        "benchmarks/{run}/planted_bergson_index_{shard}.tsv"
+        "benchmarks/{run}/{member_dir}planted_bergson_index_{shard}.tsv"
 
 
 use rule bergson_adam_index as planted_bergson_adam_index with:
     input:
-        model="results/{run}/adapter",
+        model="results/{run}/{member_dir}adapter",
         train="results/{run}/validation/planted/tokens",
     output:
-        directory("results/{run}/validation/planted/bergson/adam/index/shard-{shard}"),
+        directory("results/{run}/{member_dir}validation/planted/bergson/adam/index/shard-{shard}"),
     wildcard_constraints:
         shard="0",
     params:
@@ -97,20 +97,20 @@ use rule bergson_adam_index as planted_bergson_adam_index with:
         normalize="adam",
         code=script_code("bergson_index.py"),
     log:
-        "logs/{run}/planted_bergson_adam_index_{shard}.log",
+        "logs/{run}/{member_dir}planted_bergson_adam_index_{shard}.log",
     benchmark:
-        "benchmarks/{run}/planted_bergson_adam_index_{shard}.tsv"
+        "benchmarks/{run}/{member_dir}planted_bergson_adam_index_{shard}.tsv"
 
 
 use rule bergson_scores as planted_bergson_scores with:
     input:
         index=planted_shard_index,
         query="results/{run}/data/tokens/query",
-        reduced="results/{run}/bergson/query/{variant}",
+        reduced="results/{run}/{member_dir}bergson/query/{variant}",
         per_query=bergson_per_query,
         hessian=bergson_hessian,
     output:
-        "results/{run}/validation/planted/bergson/{variant}/shard-{shard}.npz",
+        "results/{run}/{member_dir}validation/planted/bergson/{variant}/shard-{shard}.npz",
     wildcard_constraints:
         variant=VARIANT_PATTERN,
         shard="0",
@@ -118,9 +118,9 @@ use rule bergson_scores as planted_bergson_scores with:
         bergson=variant_settings(BergsonScoring),
         code=script_code("bergson_scores.py"),
     log:
-        "logs/{run}/planted_bergson_scores_{variant}_{shard}.log",
+        "logs/{run}/{member_dir}planted_bergson_scores_{variant}_{shard}.log",
     benchmark:
-        "benchmarks/{run}/planted_bergson_scores_{variant}_{shard}.tsv"
+        "benchmarks/{run}/{member_dir}planted_bergson_scores_{variant}_{shard}.tsv"
 
 
 # TRAK scored the copies in its one job (rule bergson_trak): its planted shard is a slice of that.
