@@ -411,25 +411,28 @@ def test_real_runs_dry_run_builds_the_dag(tmp_path):
     proc = snakemake(tmp_path, "-n", *(f"results/{run}/report/index.html" for run in runs))
     # per run: EK-FAC and four Bergson variants (plain, train-side and mixed preconditioner, TrackStar), 4 shards
     # each, and TRAK; TrackStar's Adam-normalised gradients, preconditioners and index; 32 LDS subsets x 2 seeds in one job each;
-    # the removal check: none, TF-IDF, 3 random draws and 6 methods, one retrain job each
+    # the removal check: none, TF-IDF, 3 random draws and 6 methods, one retrain job each. Every Bergson stage but
+    # TRAK's runs once per adapter of the ensemble of 2 (the run's own and member 1)
     assert planned_jobs(proc) == {"fetch_base_model": 2, "prepare_data": 6, "tokenize": 6, "train_adapter": 2,
-                                  "fit_factors": 2, "kronfluence_scores": 8, "bergson_query_gradients": 2,
-                                  "bergson_hessian": 4, "bergson_mix": 2, "bergson_reduce": 8,
-                                  "bergson_index": 8, "bergson_scores": 32, "query_losses": 2, "memory_plan": 2,
+                                  "fit_factors": 2, "kronfluence_scores": 8, "bergson_query_gradients": 2 * 2,
+                                  "bergson_hessian": 4 * 2, "bergson_mix": 2 * 2, "bergson_reduce": 8 * 2,
+                                  "bergson_index": 8 * 2, "bergson_scores": 32 * 2, "query_losses": 2, "memory_plan": 2,
                                   "merge_influences": 2, "merge_train_scores": 2, "report": 2,
-                                  "bergson_adam_query_gradients": 2, "bergson_adam_hessian": 4, "bergson_adam_mix": 2,
-                                  "bergson_adam_index": 8, "planted_bergson_adam_index": 2,
-                                  "planted_copies": 2, "planted_kronfluence_scores": 2, "planted_bergson_index": 2,
-                                  "planted_bergson_scores": 8,
+                                  "bergson_adam_query_gradients": 2 * 2, "bergson_adam_hessian": 4 * 2,
+                                  "bergson_adam_mix": 2 * 2, "bergson_adam_index": 8 * 2,
+                                  "planted_bergson_adam_index": 2 * 2, "planted_copies": 2,
+                                  "planted_kronfluence_scores": 2, "planted_bergson_index": 2 * 2,
+                                  "planted_bergson_scores": 8 * 2,
                                   "planted_audit": 2, "lds_retrain": 128, "lds_losses": 2, "lds": 2,
                                   "removal_rows": 22, "removal_retrain": 22, "removal": 2,
-                                  # the two preconditioned Bergson variants' damping, rescored from the index
+                                  # the two preconditioned Bergson variants' damping, rescored from the run's index
                                   "damping_sweep_bergson": 4, "damping_sweep": 2,
                                   # TRAK over the ensemble of 2; the second member's EK-FAC factors and shards, and
-                                  # the members' mean of each EK-FAC shard (4 shards and the planted copies)
+                                  # the members' mean of each shard of EK-FAC and the four Bergson variants (4
+                                  # shards and the planted copies)
                                   "bergson_trak": 2, "bergson_trak_shard": 8, "planted_bergson_trak": 2,
                                   "train_ensemble_member": 2, "member_fit_factors": 2, "member_kronfluence_scores": 8,
-                                  "member_planted_kronfluence_scores": 2, "ensemble_mean_scores": 10}
+                                  "member_planted_kronfluence_scores": 2, "ensemble_mean_scores": 2 * 5 * 5}
     assert set(planned_jobs(proc)) == EVERY_STAGE
     assert "gpu=1" in proc.stdout
 
@@ -494,8 +497,9 @@ def test_taboo_dag_renders_with_every_stage(tmp_path):
     assert svg.lstrip().startswith("<?xml") and "</svg>" in svg
     shown = set(re.findall(r"<text[^>]*>(\w+)</text>", svg))
     assert EVERY_STAGE <= shown
-    # one node per score shard: the DAG shows the fan-out a cluster runs in parallel
-    assert dag.count('label = "bergson_scores') == 16 and dag.count('label = "kronfluence_scores') == 4
+    # one node per score shard (and per adapter of the ensemble of 2): the DAG shows the fan-out a cluster runs in
+    # parallel
+    assert dag.count('label = "bergson_scores') == 16 * 2 and dag.count('label = "kronfluence_scores') == 4
 
 
 def test_committed_rule_graph_is_current(tmp_path):

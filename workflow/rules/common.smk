@@ -316,6 +316,11 @@ def method_shards(wildcards, bergson_only=False):
     return shards
 
 
+# A score shard under results/<run>/ that each member of an ensemble has and ensemble_mean_scores averages, of any
+# method but TRAK, for the training rows or the planted copies.
+MEMBER_SHARD_PATTERN = rf"(validation/planted/)?(kronfluence/(scores/)?({STRATEGY_PATTERN})|bergson/(scores/)?({VARIANT_PATTERN}))/shard-\d+\.npz"
+
+
 def ensemble_member_scores(wildcards):
     """The inputs of ensemble_mean_scores, the members' files it averages: the run's own, then each member's."""
     return member_paths(wildcards.run, wildcards.path, ensemble_size(wildcards))

@@ -35,8 +35,7 @@ rule ensemble_mean_scores:
     output:
         "results/{run}/ensemble/mean/{path}",
     wildcard_constraints:
-        path=rf"(validation/planted/)?(kronfluence/(scores/)?({STRATEGY_PATTERN})|bergson/(scores/)?({VARIANT_PATTERN}))"
-        r"/shard-\d+\.npz",
+        path=MEMBER_SHARD_PATTERN,
     params:
         code=script_code("ensemble_mean_scores.py"),
     log:
