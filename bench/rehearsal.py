@@ -59,16 +59,20 @@ def extra(parser):
 
 
 def read_benchmarks(workdir: Path, run: str = RUN) -> list[dict]:
-    """Each job's wall time and memory: Snakemake's sampled max RSS, and the true peak the job logged itself."""
+    """Each job's wall time and memory: Snakemake's sampled max RSS, and the true peak the job logged itself. Jobs in
+    folders are read too: an ensemble member's Bergson jobs (`ensemble/member-1/bergson_index_0`) and the members'
+    means (`ensemble_mean_scores/<shard>`)."""
     rows = []
-    for path in sorted((workdir / "benchmarks" / run).glob("*.tsv")):
+    root = workdir / "benchmarks" / run
+    for path in sorted(root.rglob("*.tsv")):
         with open(path) as handle:
             record = next(csv.DictReader(handle, delimiter="\t"))
-        log = workdir / "logs" / run / f"{path.stem}.log"
+        job = path.relative_to(root).with_suffix("").as_posix()
+        log = workdir / "logs" / run / f"{job}.log"
         text = log.read_text() if log.is_file() else ""
         found, gpu = re.findall(PEAK_PATTERN, text), re.findall(GPU_PEAK_PATTERN, text)
         rate = re.findall(r"throughput: \d+ tokens of gradient passes in [\d.]+ s, (\d+) tokens/s", text)
-        rows.append({"job": path.stem, "seconds": float(record["s"]), "sampled_rss_mb": float(record["max_rss"]),
+        rows.append({"job": job, "seconds": float(record["s"]), "sampled_rss_mb": float(record["max_rss"]),
                      "peak_mb": float(found[-1]) if found else None,
                      # on CUDA: the tensors' peak and the caching allocator's (what the card must hold)
                      "gpu_allocated_mb": float(gpu[-1][0]) if gpu else None,
@@ -78,9 +82,11 @@ def read_benchmarks(workdir: Path, run: str = RUN) -> list[dict]:
 
 
 def plan_kind(job: str, kinds) -> str | None:
-    """The plan's job kind of a benchmarked job (`kronfluence_scores_ekfac_0` -> `kronfluence_scores`)."""
+    """The plan's job kind of a benchmarked job (`kronfluence_scores_ekfac_0` -> `kronfluence_scores`; a member's
+    `ensemble/member-1/bergson_index_0` -> `bergson_index`; `ensemble_mean_scores/<shard>` -> `ensemble_mean_scores`)."""
+    job = re.sub(r"^ensemble/member-\d+/", "", job)
     for kind in sorted(kinds, key=len, reverse=True):
-        if job == kind or job.startswith(kind + "_"):
+        if job == kind or job.startswith(kind + "_") or job.startswith(kind + "/"):
             return kind
     return None
 

@@ -12,8 +12,10 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "bench"))
 
 import quality_table  # noqa: E402
+import rehearsal  # noqa: E402
 import replicate_agreement  # noqa: E402
 
+from playpen_attribution.stage import PEAK_RSS_LINE  # noqa: E402
 from playpen_attribution.validation import split_half_agreement  # noqa: E402
 
 QUERIES = 6
@@ -81,3 +83,23 @@ def test_quality_table_refuses_an_lds_csv_without_the_paired_columns(tmp_path):
     pd.DataFrame({"method": ["ekfac"], "kind": ["method"], "lds": [0.1]}).to_csv(tmp_path / "lds.csv", index=False)
     with pytest.raises(SystemExit, match=r"lds.csv predates the paired columns; rerun its lds job"):
         quality_table.paired_table(tmp_path, "smol")
+
+
+def test_the_per_job_table_reads_an_ensemble_members_jobs_and_plans_them_as_the_runs(tmp_path):
+    """An ensemble member's Bergson jobs and the members' means keep their benchmarks in folders: the per-job table
+    reads them with their own logged peaks, and compares each with the plan of its job kind."""
+    header = "s\th:m:s\tmax_rss\tmax_vms\tmax_uss\tmax_pss\tio_in\tio_out\tmean_load\tcpu_time\n"
+    jobs = {"bergson_index_0": (85.0, 5000, 6000), "ensemble/member-1/bergson_index_0": (86.0, 5100, 6100),
+            "ensemble_mean_scores/bergson/scores/cosine/shard-0.npz": (1.0, 300, 320)}
+    for job, (seconds, rss, peak) in jobs.items():
+        bench, log = tmp_path / "benchmarks" / "smol" / f"{job}.tsv", tmp_path / "logs" / "smol" / f"{job}.log"
+        for path in (bench, log):
+            path.parent.mkdir(parents=True, exist_ok=True)
+        bench.write_text(header + f"{seconds}\t0:01:25\t{rss}\t0\t0\t0\t0\t0\t0\t0\n")
+        log.write_text(PEAK_RSS_LINE.format(peak) + "\n")  # as every job logs it
+    rows = {row["job"]: row for row in rehearsal.read_benchmarks(tmp_path, "smol")}
+    assert {job: (row["seconds"], row["sampled_rss_mb"], row["peak_mb"]) for job, row in rows.items()} == \
+        {job: (float(s), float(r), float(p)) for job, (s, r, p) in jobs.items()}
+    kinds = {"bergson_index": 1, "planted_bergson_index": 1, "ensemble_mean_scores": 1}
+    assert [rehearsal.plan_kind(job, kinds) for job in jobs] == ["bergson_index", "bergson_index",
+                                                                "ensemble_mean_scores"]

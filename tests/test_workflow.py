@@ -746,10 +746,11 @@ def test_an_ensemble_trains_only_its_new_members_and_scores_every_method_with_ea
 
 def test_an_ensemble_member_trains_with_the_next_seed_and_the_mean_averages_its_own_scores(demo_workdir, tmp_path):
     """Member 1 of the demo's ensemble, trained for real: the run's training with seed + 1000 on the same rows (clear
-    of the LDS retrains' seeds, seed + repeat); its Bergson scores come from its own gradients and preconditioner
-    (they differ from the run's adapter's), and the shard the merges read is the two members' mean."""
+    of the LDS retrains' seeds, seed + repeat); its Bergson scores come from its own gradients (they differ from the
+    run's adapter's), and the shard the merges read is the two members' mean. (That a member's preconditioned scores
+    read its own preconditioner: the dry run of test_an_ensemble_trains_only_its_new_members...)"""
     path = overlay(demo_workdir, "ensemble-member", {"demo": {"attribution": {"ensemble": 2}}})
-    shard = "bergson/scores/cosine_mixed/shard-0.npz"
+    shard = "bergson/scores/cosine/shard-0.npz"
     snakemake(demo_workdir, f"results/demo/ensemble/mean/{shard}", "--configfile", path)
     own_scores, member_scores, mean = (np.load(demo_workdir / f"results/demo/{folder}{shard}")
                                        for folder in ("", "ensemble/member-1/", "ensemble/mean/"))
