@@ -28,6 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import REPO, bench_arguments, machine_line, snakemake_command, write_docs_table  # noqa: E402
 
 from playpen_attribution.devices import GPU_PEAK_LINE  # noqa: E402
+from playpen_attribution.ensemble import MEMBER_DIR_PATTERN  # noqa: E402
 from playpen_attribution.stage import PEAK_RSS_LINE  # noqa: E402
 
 PEAK_PATTERN = re.escape(PEAK_RSS_LINE).replace(r"\{:\.0f\}", r"([\d.]+)")
@@ -84,7 +85,7 @@ def read_benchmarks(workdir: Path, run: str = RUN) -> list[dict]:
 def plan_kind(job: str, kinds) -> str | None:
     """The plan's job kind of a benchmarked job (`kronfluence_scores_ekfac_0` -> `kronfluence_scores`; a member's
     `ensemble/member-1/bergson_index_0` -> `bergson_index`; `ensemble_mean_scores/<shard>` -> `ensemble_mean_scores`)."""
-    job = re.sub(r"^ensemble/member-\d+/", "", job)
+    job = re.sub("^" + MEMBER_DIR_PATTERN, "", job)
     for kind in sorted(kinds, key=len, reverse=True):
         if job == kind or job.startswith(kind + "_") or job.startswith(kind + "/"):
             return kind

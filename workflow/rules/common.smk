@@ -337,10 +337,8 @@ def bergson_space(wildcards, area="bergson"):
     """Where a variant's gradients live under results/<run>/<member_dir><area>: `bergson` for raw gradients,
     `bergson/adam` for TrackStar's (normalised by the adapter's Adam second moments). The member's folder where the
     job scores an ensemble member's adapter (wildcard member_dir), else the run's own."""
-    member_dir = getattr(wildcards, "member_dir", "")
-    parts = [f"results/{wildcards.run}/{member_dir}{area}"] + (
-        ["adam"] if gradient_space(wildcards.variant) == "adam" else [])
-    return "/".join(parts)
+    space = f"results/{wildcards.run}/{getattr(wildcards, 'member_dir', '')}{area}"
+    return f"{space}/adam" if gradient_space(wildcards.variant) == "adam" else space
 
 
 def bergson_hessian(wildcards):
