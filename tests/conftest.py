@@ -2,8 +2,10 @@
 
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -111,10 +113,7 @@ def project_copy(dest):
 def snakemake(workdir, *args, check=True, timeout=900):
     """Run the workflow with `workdir` as working directory, in this Python environment: the Snakefile of the
     project copy in `workdir` if it holds one, else the repository's."""
-    snakefile = workdir / "Snakefile" if (workdir / "Snakefile").is_file() else REPO / "Snakefile"
-    cmd = [sys.executable, "-m", "snakemake", "-s", str(snakefile), "--directory", str(workdir),
-           "--cores", "2", *args]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env={**os.environ})
+    proc = subprocess.run(snakemake_command(workdir, *args), capture_output=True, text=True, timeout=timeout, env={**os.environ})
     if check and proc.returncode != 0:
         raise AssertionError(f"snakemake {' '.join(args)} failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}")
     return proc
@@ -173,50 +172,129 @@ def independent_gradients(adapter_dir, rows):
 
 
 # ---------------------------------------------------------------------------------------------------------
-# the demo DAG, built in the background from the start of the session
+# the demo DAG and the other long Snakemake runs the tests only read, built in the background
 # ---------------------------------------------------------------------------------------------------------
 # The demo's whole DAG (a few minutes of jobs, one thread each with --cores 1) runs in a project copy as a user runs it,
 # started as soon as the tests are collected, while the unit tests run in this process on one thread: the two share
 # the two cores without oversubscribing them (torch's default of a thread per core in both, with OpenMP's spinning
 # waits, made the Bergson tests ten times slower beside the DAG than alone). The workflow tests, which pytest runs
 # last (test_workflow.py), wait for it.
-_DEMO = {}
+# The same background thread runs, one at a time, the Snakemake runs that selected tests' modules
+# declare in BACKGROUND_RUNS ({fixture name: builder}): each test still runs its command and asserts on what it
+# made, but the run takes the second core while this process goes on with other tests (the SLURM profile's and an
+# ensemble member's, about 80 s that were spent waiting). A builder gets an empty folder and the demo's workdir and
+# returns {"cmd", "env"} and optionally "prepare" (called in the thread just before the command) and "needs_demo"
+# (the run starts after the demo, and only if the demo succeeded; its "prepare", a copy of the demo, is called as
+# soon as the demo ends, before a test can change the demo's folder).
+_RUNS: dict[str, dict] = {}
+_STOPPING = threading.Event()
+
+
+def snakemake_command(workdir, *args, cores=2):
+    """The command `snakemake` runs (below), for a run started elsewhere."""
+    snakefile = workdir / "Snakefile" if (workdir / "Snakefile").is_file() else REPO / "Snakefile"
+    return [sys.executable, "-m", "snakemake", "-s", str(snakefile), "--directory", str(workdir), "--cores",
+            str(cores), *args]
+
+
+def _run_one_after_another(names):
+    for name in names:
+        run = _RUNS[name]
+        try:
+            if run.get("error"):
+                continue
+            if _STOPPING.is_set():
+                run["error"] = "the session ended before this run started"
+                continue
+            if run.get("needs_demo") and _RUNS["demo_workdir"].get("code") != 0:
+                run["error"] = "the demo DAG it builds on failed"
+                continue
+            if run.get("prepare") and not run.get("needs_demo"):
+                run["prepare"]()
+            with open(run["log"], "w") as log:
+                run["process"] = subprocess.Popen(run["cmd"], stdout=log, stderr=subprocess.STDOUT, env=run["env"],
+                                                  start_new_session=True)
+                try:
+                    run["code"] = run["process"].wait(timeout=run.get("timeout", 1800))
+                except subprocess.TimeoutExpired:
+                    os.killpg(run["process"].pid, signal.SIGKILL)
+                    run["code"] = run["process"].wait()
+                    run["error"] = f"timed out after {run.get('timeout', 1800)} s"
+            if name == "demo_workdir" and run["code"] == 0:
+                # the runs that build on the demo copy it now, before any test can touch it
+                for other in _RUNS.values():
+                    if other.get("needs_demo") and other.get("prepare"):
+                        try:
+                            other["prepare"]()
+                        except Exception as error:
+                            other["error"] = f"copying the demo failed: {error!r}"
+        except Exception as error:  # reported by the test that reads the run, not lost in this thread
+            run["error"] = repr(error)
+        finally:
+            run["done"].set()
 
 
 def pytest_collection_finish(session):
     if session.config.option.collectonly:
         return
-    if any("demo_workdir" in getattr(item, "fixturenames", ()) for item in session.items):
-        import tempfile
+    wanted = {}  # fixture name -> builder, in the order of the tests
+    for item in session.items:
+        fixtures = getattr(item, "fixturenames", ())
+        if "demo_workdir" in fixtures:
+            wanted.setdefault("demo_workdir", None)
+        for name, builder in getattr(getattr(item, "module", None), "BACKGROUND_RUNS", {}).items():
+            if name in fixtures:
+                wanted.setdefault(name, builder)
+    if not wanted:
+        return
+    import tempfile
 
-        root = Path(tempfile.mkdtemp(prefix="demo-run-", dir=session.config._tmp_path_factory.getbasetemp()))
-        workdir = project_copy(root)
-        log = open(root / "snakemake.out", "w")
-        cmd = [sys.executable, "-m", "snakemake", "-s", str(workdir / "Snakefile"), "--directory", str(workdir),
-               "--cores", "1"]
-        import torch
+    import torch
 
-        torch.set_num_threads(1)
-        os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = "1"  # the tests' own subprocesses too
-        _DEMO.update(workdir=workdir, log=log, process=subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
-                                                                         env={**os.environ}))
+    torch.set_num_threads(1)
+    os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = "1"  # the tests' own subprocesses too
+    base = session.config._tmp_path_factory.getbasetemp()
+    demo = None
+    if "demo_workdir" in wanted:  # a run that builds on the demo has its fixture depend on demo_workdir
+        root = Path(tempfile.mkdtemp(prefix="demo-run-", dir=base))
+        demo = project_copy(root)
+        _RUNS["demo_workdir"] = {"root": root, "workdir": demo, "log": root / "snakemake.out", "env": {**os.environ},
+                                 "cmd": snakemake_command(demo, cores=1)}
+    for name, builder in wanted.items():
+        if builder is not None:
+            root = Path(tempfile.mkdtemp(prefix=f"{name}-", dir=base))
+            _RUNS[name] = {"root": root, "log": root / "snakemake.out", **builder(root, demo)}
+    for run in _RUNS.values():
+        run["done"] = threading.Event()
+    # the runs of their own first, then the demo, then the runs that build on it
+    order = sorted(_RUNS, key=lambda name: 1 if name == "demo_workdir" else 2 if _RUNS[name].get("needs_demo") else 0)
+    threading.Thread(target=_run_one_after_another, args=(order,), daemon=True).start()
 
 
 def pytest_sessionfinish(session):
-    process = _DEMO.get("process")
-    if process is not None and process.poll() is None:  # a run that selected no workflow test after all
-        process.terminate()
-        process.wait(timeout=60)
+    _STOPPING.set()
+    for run in _RUNS.values():
+        process = run.get("process")
+        if process is not None and process.poll() is None:  # a run no selected test waited for after all
+            os.killpg(process.pid, signal.SIGTERM)
+            process.wait(timeout=60)
+
+
+def background_run(name, timeout=3600):
+    """Wait for the background run `name` (see above) and return its record ("root", "log", "code"); a run that
+    failed raises with its output's end."""
+    run = _RUNS[name]
+    if not run["done"].wait(timeout=timeout):
+        raise AssertionError(f"the background run {name} did not finish in {timeout} s")
+    if run.get("error") or run.get("code") != 0:
+        output = run["log"].read_text() if run["log"].exists() else ""
+        raise AssertionError(f"the background run {name} failed ({run.get('error') or 'exit ' + str(run['code'])}):"
+                             f"\n{output[-8000:]}")
+    return run
 
 
 @pytest.fixture(scope="session")
 def demo_workdir():
     """The project copy in which the demo's default target (influences.csv, train_scores.csv, the report) was built
     by `snakemake --cores 1`, as a user runs it (no GPU here: the "GPU" jobs share the core with the rest)."""
-    process = _DEMO["process"]
-    code = process.wait(timeout=1800)
-    _DEMO["log"].flush()
-    if code != 0:
-        output = (_DEMO["workdir"].parent / "snakemake.out").read_text()
-        raise AssertionError(f"the demo DAG failed (exit {code}):\n{output[-8000:]}")
-    return _DEMO["workdir"]
+    return background_run("demo_workdir")["workdir"]

@@ -10,7 +10,7 @@ import signal
 import pytest
 import yaml
 
-from conftest import REPO, snakemake
+from conftest import REPO, background_run, snakemake, snakemake_command
 
 pytestmark = pytest.mark.slow
 
@@ -48,22 +48,37 @@ def submission(call):
     return opts
 
 
+def submitted_run(root, demo):
+    """The profile's run of the cheapest GPU rule's target against the fake SLURM commands (its folder: `root`):
+    training hits its time limit once, the tiny model's build is killed for memory once, one tokenize job is
+    preempted once (SLURM requeues it). Started in the background at collection (conftest)."""
+    state = root / "fake-slurm"
+    workdir = root / "work"
+    workdir.mkdir()
+    env = {**os.environ, "PATH": f"{FAKE_SLURM}{os.pathsep}{os.environ['PATH']}", "FAKE_SLURM_DIR": str(state),
+           "FAKE_SLURM_LOG": str(state / "calls.jsonl"),
+           "FAKE_SLURM_ACCOUNTS": f"other-account,{profile()['default-resources']['slurm_account']}",
+           "FAKE_SLURM_FAIL_ONCE": "train_adapter:TIMEOUT,build_tiny_model,tokenize:PREEMPTED",
+           # status queries wait for running jobs (just under the plugin's 60 s limit on one query), so a poll finds
+           # a job finished unless it runs longer than that; only then the plugin's interval grows (10 s per empty
+           # poll)
+           "FAKE_SLURM_SACCT_WAIT": "55"}
+    # a slow machine's long jobs grow the poll interval
+    return {"cmd": snakemake_command(workdir, "--workflow-profile", str(PROFILE),
+                                     "--slurm-init-seconds-before-status-checks", "1", f"results/{RUN}/adapter"),
+            "env": env, "timeout": 900}
+
+
+BACKGROUND_RUNS = {"slurm_profile_run": submitted_run}
+
+
 @pytest.fixture
-def fake_slurm_env(tmp_path, monkeypatch):
-    state = tmp_path / "fake-slurm"
-    log = state / "calls.jsonl"
-    accounts = profile()["default-resources"]["slurm_account"]
-    monkeypatch.setenv("PATH", f"{FAKE_SLURM}{os.pathsep}{os.environ['PATH']}")
+def slurm_profile_run(monkeypatch):
+    """The finished run's folder; the fake SLURM state stays readable (fake_slurm.all_jobs) in this process."""
+    run = background_run("slurm_profile_run")
+    state = run["root"] / "fake-slurm"
     monkeypatch.setenv("FAKE_SLURM_DIR", str(state))
-    monkeypatch.setenv("FAKE_SLURM_LOG", str(log))
-    monkeypatch.setenv("FAKE_SLURM_ACCOUNTS", f"other-account,{accounts}")
-    # training hits its time limit once, the tiny model's build is killed for memory once, one tokenize job is
-    # preempted once (SLURM requeues it)
-    monkeypatch.setenv("FAKE_SLURM_FAIL_ONCE", "train_adapter:TIMEOUT,build_tiny_model,tokenize:PREEMPTED")
-    # status queries wait for running jobs (just under the plugin's 60 s limit on one query), so a poll finds a job
-    # finished unless it runs longer than that; only then the plugin's interval grows (10 s per empty poll)
-    monkeypatch.setenv("FAKE_SLURM_SACCT_WAIT", "55")
-    yield log
+    yield run["root"]
     # a failed or timed-out run may leave jobs behind: end them by their process group
     for job in fake_slurm.all_jobs() if state.exists() else []:
         if job.get("pid") and job["state"] not in fake_slurm.DONE:
@@ -73,13 +88,10 @@ def fake_slurm_env(tmp_path, monkeypatch):
                 pass
 
 
-def test_slurm_profile_submits_gpu_jobs_and_retries_bigger(tmp_path, fake_slurm_env):
-    log = fake_slurm_env
+def test_slurm_profile_submits_gpu_jobs_and_retries_bigger(slurm_profile_run):
+    log = slurm_profile_run / "fake-slurm" / "calls.jsonl"
     settings = profile()
-    workdir = tmp_path / "work"
-    workdir.mkdir()
-    snakemake(workdir, "--workflow-profile", str(PROFILE), "--slurm-init-seconds-before-status-checks", "1",
-              f"results/{RUN}/adapter", timeout=900)  # a slow machine's long jobs grow the poll interval
+    workdir = slurm_profile_run / "work"
 
     assert (workdir / "results" / RUN / "adapter" / "adapter_model.safetensors").exists()
     submitted = [submission(c) for c in calls(log, "sbatch")]

@@ -15,7 +15,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from conftest import REPO, snakemake
+from conftest import REPO, background_run, snakemake, snakemake_command
 
 pytestmark = pytest.mark.slow
 DEMO_TARGETS = ("results/demo/influences.csv", "results/demo/train_scores.csv", "results/demo/report/index.html")
@@ -744,29 +744,6 @@ def test_an_ensemble_trains_only_its_new_members_and_scores_every_method_with_ea
             "results/demo/bergson/scores/trak/shard-0.npz"} <= set(merge["input"].split(", "))
 
 
-def test_an_ensemble_member_trains_with_the_next_seed_and_the_mean_averages_its_own_scores(demo_workdir, tmp_path):
-    """Member 1 of the demo's ensemble, trained for real: the run's training with seed + 1000 on the same rows (clear
-    of the LDS retrains' seeds, seed + repeat); its Bergson scores come from its own gradients (they differ from the
-    run's adapter's), and the shard the merges read is the two members' mean. (That a member's preconditioned scores
-    read its own preconditioner: the dry run of test_an_ensemble_trains_only_its_new_members...)"""
-    path = overlay(demo_workdir, "ensemble-member", {"demo": {"attribution": {"ensemble": 2}}})
-    shard = "bergson/scores/cosine/shard-0.npz"
-    snakemake(demo_workdir, f"results/demo/ensemble/mean/{shard}", "--configfile", path)
-    own_scores, member_scores, mean = (np.load(demo_workdir / f"results/demo/{folder}{shard}")
-                                       for folder in ("", "ensemble/member-1/", "ensemble/mean/"))
-    assert not np.allclose(own_scores["scores"], member_scores["scores"], rtol=1e-3, atol=1e-4)
-    for key in ("scores", "reduced"):
-        np.testing.assert_allclose(mean[key], (own_scores[key].astype(np.float64) + member_scores[key]) / 2,
-                                   rtol=1e-6, atol=1e-7)
-    assert list(mean["train_ids"]) == list(own_scores["train_ids"]) == list(member_scores["train_ids"])
-    member, own = (json.loads((demo_workdir / f"results/demo/{folder}/manifest.json").read_text())
-                   for folder in ("ensemble/member-1/adapter", "adapter"))
-    assert member["seed"] == own["seed"] + 1000 and member["training"]["seed"] == own["training"]["seed"] + 1000
-    assert member["trained_row_ids"] == own["trained_row_ids"]
-    assert {k: v for k, v in member["training"].items() if k != "seed"} == \
-        {k: v for k, v in own["training"].items() if k != "seed"}
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # the workflow killed (slow: runs the demo's DAG again in a copy)
 # ---------------------------------------------------------------------------------------------------------------
@@ -847,3 +824,54 @@ def test_the_demo_killed_mid_job_and_mid_merge_finishes_with_the_same_command(de
     for name, content in before.items():
         assert (results / name).read_bytes() == content, name
     pd.testing.assert_frame_equal(pd.read_csv(results / "validation" / "lds.csv"), lds_before)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# an ensemble member trained for real: its run starts in the background once the demo is done, and this test is the
+# file's (the session's) last, so that the run has every other workflow test's time to finish in
+# ---------------------------------------------------------------------------------------------------------------
+ENSEMBLE_MEAN_SHARD = "bergson/scores/cosine/shard-0.npz"
+
+
+def ensemble_member_run(root, demo):
+    """Member 1 of the demo's ensemble and the members' mean of one Bergson shard, in a copy of the finished demo
+    (`root`/work). Started in the background after the demo (conftest)."""
+    work = root / "work"
+
+    def copy_the_demo():
+        shutil.copytree(demo, work, symlinks=True, ignore=shutil.ignore_patterns("logs"))
+
+    path = root / "ensemble-member.yaml"
+    path.write_text(yaml.safe_dump({"runs": {"demo": {"attribution": {"ensemble": 2}}}}))
+    return {"cmd": snakemake_command(work, f"results/demo/ensemble/mean/{ENSEMBLE_MEAN_SHARD}", "--configfile",
+                                     str(path)),
+            "env": {**os.environ}, "prepare": copy_the_demo, "needs_demo": True, "timeout": 900}
+
+
+BACKGROUND_RUNS = {"ensemble_member_workdir": ensemble_member_run}
+
+
+@pytest.fixture
+def ensemble_member_workdir(demo_workdir):
+    return background_run("ensemble_member_workdir")["root"] / "work"
+
+
+def test_an_ensemble_member_trains_with_the_next_seed_and_the_mean_averages_its_own_scores(ensemble_member_workdir):
+    """Member 1 of the demo's ensemble, trained for real: the run's training with seed + 1000 on the same rows (clear
+    of the LDS retrains' seeds, seed + repeat); its Bergson scores come from its own gradients (they differ from the
+    run's adapter's), and the shard the merges read is the two members' mean. (That a member's preconditioned scores
+    read its own preconditioner: the dry run of test_an_ensemble_trains_only_its_new_members...)"""
+    work, shard = ensemble_member_workdir, ENSEMBLE_MEAN_SHARD
+    own_scores, member_scores, mean = (np.load(work / f"results/demo/{folder}{shard}")
+                                       for folder in ("", "ensemble/member-1/", "ensemble/mean/"))
+    assert not np.allclose(own_scores["scores"], member_scores["scores"], rtol=1e-3, atol=1e-4)
+    for key in ("scores", "reduced"):
+        np.testing.assert_allclose(mean[key], (own_scores[key].astype(np.float64) + member_scores[key]) / 2,
+                                   rtol=1e-6, atol=1e-7)
+    assert list(mean["train_ids"]) == list(own_scores["train_ids"]) == list(member_scores["train_ids"])
+    member, own = (json.loads((work / f"results/demo/{folder}/manifest.json").read_text())
+                   for folder in ("ensemble/member-1/adapter", "adapter"))
+    assert member["seed"] == own["seed"] + 1000 and member["training"]["seed"] == own["training"]["seed"] + 1000
+    assert member["trained_row_ids"] == own["trained_row_ids"]
+    assert {k: v for k, v in member["training"].items() if k != "seed"} == \
+        {k: v for k, v in own["training"].items() if k != "seed"}
