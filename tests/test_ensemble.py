@@ -9,7 +9,7 @@ import pytest
 from playpen_attribution import bergson_attribution as ba
 from playpen_attribution.ensemble import mean_of_member_shards
 from playpen_attribution.settings import BergsonTrak
-from playpen_attribution.tables import save_shard
+from playpen_attribution.tables import load_sweep, save_shard, save_sweep
 
 from conftest import train_demo_adapter
 
@@ -120,6 +120,26 @@ def test_the_ensemble_mean_of_score_shards_is_the_mean_of_its_members(tmp_path):
     for key in ("scores", "per_token", "reduced"):
         np.testing.assert_allclose(mean[key], np.mean([m[key] for m in loaded], axis=0), rtol=1e-6, atol=1e-6)  # float32
     assert list(mean["train_ids"]) == list("vwxyz") and list(mean["query_ids"]) == list("abcd")
+
+
+def test_the_ensemble_mean_of_damping_sweeps_is_the_mean_at_each_factor_and_other_factors_are_refused(tmp_path):
+    """A damping sweep's scores [factors, queries, rows] average member by member at each factor; a member swept at
+    other factors is refused by name (its mean would mix dampings)."""
+    rng = np.random.default_rng(1)
+    members = []
+    for k in range(3):
+        save_sweep(tmp_path / f"member-{k}.npz", rng.normal(size=(3, 2, 4)), [0.01, 0.1, 1.0], ["q1", "q2"],
+                   ["r1", "r2", "r3", "copy-of-q1"])
+        members.append(tmp_path / f"member-{k}.npz")
+    mean_of_member_shards(members, tmp_path / "mean.npz")
+    mean, loaded = load_sweep(tmp_path / "mean.npz"), [load_sweep(p) for p in members]
+    np.testing.assert_allclose(mean["scores"], np.mean([m["scores"] for m in loaded], axis=0), rtol=1e-6, atol=1e-6)
+    assert mean["damping"] == [0.01, 0.1, 1.0] and mean["row_ids"][-1] == "copy-of-q1" and mean["query_ids"] == ["q1", "q2"]
+    save_sweep(tmp_path / "other.npz", np.zeros((3, 2, 4)), [0.01, 0.1, 10.0], ["q1", "q2"],
+               ["r1", "r2", "r3", "copy-of-q1"])
+    with pytest.raises(ValueError, match="other.npz holds other damping factors"):
+        mean_of_member_shards([members[0], tmp_path / "other.npz"], tmp_path / "refused.npz")
+    assert not (tmp_path / "refused.npz").exists()
 
 
 def test_members_scored_on_other_rows_are_refused_by_name(tmp_path):

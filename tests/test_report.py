@@ -161,8 +161,8 @@ def test_the_summary_says_which_adapters_the_scores_averaged(tmp_path):
     common = dict(query_csv=paths["query"], train_csv=paths["train"], influences_csv=paths["influences"],
                   train_scores_csv=paths["train_scores"], top_k=3)
     page = build_report(**common, out_dir=tmp_path / "two", ensemble=2, training_seed=42)["index.html"].read_text()
-    assert ("adapters</td><td>every method: the mean over 2 adapters (training seeds 42, 1042); the damping sweep "
-            "rescores the run&#39;s adapter alone (seed 42)") in page
+    assert ("adapters</td><td>every method and the damping sweep: the mean over 2 adapters (training seeds 42, "
+            "1042)") in page
     page = build_report(**common, out_dir=tmp_path / "one", ensemble=1, training_seed=7)["index.html"].read_text()
     assert "adapters</td><td>the run&#39;s adapter (training seed 7)" in page
 

@@ -29,6 +29,7 @@ EVERY_STAGE = {"fetch_base_model", "prepare_data", "tokenize", "train_adapter", 
                "planted_bergson_adam_index", "bergson_trak", "bergson_trak_shard", "planted_bergson_trak",
                "train_ensemble_member", "member_fit_factors", "member_kronfluence_scores",
                "member_planted_kronfluence_scores", "ensemble_mean_scores"}  # the taboo run sweeps only Bergson's damping
+# (no member_damping_sweep_kronfluence)
 # an ensemble's own stages (the taboo runs have one of 2 adapters; smol has one adapter)
 ENSEMBLE_STAGES = {"train_ensemble_member", "member_fit_factors", "member_kronfluence_scores",
                    "member_planted_kronfluence_scores", "ensemble_mean_scores"}
@@ -425,14 +426,15 @@ def test_real_runs_dry_run_builds_the_dag(tmp_path):
                                   "planted_bergson_scores": 8 * 2,
                                   "planted_audit": 2, "lds_retrain": 128, "lds_losses": 2, "lds": 2,
                                   "removal_rows": 22, "removal_retrain": 22, "removal": 2,
-                                  # the two preconditioned Bergson variants' damping, rescored from the run's index
-                                  "damping_sweep_bergson": 4, "damping_sweep": 2,
+                                  # the two preconditioned Bergson variants' damping, rescored from each member's
+                                  # index
+                                  "damping_sweep_bergson": 4 * 2, "damping_sweep": 2,
                                   # TRAK over the ensemble of 2; the second member's EK-FAC factors and shards, and
                                   # the members' mean of each shard of EK-FAC and the four Bergson variants (4
-                                  # shards and the planted copies)
+                                  # shards and the planted copies) and of both swept variants
                                   "bergson_trak": 2, "bergson_trak_shard": 8, "planted_bergson_trak": 2,
                                   "train_ensemble_member": 2, "member_fit_factors": 2, "member_kronfluence_scores": 8,
-                                  "member_planted_kronfluence_scores": 2, "ensemble_mean_scores": 2 * 5 * 5}
+                                  "member_planted_kronfluence_scores": 2, "ensemble_mean_scores": 2 * (5 * 5 + 2)}
     assert set(planned_jobs(proc)) == EVERY_STAGE
     assert "gpu=1" in proc.stdout
 
@@ -561,7 +563,7 @@ KEY_READERS = [
     ("attribution.kronfluence", "covariance_batch_size", 4, {"fit_factors", "member_fit_factors"}),
     ("attribution.kronfluence", "train_batch_size", 4,
      {"kronfluence_scores", "planted_kronfluence_scores", "damping_sweep_kronfluence", "member_kronfluence_scores",
-      "member_planted_kronfluence_scores"}),
+      "member_planted_kronfluence_scores", "member_damping_sweep_kronfluence"}),
     ("attribution.bergson", "token_batch_size", 256,
      {"bergson_query_gradients", "bergson_hessian", "bergson_reduce", "bergson_index", "planted_bergson_index",
       "bergson_adam_query_gradients", "bergson_adam_hessian", "bergson_adam_index", "planted_bergson_adam_index",
@@ -718,8 +720,10 @@ def test_an_ensemble_trains_only_its_new_members_and_scores_every_method_with_ea
         # queries, its index of both shards and both variants' scores of them, and of the planted copies
         "bergson_query_gradients": 2, "bergson_hessian": 4, "bergson_mix": 2, "bergson_reduce": 4,
         "bergson_index": 4, "bergson_scores": 8, "planted_bergson_index": 2, "planted_bergson_scores": 4,
-        # ekfac's and both Bergson variants' two shards and planted copies
-        "ensemble_mean_scores": 9}
+        # each new member's damping sweep of ekfac and cosine_mixed (the demo sweeps every preconditioned method)
+        "member_damping_sweep_kronfluence": 2, "damping_sweep_bergson": 2,
+        # ekfac's and both Bergson variants' two shards and planted copies, and the two sweeps
+        "ensemble_mean_scores": 9 + 2}
     planned = dry_run_jobs(out)
     trak = next(fields for rule, fields in planned if rule == "bergson_trak")
     assert {"results/demo/adapter", "results/demo/ensemble/member-1/adapter", "results/demo/ensemble/member-2/adapter",
@@ -727,7 +731,8 @@ def test_an_ensemble_trains_only_its_new_members_and_scores_every_method_with_ea
     means = {fields["output"]: set(fields["input"].split(", ")) for rule, fields in planned
              if rule == "ensemble_mean_scores"}
     for path in ("kronfluence/scores/ekfac/shard-1.npz", "bergson/scores/cosine_mixed/shard-1.npz",
-                 "validation/planted/bergson/cosine/shard-0.npz"):
+                 "validation/planted/bergson/cosine/shard-0.npz", "validation/damping/kronfluence/ekfac.npz",
+                 "validation/damping/bergson/cosine_mixed.npz"):
         assert means[f"results/demo/ensemble/mean/{path}"] == {
             f"results/demo/{path}", f"results/demo/ensemble/member-1/{path}",
             f"results/demo/ensemble/member-2/{path}"}, path
@@ -738,6 +743,18 @@ def test_an_ensemble_trains_only_its_new_members_and_scores_every_method_with_ea
     assert {"results/demo/ensemble/member-2/bergson/index/shard-0", "results/demo/ensemble/member-2/bergson/query/"
             "cosine_mixed", "results/demo/ensemble/member-2/bergson/query/per_query",
             "results/demo/ensemble/member-2/bergson/hessian/mixed"} <= set(inputs)
+    # a member's sweep rescores with its own index, preconditioner and factors; the sweep table reads the means
+    sweeps = {fields["output"]: set(fields["input"].split(", ")) for rule, fields in planned
+              if rule in ("damping_sweep_bergson", "member_damping_sweep_kronfluence")}
+    assert {"results/demo/ensemble/member-2/bergson/index/shard-1",
+            "results/demo/ensemble/member-2/validation/planted/bergson/index/shard-0",
+            "results/demo/ensemble/member-2/bergson/hessian/mixed"} <= \
+        sweeps["results/demo/ensemble/member-2/validation/damping/bergson/cosine_mixed.npz"]
+    assert {"results/demo/ensemble/member-1/adapter", "results/demo/ensemble/member-1/kronfluence/factors/ekfac"} <= \
+        sweeps["results/demo/ensemble/member-1/validation/damping/kronfluence/ekfac.npz"]
+    table = next(fields for rule, fields in planned if rule == "damping_sweep")
+    assert {"results/demo/ensemble/mean/validation/damping/kronfluence/ekfac.npz",
+            "results/demo/ensemble/mean/validation/damping/bergson/cosine_mixed.npz"} <= set(table["input"].split(", "))
     merge = next(fields for rule, fields in planned if rule == "merge_influences")
     assert {"results/demo/ensemble/mean/kronfluence/scores/ekfac/shard-0.npz",
             "results/demo/ensemble/mean/bergson/scores/cosine/shard-0.npz",

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from playpen_attribution.tables import save_shard
+from playpen_attribution.tables import save_shard, save_sweep
 
 MEMBER_FOLDER = "ensemble/member-{member}"  # under results/<run>/: member k >= 1 (member 0 is the run's own folders)
 # The Bergson rules' wildcard `member_dir`: "" (the run's own adapter) or a member's folder with its slash, so one rule
@@ -35,8 +35,7 @@ def adapters_line(members: int, training_seed: int) -> str:
     if members <= 1:
         return f"the run's adapter (training seed {training_seed})"
     seeds = ", ".join(str(member_seed(training_seed, k)) for k in range(members))
-    return (f"every method: the mean over {members} adapters (training seeds {seeds}); the damping sweep rescores "
-            f"the run's adapter alone (seed {training_seed})")
+    return f"every method and the damping sweep: the mean over {members} adapters (training seeds {seeds})"
 
 
 def member_paths(run: str, path: str, members: int) -> list[str]:
@@ -47,15 +46,17 @@ def member_paths(run: str, path: str, members: int) -> list[str]:
 
 def mean_of_member_shards(member_paths: list, out_path) -> None:
     """Rule `ensemble_mean_scores`: one score shard whose scores (and per-token scores, and reduced scores) are the
-    mean of the members' shards, which must hold the same queries and training rows in the same order."""
+    mean of the members' shards, which must hold the same queries and training rows in the same order. A damping
+    sweep's files (`tables.save_sweep`: scores per damping factor) are averaged the same way, factor by factor."""
     members = [np.load(p, allow_pickle=False) for p in member_paths]  # lazy: an array is read when asked for
     first = members[0]
+    sweep = "damping" in first.files
     for path, member in zip(member_paths, members):
-        for ids in ("query_ids", "train_ids"):
+        for ids in ("query_ids", "row_ids" if sweep else "train_ids") + (("damping",) if sweep else ()):
             if not np.array_equal(member[ids], first[ids]):
-                raise ValueError(f"{path} holds other {ids.removesuffix('_ids')} rows than {member_paths[0]}: the "
-                                 f"members were scored on different data; rerun its scoring "
-                                 f"(snakemake {Path(path)} --force)")
+                what = "damping factors" if ids == "damping" else f"{ids.removesuffix('_ids')} rows"
+                raise ValueError(f"{path} holds other {what} than {member_paths[0]}: the members were scored on "
+                                 f"different data or settings; rerun its scoring (snakemake {Path(path)} --force)")
 
     def mean(key, dtype):
         """Summed one member at a time: the job holds the sum and one member's array (a shard's per-token scores
@@ -68,5 +69,9 @@ def mean_of_member_shards(member_paths: list, out_path) -> None:
         total /= len(members)  # in place: no third array
         return total
 
+    if sweep:
+        save_sweep(out_path, mean("scores", np.float64), first["damping"].tolist(), list(first["query_ids"]),
+                   list(first["row_ids"]))
+        return
     save_shard(out_path, mean("scores", np.float64), list(first["query_ids"]), list(first["train_ids"]),
                per_token=mean("per_token", np.float32), reduced=mean("reduced", np.float64))

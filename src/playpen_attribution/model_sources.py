@@ -283,7 +283,9 @@ def convert_packaged_model(package: str, file: str, output_dir: str | Path, vers
     if not tokenizer.chat_template:
         raise ModelSourceError(f"{path} (from {package}) carries no chat template; tokenization.render: chat needs one "
                                f"(use render: plain for this model)")
-    loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+    # the config read above: without it the model's loading parses the GGUF's metadata (its whole vocabulary, about
+    # 5 s for SmolLM2) once more
+    loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, config=config, dtype=torch.float32)
     config = loaded.config.to_dict()
     config.pop("quantization_config", None)
     config.pop("_name_or_path", None)

@@ -317,8 +317,10 @@ def method_shards(wildcards, bergson_only=False):
 
 
 # A score shard under results/<run>/ that each member of an ensemble has and ensemble_mean_scores averages, of any
-# method but TRAK, for the training rows or the planted copies.
-MEMBER_SHARD_PATTERN = rf"(validation/planted/)?(kronfluence/(scores/)?({STRATEGY_PATTERN})|bergson/(scores/)?({VARIANT_PATTERN}))/shard-\d+\.npz"
+# method but TRAK, for the training rows or the planted copies; or a damping sweep's scores.
+MEMBER_SHARD_PATTERN = (rf"(validation/planted/)?(kronfluence/(scores/)?({STRATEGY_PATTERN})|bergson/(scores/)?"
+                        rf"({VARIANT_PATTERN}))/shard-\d+\.npz|validation/damping/(kronfluence/({STRATEGY_PATTERN})|"
+                        rf"bergson/({VARIANT_PATTERN}))\.npz")
 
 
 def ensemble_member_scores(wildcards):
@@ -480,8 +482,8 @@ def sweep_copies(wildcards):
 
 
 def sweep_files(wildcards):
-    """One scores file per swept method, by method."""
-    return {f"sweep_{m.name}": f"results/{wildcards.run}/{m.folder('validation/damping')}.npz"
+    """One scores file per swept method, by method: the members' mean in an ensemble."""
+    return {f"sweep_{m.name}": ensemble_scores(wildcards, f"{m.folder('validation/damping')}.npz", m)
             for m in map(parse_method, damping_sweep_methods(run_cfg(wildcards)))}
 
 

@@ -352,7 +352,8 @@ rule removal:
 
 # Damping sweep: each preconditioned method rescored at relative damping factors c (1/(lambda + c mean lambda) for
 # both families) with the run's adapter, factors, preconditioners and Bergson index (nothing refitted or retrained),
-# the training rows and planted copies together; then its LDS and planted recall against c.
+# the training rows and planted copies together; then its LDS and planted recall against c. In an ensemble every
+# member rescores with its own and the table reads the members' mean (rule ensemble_mean_scores), as lds.csv does.
 rule damping_sweep_kronfluence:
     input:
         model="results/{run}/adapter",
@@ -383,6 +384,24 @@ rule damping_sweep_kronfluence:
         "../scripts/damping_sweep_kronfluence.py"
 
 
+use rule damping_sweep_kronfluence as member_damping_sweep_kronfluence with:
+    input:
+        model="results/{run}/ensemble/member-{member}/adapter",
+        factors="results/{run}/ensemble/member-{member}/kronfluence/factors/{strategy}",
+        query="results/{run}/data/tokens/query",
+        train="results/{run}/data/tokens/train",
+        copies=sweep_copies,
+    output:
+        "results/{run}/ensemble/member-{member}/validation/damping/kronfluence/{strategy}.npz",
+    wildcard_constraints:
+        strategy=STRATEGY_PATTERN,
+        member=r"[1-9]\d*",
+    log:
+        "logs/{run}/member_damping_sweep_kronfluence_{member}_{strategy}.log",
+    benchmark:
+        "benchmarks/{run}/member_damping_sweep_kronfluence_{member}_{strategy}.tsv"
+
+
 # Matrix products on stored gradients, like bergson_scores: a CPU job.
 rule damping_sweep_bergson:
     input:
@@ -391,16 +410,16 @@ rule damping_sweep_bergson:
         per_query=bergson_per_query,
         hessian=bergson_hessian,
     output:
-        "results/{run}/validation/damping/bergson/{variant}.npz",
+        "results/{run}/{member_dir}validation/damping/bergson/{variant}.npz",
     wildcard_constraints:
         variant=VARIANT_PATTERN,
     params:
         damping=sweep_factors,
         code=script_code("damping_sweep_bergson.py"),
     log:
-        "logs/{run}/damping_sweep_bergson_{variant}.log",
+        "logs/{run}/{member_dir}damping_sweep_bergson_{variant}.log",
     benchmark:
-        "benchmarks/{run}/damping_sweep_bergson_{variant}.tsv"
+        "benchmarks/{run}/{member_dir}damping_sweep_bergson_{variant}.tsv"
     resources:
         mem_mb=score_mem("bergson_scores"),
         runtime=attribution_runtime,
