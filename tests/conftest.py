@@ -179,10 +179,10 @@ def independent_gradients(adapter_dir, rows):
 # the two cores without oversubscribing them (torch's default of a thread per core in both, with OpenMP's spinning
 # waits, made the Bergson tests ten times slower beside the DAG than alone). The workflow tests, which pytest runs
 # last (test_workflow.py), wait for it.
-# The same background thread runs, one at a time, the Snakemake runs that selected tests' modules
-# declare in BACKGROUND_RUNS ({fixture name: builder}): each test still runs its command and asserts on what it
-# made, but the run takes the second core while this process goes on with other tests (the SLURM profile's and an
-# ensemble member's, about 80 s that were spent waiting). A builder gets an empty folder and the demo's workdir and
+# The same background thread runs, one at a time, the Snakemake runs that selected tests' modules declare in
+# BACKGROUND_RUNS ({fixture name: builder}): each test still runs its command and asserts on what it made, but the
+# run takes the second core while this process goes on with other tests (the SLURM profile's and an ensemble
+# member's: the suite went from 590 s to 535 s on 2 cores). A builder gets an empty folder and the demo's workdir and
 # returns {"cmd", "env"} and optionally "prepare" (called in the thread just before the command) and "needs_demo"
 # (the run starts after the demo, and only if the demo succeeded; its "prepare", a copy of the demo, is called as
 # soon as the demo ends, before a test can change the demo's folder).

@@ -615,7 +615,8 @@ def test_keys_rerun_only_the_stages_that_read_them(demo_workdir, group):
     # this DAG
     absent = {"removal_retrain", "bergson_adam_query_gradients", "bergson_adam_hessian", "bergson_adam_index",
               "planted_bergson_adam_index", "bergson_trak", "train_ensemble_member", "member_fit_factors",
-              "member_kronfluence_scores", "member_planted_kronfluence_scores", "bergson_adam_mix"}
+              "member_kronfluence_scores", "member_planted_kronfluence_scores", "member_damping_sweep_kronfluence",
+              "bergson_adam_mix"}
     # readers downstream of another reader: Snakemake gives the changed input as their reason
     downstream = {"planted_audit"}
     assert rerun_for_their_params(proc) == (readers - absent - downstream) | plan
