@@ -113,7 +113,8 @@ def project_copy(dest):
 def snakemake(workdir, *args, check=True, timeout=900):
     """Run the workflow with `workdir` as working directory, in this Python environment: the Snakefile of the
     project copy in `workdir` if it holds one, else the repository's."""
-    proc = subprocess.run(snakemake_command(workdir, *args), capture_output=True, text=True, timeout=timeout, env={**os.environ})
+    proc = subprocess.run(snakemake_command(workdir, *args), capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ})
     if check and proc.returncode != 0:
         raise AssertionError(f"snakemake {' '.join(args)} failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}")
     return proc
@@ -183,9 +184,9 @@ def independent_gradients(adapter_dir, rows):
 # BACKGROUND_RUNS ({fixture name: builder}): each test still runs its command and asserts on what it made, but the
 # run takes the second core while this process goes on with other tests (the SLURM profile's and an ensemble
 # member's: the suite went from 590 s to 535 s on 2 cores). A builder gets an empty folder and the demo's workdir and
-# returns {"cmd", "env"} and optionally "prepare" (called in the thread just before the command) and "needs_demo"
-# (the run starts after the demo, and only if the demo succeeded; its "prepare", a copy of the demo, is called as
-# soon as the demo ends, before a test can change the demo's folder).
+# returns {"cmd", "env"} and optionally "timeout", "cleanup" (called once the command ends, however it ends) and
+# "needs_demo" with "prepare" (the run starts after the demo, and only if the demo succeeded; "prepare", a copy of
+# the demo, is called as soon as the demo ends, before a test can change the demo's folder).
 _RUNS: dict[str, dict] = {}
 _STOPPING = threading.Event()
 
@@ -209,8 +210,6 @@ def _run_one_after_another(names):
             if run.get("needs_demo") and _RUNS["demo_workdir"].get("code") != 0:
                 run["error"] = "the demo DAG it builds on failed"
                 continue
-            if run.get("prepare") and not run.get("needs_demo"):
-                run["prepare"]()
             with open(run["log"], "w") as log:
                 run["process"] = subprocess.Popen(run["cmd"], stdout=log, stderr=subprocess.STDOUT, env=run["env"],
                                                   start_new_session=True)
@@ -220,6 +219,9 @@ def _run_one_after_another(names):
                     os.killpg(run["process"].pid, signal.SIGKILL)
                     run["code"] = run["process"].wait()
                     run["error"] = f"timed out after {run.get('timeout', 1800)} s"
+                finally:
+                    if run.get("cleanup"):
+                        run["cleanup"]()
             if name == "demo_workdir" and run["code"] == 0:
                 # the runs that build on the demo copy it now, before any test can touch it
                 for other in _RUNS.values():

@@ -63,29 +63,29 @@ def submitted_run(root, demo):
            # a job finished unless it runs longer than that; only then the plugin's interval grows (10 s per empty
            # poll)
            "FAKE_SLURM_SACCT_WAIT": "55"}
-    # a slow machine's long jobs grow the poll interval
+
+    def end_left_jobs():
+        """A failed or timed-out run may leave jobs behind: end them by their process group."""
+        for job in fake_slurm.all_jobs(state):
+            if job.get("pid") and job["state"] not in fake_slurm.DONE:
+                try:
+                    os.killpg(job["pid"], signal.SIGTERM)
+                except ProcessLookupError:
+                    pass
+
     return {"cmd": snakemake_command(workdir, "--workflow-profile", str(PROFILE),
                                      "--slurm-init-seconds-before-status-checks", "1", f"results/{RUN}/adapter"),
-            "env": env, "timeout": 900}
+            "env": env, "cleanup": end_left_jobs,
+            "timeout": 900}  # a slow machine's long jobs grow the poll interval
 
 
 BACKGROUND_RUNS = {"slurm_profile_run": submitted_run}
 
 
 @pytest.fixture
-def slurm_profile_run(monkeypatch):
-    """The finished run's folder; the fake SLURM state stays readable (fake_slurm.all_jobs) in this process."""
-    run = background_run("slurm_profile_run")
-    state = run["root"] / "fake-slurm"
-    monkeypatch.setenv("FAKE_SLURM_DIR", str(state))
-    yield run["root"]
-    # a failed or timed-out run may leave jobs behind: end them by their process group
-    for job in fake_slurm.all_jobs() if state.exists() else []:
-        if job.get("pid") and job["state"] not in fake_slurm.DONE:
-            try:
-                os.killpg(job["pid"], signal.SIGTERM)
-            except ProcessLookupError:
-                pass
+def slurm_profile_run():
+    """The finished run's folder: `work` (the project) and `fake-slurm` (the fake SLURM's calls and jobs)."""
+    return background_run("slurm_profile_run")["root"]
 
 
 def test_slurm_profile_submits_gpu_jobs_and_retries_bigger(slurm_profile_run):
@@ -118,7 +118,7 @@ def test_slurm_profile_submits_gpu_jobs_and_retries_bigger(slurm_profile_run):
     # the preempted tokenize job is requeued by SLURM (the profile's --requeue) and finishes under its own id:
     # no resubmission, and Snakemake waits for it
     assert all("--requeue" in c["argv"] for c in calls(log, "sbatch"))
-    jobs = {j["jobid"]: j for j in fake_slurm.all_jobs()}
+    jobs = {j["jobid"]: j for j in fake_slurm.all_jobs(slurm_profile_run / "fake-slurm")}
     tokenize = [s for s in submitted if s["rule"] == "tokenize"]
     assert tokenize and all(s["attempt"] == 1 for s in tokenize)
     requeued = [j for j in jobs.values() if j.get("requeued")]

@@ -51,8 +51,9 @@ def mean_of_member_shards(member_paths: list, out_path) -> None:
     members = [np.load(p, allow_pickle=False) for p in member_paths]  # lazy: an array is read when asked for
     first = members[0]
     sweep = "damping" in first.files
+    agreed = ("query_ids", "row_ids", "damping") if sweep else ("query_ids", "train_ids")
     for path, member in zip(member_paths, members):
-        for ids in ("query_ids", "row_ids" if sweep else "train_ids") + (("damping",) if sweep else ()):
+        for ids in agreed:
             if not np.array_equal(member[ids], first[ids]):
                 what = "damping factors" if ids == "damping" else f"{ids.removesuffix('_ids')} rows"
                 raise ValueError(f"{path} holds other {what} than {member_paths[0]}: the members were scored on "

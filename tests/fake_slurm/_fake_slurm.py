@@ -76,9 +76,10 @@ def update_job(jobid, **changes):
         write_json(job_path(jobid), job)
 
 
-def all_jobs():
+def all_jobs(folder=None):
+    """Every job, from `folder` (a state folder, for a caller outside the fake commands) or FAKE_SLURM_DIR's."""
     jobs = []
-    for path in sorted((state_dir() / "jobs").glob("*.json"), key=lambda p: int(p.stem)):
+    for path in sorted((Path(folder) if folder else state_dir()).glob("jobs/*.json"), key=lambda p: int(p.stem)):
         try:
             jobs.append(json.loads(path.read_text()))
         except (FileNotFoundError, json.JSONDecodeError):
