@@ -27,12 +27,11 @@ EVERY_STAGE = {"fetch_base_model", "prepare_data", "tokenize", "train_adapter", 
                "damping_sweep_bergson", "damping_sweep", "removal_rows", "removal_retrain", "removal",
                "bergson_adam_query_gradients", "bergson_adam_hessian", "bergson_adam_mix", "bergson_adam_index",
                "planted_bergson_adam_index", "bergson_trak", "bergson_trak_shard", "planted_bergson_trak",
-               "train_ensemble_member", "member_fit_factors", "member_kronfluence_scores",
-               "member_planted_kronfluence_scores", "ensemble_mean_scores"}  # the taboo run sweeps only Bergson's damping
-# (no member_damping_sweep_kronfluence)
-# an ensemble's own stages (the taboo runs have one of 2 adapters; smol has one adapter)
-ENSEMBLE_STAGES = {"train_ensemble_member", "member_fit_factors", "member_kronfluence_scores",
-                   "member_planted_kronfluence_scores", "ensemble_mean_scores"}
+               "train_ensemble_member", "ensemble_mean_scores"}  # the taboo run sweeps only Bergson's damping
+# (no damping_sweep_kronfluence)
+# an ensemble's own stages (the taboo runs have one of 2 adapters; smol has one adapter): every attribution stage
+# serves each member (wildcard member_dir)
+ENSEMBLE_STAGES = {"train_ensemble_member", "ensemble_mean_scores"}
 
 
 def planned_jobs(proc) -> dict[str, int]:
@@ -412,29 +411,27 @@ def test_real_runs_dry_run_builds_the_dag(tmp_path):
     proc = snakemake(tmp_path, "-n", *(f"results/{run}/report/index.html" for run in runs))
     # per run: EK-FAC and four Bergson variants (plain, train-side and mixed preconditioner, TrackStar), 4 shards
     # each, and TRAK; TrackStar's Adam-normalised gradients, preconditioners and index; 32 LDS subsets x 2 seeds in one job each;
-    # the removal check: none, TF-IDF, 3 random draws and 6 methods, one retrain job each. Every Bergson stage but
-    # TRAK's runs once per adapter of the ensemble of 2 (the run's own and member 1)
+    # the removal check: none, TF-IDF, 3 random draws and 6 methods, one retrain job each. Every attribution stage
+    # but TRAK's runs once per adapter of the ensemble of 2 (the run's own and member 1)
     assert planned_jobs(proc) == {"fetch_base_model": 2, "prepare_data": 6, "tokenize": 6, "train_adapter": 2,
-                                  "fit_factors": 2, "kronfluence_scores": 8, "bergson_query_gradients": 2 * 2,
+                                  "fit_factors": 2 * 2, "kronfluence_scores": 8 * 2, "bergson_query_gradients": 2 * 2,
                                   "bergson_hessian": 4 * 2, "bergson_mix": 2 * 2, "bergson_reduce": 8 * 2,
                                   "bergson_index": 8 * 2, "bergson_scores": 32 * 2, "query_losses": 2, "memory_plan": 2,
                                   "merge_influences": 2, "merge_train_scores": 2, "report": 2,
                                   "bergson_adam_query_gradients": 2 * 2, "bergson_adam_hessian": 4 * 2,
                                   "bergson_adam_mix": 2 * 2, "bergson_adam_index": 8 * 2,
                                   "planted_bergson_adam_index": 2 * 2, "planted_copies": 2,
-                                  "planted_kronfluence_scores": 2, "planted_bergson_index": 2 * 2,
+                                  "planted_kronfluence_scores": 2 * 2, "planted_bergson_index": 2 * 2,
                                   "planted_bergson_scores": 8 * 2,
                                   "planted_audit": 2, "lds_retrain": 128, "lds_losses": 2, "lds": 2,
                                   "removal_rows": 22, "removal_retrain": 22, "removal": 2,
                                   # the two preconditioned Bergson variants' damping, rescored from each member's
                                   # index
                                   "damping_sweep_bergson": 4 * 2, "damping_sweep": 2,
-                                  # TRAK over the ensemble of 2; the second member's EK-FAC factors and shards, and
-                                  # the members' mean of each shard of EK-FAC and the four Bergson variants (4
-                                  # shards and the planted copies) and of both swept variants
+                                  # TRAK over the ensemble of 2; the members' mean of each shard of EK-FAC and the
+                                  # four Bergson variants (4 shards and the planted copies) and of both swept variants
                                   "bergson_trak": 2, "bergson_trak_shard": 8, "planted_bergson_trak": 2,
-                                  "train_ensemble_member": 2, "member_fit_factors": 2, "member_kronfluence_scores": 8,
-                                  "member_planted_kronfluence_scores": 2, "ensemble_mean_scores": 2 * (5 * 5 + 2)}
+                                  "train_ensemble_member": 2, "ensemble_mean_scores": 2 * (5 * 5 + 2)}
     assert set(planned_jobs(proc)) == EVERY_STAGE
     assert "gpu=1" in proc.stdout
 
@@ -501,7 +498,7 @@ def test_taboo_dag_renders_with_every_stage(tmp_path):
     assert EVERY_STAGE <= shown
     # one node per score shard (and per adapter of the ensemble of 2): the DAG shows the fan-out a cluster runs in
     # parallel
-    assert dag.count('label = "bergson_scores') == 16 * 2 and dag.count('label = "kronfluence_scores') == 4
+    assert dag.count('label = "bergson_scores') == 16 * 2 and dag.count('label = "kronfluence_scores') == 4 * 2
 
 
 def test_committed_rule_graph_is_current(tmp_path):
@@ -560,10 +557,9 @@ def rerun_for_their_params(proc) -> set[str]:
 
 # (section, key, a new value, the rules whose params hold it)
 KEY_READERS = [
-    ("attribution.kronfluence", "covariance_batch_size", 4, {"fit_factors", "member_fit_factors"}),
+    ("attribution.kronfluence", "covariance_batch_size", 4, {"fit_factors"}),
     ("attribution.kronfluence", "train_batch_size", 4,
-     {"kronfluence_scores", "planted_kronfluence_scores", "damping_sweep_kronfluence", "member_kronfluence_scores",
-      "member_planted_kronfluence_scores", "member_damping_sweep_kronfluence"}),
+     {"kronfluence_scores", "planted_kronfluence_scores", "damping_sweep_kronfluence"}),
     ("attribution.bergson", "token_batch_size", 256,
      {"bergson_query_gradients", "bergson_hessian", "bergson_reduce", "bergson_index", "planted_bergson_index",
       "bergson_adam_query_gradients", "bergson_adam_hessian", "bergson_adam_index", "planted_bergson_adam_index",
@@ -614,9 +610,7 @@ def test_keys_rerun_only_the_stages_that_read_them(demo_workdir, group):
     # the demo has no removal check, no TrackStar, no TRAK and no ensemble: those rules read the keys but are not in
     # this DAG
     absent = {"removal_retrain", "bergson_adam_query_gradients", "bergson_adam_hessian", "bergson_adam_index",
-              "planted_bergson_adam_index", "bergson_trak", "train_ensemble_member", "member_fit_factors",
-              "member_kronfluence_scores", "member_planted_kronfluence_scores", "member_damping_sweep_kronfluence",
-              "bergson_adam_mix"}
+              "planted_bergson_adam_index", "bergson_trak", "train_ensemble_member", "bergson_adam_mix"}
     # readers downstream of another reader: Snakemake gives the changed input as their reason
     downstream = {"planted_audit"}
     assert rerun_for_their_params(proc) == (readers - absent - downstream) | plan
@@ -715,14 +709,15 @@ def test_an_ensemble_trains_only_its_new_members_and_scores_every_method_with_ea
     assert {rule: n for rule, n in jobs.items() if rule not in ("merge_influences", "merge_train_scores", "lds",
                                                                   "planted_audit", "damping_sweep", "report",
                                                                   "memory_plan")} == {
-        "train_ensemble_member": 2, "member_fit_factors": 2, "member_kronfluence_scores": 4,
-        "member_planted_kronfluence_scores": 2, "bergson_trak": 1, "bergson_trak_shard": 2, "planted_bergson_trak": 1,
+        # per new member: its EK-FAC factors, its scores of both shards and of the planted copies
+        "train_ensemble_member": 2, "fit_factors": 2, "kronfluence_scores": 4, "planted_kronfluence_scores": 2,
+        "bergson_trak": 1, "bergson_trak_shard": 2, "planted_bergson_trak": 1,
         # per new member: its query gradients, its two-sided preconditioner (cosine_mixed), both variants' reduced
         # queries, its index of both shards and both variants' scores of them, and of the planted copies
         "bergson_query_gradients": 2, "bergson_hessian": 4, "bergson_mix": 2, "bergson_reduce": 4,
         "bergson_index": 4, "bergson_scores": 8, "planted_bergson_index": 2, "planted_bergson_scores": 4,
         # each new member's damping sweep of ekfac and cosine_mixed (the demo sweeps every preconditioned method)
-        "member_damping_sweep_kronfluence": 2, "damping_sweep_bergson": 2,
+        "damping_sweep_kronfluence": 2, "damping_sweep_bergson": 2,
         # ekfac's and both Bergson variants' two shards and planted copies, and the two sweeps
         "ensemble_mean_scores": 9 + 2}
     planned = dry_run_jobs(out)
@@ -746,7 +741,7 @@ def test_an_ensemble_trains_only_its_new_members_and_scores_every_method_with_ea
             "results/demo/ensemble/member-2/bergson/hessian/mixed"} <= set(inputs)
     # a member's sweep rescores with its own index, preconditioner and factors; the sweep table reads the means
     sweeps = {fields["output"]: set(fields["input"].split(", ")) for rule, fields in planned
-              if rule in ("damping_sweep_bergson", "member_damping_sweep_kronfluence")}
+              if rule in ("damping_sweep_bergson", "damping_sweep_kronfluence")}
     assert {"results/demo/ensemble/member-2/bergson/index/shard-1",
             "results/demo/ensemble/member-2/validation/planted/bergson/index/shard-0",
             "results/demo/ensemble/member-2/bergson/hessian/mixed"} <= \

@@ -84,7 +84,7 @@ ANY_RUN = run_names(lambda c: True)
 
 wildcard_constraints:
     run=ANY_RUN,
-    # the Bergson stages' ensemble member: "" for the run's own adapter, "ensemble/member-k/" for member k >= 1
+    # an attribution stage's ensemble member: "" for the run's own adapter, "ensemble/member-k/" for member k >= 1
     member_dir=MEMBER_DIR_PATTERN,
 
 

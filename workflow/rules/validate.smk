@@ -23,12 +23,12 @@ rule planted_copies:
 
 use rule kronfluence_scores as planted_kronfluence_scores with:
     input:
-        model="results/{run}/adapter",
-        factors="results/{run}/kronfluence/factors/{strategy}",
+        model="results/{run}/{member_dir}adapter",
+        factors="results/{run}/{member_dir}kronfluence/factors/{strategy}",
         query="results/{run}/data/tokens/query",
         train="results/{run}/validation/planted/tokens",
     output:
-        "results/{run}/validation/planted/kronfluence/{strategy}/shard-{shard}.npz",
+        "results/{run}/{member_dir}validation/planted/kronfluence/{strategy}/shard-{shard}.npz",
     wildcard_constraints:
         strategy=STRATEGY_PATTERN,
         shard="0",
@@ -38,31 +38,9 @@ use rule kronfluence_scores as planted_kronfluence_scores with:
         kronfluence=stage_settings(KronfluenceScoring, per_token_scores=False),
         code=script_code("kronfluence_scores.py"),
     log:
-        "logs/{run}/planted_kronfluence_scores_{strategy}_{shard}.log",
+        "logs/{run}/{member_dir}planted_kronfluence_scores_{strategy}_{shard}.log",
     benchmark:
-        "benchmarks/{run}/planted_kronfluence_scores_{strategy}_{shard}.tsv"
-
-
-use rule planted_kronfluence_scores as member_planted_kronfluence_scores with:
-    input:
-        model="results/{run}/ensemble/member-{member}/adapter",
-        factors="results/{run}/ensemble/member-{member}/kronfluence/factors/{strategy}",
-        query="results/{run}/data/tokens/query",
-        train="results/{run}/validation/planted/tokens",
-    output:
-        "results/{run}/ensemble/member-{member}/validation/planted/kronfluence/{strategy}/shard-{shard}.npz",
-    wildcard_constraints:
-        strategy=STRATEGY_PATTERN,
-        shard="0",
-        member=r"[1-9]\d*",
-    log:
-        "logs/{run}/member_planted_kronfluence_scores_{member}_{strategy}_{shard}.log",
-    benchmark:
-        "benchmarks/{run}/member_planted_kronfluence_scores_{member}_{strategy}_{shard}.tsv"
-    resources:
-        gpu=1,
-        mem_mb=score_mem("planted_kronfluence_scores"),
-        runtime=attribution_runtime,
+        "benchmarks/{run}/{member_dir}planted_kronfluence_scores_{strategy}_{shard}.tsv"
 
 
 use rule bergson_index as planted_bergson_index with:
@@ -356,13 +334,13 @@ rule removal:
 # member rescores with its own and the table reads the members' mean (rule ensemble_mean_scores), as lds.csv does.
 rule damping_sweep_kronfluence:
     input:
-        model="results/{run}/adapter",
-        factors="results/{run}/kronfluence/factors/{strategy}",
+        model="results/{run}/{member_dir}adapter",
+        factors="results/{run}/{member_dir}kronfluence/factors/{strategy}",
         query="results/{run}/data/tokens/query",
         train="results/{run}/data/tokens/train",
         copies=sweep_copies,
     output:
-        "results/{run}/validation/damping/kronfluence/{strategy}.npz",
+        "results/{run}/{member_dir}validation/damping/kronfluence/{strategy}.npz",
     wildcard_constraints:
         strategy=STRATEGY_PATTERN,
     params:
@@ -370,9 +348,9 @@ rule damping_sweep_kronfluence:
         kronfluence=stage_settings(KronfluenceSweep),
         code=script_code("damping_sweep_kronfluence.py"),
     log:
-        "logs/{run}/damping_sweep_kronfluence_{strategy}.log",
+        "logs/{run}/{member_dir}damping_sweep_kronfluence_{strategy}.log",
     benchmark:
-        "benchmarks/{run}/damping_sweep_kronfluence_{strategy}.tsv"
+        "benchmarks/{run}/{member_dir}damping_sweep_kronfluence_{strategy}.tsv"
     threads: model_threads
     resources:
         gpu=1,
@@ -382,24 +360,6 @@ rule damping_sweep_kronfluence:
         CONDA_ENV
     script:
         "../scripts/damping_sweep_kronfluence.py"
-
-
-use rule damping_sweep_kronfluence as member_damping_sweep_kronfluence with:
-    input:
-        model="results/{run}/ensemble/member-{member}/adapter",
-        factors="results/{run}/ensemble/member-{member}/kronfluence/factors/{strategy}",
-        query="results/{run}/data/tokens/query",
-        train="results/{run}/data/tokens/train",
-        copies=sweep_copies,
-    output:
-        "results/{run}/ensemble/member-{member}/validation/damping/kronfluence/{strategy}.npz",
-    wildcard_constraints:
-        strategy=STRATEGY_PATTERN,
-        member=r"[1-9]\d*",
-    log:
-        "logs/{run}/member_damping_sweep_kronfluence_{member}_{strategy}.log",
-    benchmark:
-        "benchmarks/{run}/member_damping_sweep_kronfluence_{member}_{strategy}.tsv"
 
 
 # Matrix products on stored gradients, like bergson_scores: a CPU job.
