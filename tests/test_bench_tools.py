@@ -58,9 +58,17 @@ def test_replicate_agreement_is_the_noise_ceiling_and_its_difference_is_paired(t
     table = replicate_agreement.agreement_table(settings)
     assert table["noisy"]["agreement"][0] == pytest.approx(split_half_agreement(-noisy).mean())
     assert table["exact"]["agreement"][0] == pytest.approx(1.0)
-    assert table["exact"]["minus_first"][0] == pytest.approx(1.0 - table["noisy"]["agreement"][0])
+    assert table["exact"]["reference"] == "noisy"
+    assert table["exact"]["minus_reference"][0] == pytest.approx(1.0 - table["noisy"]["agreement"][0])
     # the same retrains under another name: every resample draws the same subsets and queries for both
-    assert table["noisy_again"]["minus_first"] == (0.0, 0.0, 0.0)
+    assert table["noisy_again"]["minus_reference"] == (0.0, 0.0, 0.0)
+    # a setting compared with a reference of its own (NAME@REFERENCE): the same resamples, the other difference
+    against_exact = replicate_agreement.agreement_table(settings, references={"noisy_again": "exact"})
+    assert against_exact["noisy_again"]["reference"] == "exact"
+    point, low, high = table["exact"]["minus_reference"]
+    assert against_exact["noisy_again"]["minus_reference"] == pytest.approx((-point, -high, -low))
+    with pytest.raises(SystemExit, match=r"settings \{'exact': 'halves'\} name a reference that is not another setting"):
+        replicate_agreement.agreement_table(settings, references={"exact": "halves"})
     assert table["exact"]["seed_spread"] == 0.0
     assert table["noisy"]["subsets"] == 20 and table["noisy"]["repeats"] == 2
 
@@ -75,8 +83,10 @@ def test_replicate_agreement_refuses_settings_measured_on_other_subsets(tmp_path
 
 def test_a_setting_parses_to_nested_overrides():
     assert replicate_agreement.parse_setting("lr=training.learning_rate=1e-3,lora.dropout=0") == (
-        "lr", {"training": {"learning_rate": 1e-3}, "lora": {"dropout": 0}})
-    assert replicate_agreement.parse_setting("baseline") == ("baseline", {})
+        "lr", {"training": {"learning_rate": 1e-3}, "lora": {"dropout": 0}}, None)
+    assert replicate_agreement.parse_setting("baseline") == ("baseline", {}, None)
+    assert replicate_agreement.parse_setting("epochs2@halves=training.epochs=2") == (
+        "epochs2", {"training": {"epochs": 2}}, "halves")
 
 
 def test_quality_table_refuses_an_lds_csv_without_the_paired_columns(tmp_path):
