@@ -61,7 +61,7 @@ def extra(parser):
 
 def read_benchmarks(workdir: Path, run: str = RUN) -> list[dict]:
     """Each job's wall time and memory: Snakemake's sampled max RSS, and the true peak the job logged itself. Jobs in
-    folders are read too: an ensemble member's Bergson jobs (`ensemble/member-1/bergson_index_0`) and the members'
+    folders are read too: an ensemble member's attribution jobs (`ensemble/member-1/bergson_index_0`) and the members'
     means (`ensemble_mean_scores/<shard>`)."""
     rows = []
     root = workdir / "benchmarks" / run

@@ -96,7 +96,7 @@ def test_quality_table_refuses_an_lds_csv_without_the_paired_columns(tmp_path):
 
 
 def test_the_per_job_table_reads_an_ensemble_members_jobs_and_plans_them_as_the_runs(tmp_path):
-    """An ensemble member's Bergson jobs and the members' means keep their benchmarks in folders: the per-job table
+    """An ensemble member's attribution jobs and the members' means keep their benchmarks in folders: the per-job table
     reads them with their own logged peaks, and compares each with the plan of its job kind."""
     header = "s\th:m:s\tmax_rss\tmax_vms\tmax_uss\tmax_pss\tio_in\tio_out\tmean_load\tcpu_time\n"
     jobs = {"bergson_index_0": (85.0, 5000, 6000), "ensemble/member-1/bergson_index_0": (86.0, 5100, 6100),
