@@ -41,6 +41,11 @@ use rule kronfluence_scores as planted_kronfluence_scores with:
         "logs/{run}/{member_dir}planted_kronfluence_scores_{strategy}_{shard}.log",
     benchmark:
         "benchmarks/{run}/{member_dir}planted_kronfluence_scores_{strategy}_{shard}.tsv"
+    # the plan's own figure for the copies' job (no per-token scores), as the removed member copy of this rule asked
+    resources:
+        gpu=1,
+        mem_mb=score_mem("planted_kronfluence_scores"),
+        runtime=attribution_runtime,
 
 
 use rule bergson_index as planted_bergson_index with:
