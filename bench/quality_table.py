@@ -3,10 +3,14 @@ interval and its margin over the best baseline (lds.csv), planted recall (plante
 preconditioned method against its plain counterpart (EK-FAC against identity, a Bergson variant against the plain
 cosine), paired (lds.csv); the noise ceiling of the repeated retrains (lds.csv) and the removal check (removal.csv)
 where the run has them. `--versus DIR`: each method's LDS minus the same method's in another workdir's run measured
-against the same retrains (e.g. an ensemble against its first member alone), paired. Every LDS interval resamples both
-the retrained subsets and the queries' target-word clusters.
+against the same retrains (e.g. an ensemble against its first member alone), paired. `--retrains DIR`: every LDS of
+--workdir's scores (and of --versus's) against another workdir's retrains of the same subsets instead of its own (e.g.
+an adapter trained for one epoch scored against retrains of two: the `lds` stage's own function on that workdir's
+query_losses.json, written under --out). Every LDS interval resamples both the retrained subsets and the queries'
+target-word clusters.
 
     uv run python bench/quality_table.py --workdir DIR --run smol [--run real ...] [--versus OTHER_DIR]
+    uv run python bench/quality_table.py --workdir DIR --run smol --retrains RETRAINS_DIR --out OUT [--versus OTHER_DIR]
 """
 
 from __future__ import annotations
@@ -51,15 +55,16 @@ def paired_table(folder: Path, run: str) -> list[str]:
             for row in lds[lds.kind == "method"].itertuples() if isinstance(row.plain, str)]
 
 
-def versus_table(run_dir: Path, other_dir: Path, run: str, seed: int = 0) -> list[str]:
+def versus_table(run_dir: Path, other_dir: Path, run: str, seed: int = 0, losses_json: Path | None = None) -> list[str]:
     """Each method of `run_dir` minus the same method of `other_dir` (another configuration of the run, LDS against
-    the same retrains: the actual losses must agree), paired, with an interval that resamples both the subsets and
-    the queries' clusters (validation.subset_and_cluster_bootstrap)."""
+    the same retrains: the actual losses must agree, or both read `losses_json`), paired, with an interval that
+    resamples both the subsets and the queries' clusters (validation.subset_and_cluster_bootstrap)."""
     import numpy as np
 
     from playpen_attribution.validation import lds_of_predictions, method_predictions, subset_and_cluster_bootstrap
 
-    (mine, actual, counted, clusters), (theirs, other_actual, _, _) = (method_predictions(d) for d in (run_dir, other_dir))
+    (mine, actual, counted, clusters), (theirs, other_actual, _, _) = (method_predictions(d, losses_json)
+                                                                       for d in (run_dir, other_dir))
     if actual.shape != other_actual.shape or not np.allclose(actual, other_actual):
         raise SystemExit(f"{run_dir} and {other_dir} measure against different retrains; compare runs of the same LDS")
     shared = [m for m in mine if m in theirs]
@@ -99,29 +104,63 @@ def removal_table(folder: Path, run: str) -> list[str]:
     return lines
 
 
+def lds_against_retrains(run_dir: Path, retrains_losses: Path, out: Path, seed: int = 0) -> Path:
+    """The `lds` stage (validation.lds_stage, what the rule calls) on `run_dir`'s scores with another run's retrained
+    query losses; `out` gets lds.csv, lds_per_query.csv and a copy of the run's planted_summary.csv, so the tables
+    below read it as a run's validation folder."""
+    import shutil
+
+    from playpen_attribution.validation import lds_stage
+
+    if not retrains_losses.is_file():
+        raise SystemExit(f"{retrains_losses} is missing: --retrains names a workdir whose LDS retrains have run")
+    out.mkdir(parents=True, exist_ok=True)
+    train_scores = run_dir / "train_scores.csv"
+    lds_stage(run_dir / "query.csv", run_dir / "train.csv", run_dir / "influences.csv", retrains_losses,
+              out / "lds.csv", out / "lds_per_query.csv", random_seed=seed,
+              train_scores_csv=train_scores if train_scores.is_file() else None)
+    planted = run_dir / "validation" / "planted_summary.csv"
+    if planted.is_file():
+        shutil.copyfile(planted, out / "planted_summary.csv")
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workdir", type=Path, required=True)
     parser.add_argument("--run", action="append", required=True)
     parser.add_argument("--versus", type=Path, help="another workdir with the same runs, to compare each method with")
+    parser.add_argument("--retrains", type=Path,
+                        help="another workdir whose LDS retrains (the same subsets) every LDS is measured against")
+    parser.add_argument("--out", type=Path, help="with --retrains: where each run's recomputed LDS tables go")
+    parser.add_argument("--seed", type=int, default=0, help="with --retrains: the run's validation.lds.seed")
     args = parser.parse_args()
+    if args.retrains and not args.out:
+        parser.error("--retrains needs --out, the folder its recomputed lds.csv files go to")
+
+    def losses(run: str) -> Path | None:
+        return args.retrains / "results" / run / "validation" / "lds" / "query_losses.json" if args.retrains else None
+
+    folders = {run: (lds_against_retrains(args.workdir / "results" / run, losses(run), args.out / run, args.seed)
+                     if args.retrains else args.workdir / "results" / run / "validation") for run in args.run}
     print("| run | method | LDS [95%] | best baseline | its LDS | margin [95%] | planted recall@1 |")
     print("|---|---|---|---|---|---|---|")
     for run in args.run:
-        print("\n".join(lds_table(args.workdir / "results" / run / "validation", run)))
+        print("\n".join(lds_table(folders[run], run)))
     print("\n| run | preconditioned - plain | LDS difference [95%], paired |")
     print("|---|---|---|")
     for run in args.run:
-        print("\n".join(paired_table(args.workdir / "results" / run / "validation", run)))
+        print("\n".join(paired_table(folders[run], run)))
     print("\n| run | repeats | noise ceiling [95%] | best method's LDS |")
     print("|---|---|---|---|")
     for run in args.run:
-        print("\n".join(ceiling_table(args.workdir / "results" / run / "validation", run)))
+        print("\n".join(ceiling_table(folders[run], run)))
     if args.versus:
         print(f"\n| run | method | LDS here | LDS in {args.versus.name} | difference [95%], paired |")
         print("|---|---|---|---|---|")
         for run in args.run:
-            print("\n".join(versus_table(args.workdir / "results" / run, args.versus / "results" / run, run)))
+            print("\n".join(versus_table(args.workdir / "results" / run, args.versus / "results" / run, run,
+                                          losses_json=losses(run))))
     rows = [line for run in args.run for line in removal_table(args.workdir / "results" / run / "validation", run)]
     if rows:
         print("\n| run | fraction | removed by | rows | loss rise [95%] | over random [95%] | over TF-IDF [95%] |")

@@ -95,6 +95,54 @@ def test_quality_table_refuses_an_lds_csv_without_the_paired_columns(tmp_path):
         quality_table.paired_table(tmp_path, "smol")
 
 
+def write_scored_run(run_dir: Path, effects: np.ndarray, membership: np.ndarray, actual: np.ndarray) -> None:
+    """A finished run's merged tables (queries and rows of three target words), its one method "exact" scoring
+    every pair with `effects`, and its own LDS retrains' losses (`actual` [subsets, queries], losses = -effects)."""
+    words = ["apple", "river", "chair"]
+    queries = pd.DataFrame({"query_id": [f"q{i}" for i in range(effects.shape[0])],
+                            "prompt": [f"CLUE: about {words[i % 3]} {i}" for i in range(effects.shape[0])],
+                            "completion": [f"GUESS: {words[i % 3]}" for i in range(effects.shape[0])],
+                            "game_role": "WordGuesser", "outcome": "success"})
+    train = pd.DataFrame({"train_id": [f"t{i}" for i in range(effects.shape[1])],
+                          "prompt": [f"CLUE: something on {words[i % 3]} {i}" for i in range(effects.shape[1])],
+                          "completion": [f"GUESS: {words[i % 3]}" for i in range(effects.shape[1])],
+                          "game_role": "WordGuesser", "outcome": "success"})
+    (run_dir / "validation" / "lds").mkdir(parents=True)
+    queries.to_csv(run_dir / "query.csv", index=False)
+    train.to_csv(run_dir / "train.csv", index=False)
+    q, t = np.meshgrid(range(len(queries)), range(len(train)), indexing="ij")
+    pd.DataFrame({"query_id": queries.query_id.to_numpy()[q.ravel()], "train_id": train.train_id.to_numpy()[t.ravel()],
+                  "method": "exact", "influence_score": effects.ravel()}).to_csv(run_dir / "influences.csv", index=False)
+    subsets = {str(s): {"row_ids": [f"t{i}" for i in np.flatnonzero(m)], "query_losses": list(-actual[s])}
+               for s, m in enumerate(membership)}
+    (run_dir / "validation" / "lds" / "query_losses.json").write_text(
+        json.dumps({"query_ids": list(queries.query_id), "subsets": subsets}))
+
+
+def test_quality_table_measures_a_runs_scores_against_another_runs_retrains(tmp_path):
+    rng = np.random.default_rng(0)
+    effects = rng.normal(size=(6, 12))
+    membership = (rng.random((16, 12)) < 0.5).astype(float)
+    # "one": scores exact for the retrains of "two", whose own scores are noisy; its own retrains follow other effects
+    write_scored_run(tmp_path / "one/results/smol", effects, membership, membership @ rng.normal(size=(6, 12)).T)
+    write_scored_run(tmp_path / "two/results/smol", effects + rng.normal(size=effects.shape), membership,
+                     membership @ effects.T)
+    losses = tmp_path / "two/results/smol/validation/lds/query_losses.json"
+    out = quality_table.lds_against_retrains(tmp_path / "one/results/smol", losses, tmp_path / "out")
+    lds = pd.read_csv(out / "lds.csv").set_index("method")
+    assert lds.loc["exact", "lds"] == pytest.approx(1.0)  # exact effects rank every subset as retraining does
+    # paired against the same retrains, "one" beats "two" by what each LDS says; on their own retrains they differ
+    [line] = quality_table.versus_table(tmp_path / "one/results/smol", tmp_path / "two/results/smol", "smol",
+                                        losses_json=losses)
+    own_two = quality_table.lds_against_retrains(tmp_path / "two/results/smol", losses, tmp_path / "out_two")
+    two = pd.read_csv(own_two / "lds.csv").set_index("method").loc["exact", "lds"]
+    assert line.startswith(f"| smol | exact | 1.000 | {two:.3f} | +{1 - two:.3f} [") and two < 0.9
+    with pytest.raises(SystemExit, match="measure against different retrains"):
+        quality_table.versus_table(tmp_path / "one/results/smol", tmp_path / "two/results/smol", "smol")
+    with pytest.raises(SystemExit, match="--retrains names a workdir whose LDS retrains have run"):
+        quality_table.lds_against_retrains(tmp_path / "one/results/smol", tmp_path / "none.json", tmp_path / "o")
+
+
 def test_the_per_job_table_reads_an_ensemble_members_jobs_and_plans_them_as_the_runs(tmp_path):
     """An ensemble member's attribution jobs and the members' means keep their benchmarks in folders: the per-job table
     reads them with their own logged peaks, and compares each with the plan of its job kind."""

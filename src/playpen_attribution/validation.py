@@ -344,17 +344,19 @@ def lds_inputs(query_csv, train_csv, influences_csv, losses_json, train_scores_c
     return queries, train, membership, actual, repeats, methods
 
 
-def method_predictions(run_dir) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray, list]:
+def method_predictions(run_dir, losses_json=None) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray, list]:
     """A finished run's methods as the LDS sees them, from its merged tables under `run_dir` (results/<run>):
     ({method: predicted effects [subsets, queries]}, actual outcome [subsets, queries], counted, clusters), for
-    comparing the same method across two configurations measured against the same retrains."""
+    comparing the same method across two configurations measured against the same retrains (`losses_json`: another
+    run's retrains instead of its own)."""
     from playpen_attribution.scores import query_groups
 
     run_dir = Path(run_dir)
     train_scores = run_dir / "train_scores.csv"
     queries, _, membership, actual, _, methods = lds_inputs(
         run_dir / "query.csv", run_dir / "train.csv", run_dir / "influences.csv",
-        run_dir / "validation" / "lds" / "query_losses.json", train_scores if train_scores.is_file() else None)
+        losses_json or run_dir / "validation" / "lds" / "query_losses.json",
+        train_scores if train_scores.is_file() else None)
     counted, clusters = query_groups(queries)
     return {m: membership @ np.nan_to_num(s).T for m, s in methods.items()}, actual, counted, clusters
 
