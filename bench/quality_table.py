@@ -133,7 +133,9 @@ def main() -> None:
     parser.add_argument("--retrains", type=Path,
                         help="another workdir whose LDS retrains (the same subsets) every LDS is measured against")
     parser.add_argument("--out", type=Path, help="with --retrains: where each run's recomputed LDS tables go")
-    parser.add_argument("--seed", type=int, default=0, help="with --retrains: the run's validation.lds.seed")
+    parser.add_argument("--seed", type=int,
+                        help="with --retrains: the random baseline's and the bootstrap's seed (default: the run's "
+                             "validation.lds.seed in config/config.yaml, as the lds rule reads it)")
     args = parser.parse_args()
     if args.retrains and not args.out:
         parser.error("--retrains needs --out, the folder its recomputed lds.csv files go to")
@@ -141,7 +143,15 @@ def main() -> None:
     def losses(run: str) -> Path | None:
         return args.retrains / "results" / run / "validation" / "lds" / "query_losses.json" if args.retrains else None
 
-    folders = {run: (lds_against_retrains(args.workdir / "results" / run, losses(run), args.out / run, args.seed)
+    def lds_seed(run: str) -> int:
+        from playpen_attribution.config import load_config, run_config
+
+        if args.seed is not None:
+            return args.seed
+        return run_config(load_config(Path(__file__).resolve().parents[1] / "config" / "config.yaml"),
+                          run)["validation"]["lds"]["seed"]
+
+    folders = {run: (lds_against_retrains(args.workdir / "results" / run, losses(run), args.out / run, lds_seed(run))
                      if args.retrains else args.workdir / "results" / run / "validation") for run in args.run}
     print("| run | method | LDS [95%] | best baseline | its LDS | margin [95%] | planted recall@1 |")
     print("|---|---|---|---|---|---|---|")
