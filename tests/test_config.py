@@ -173,3 +173,20 @@ def test_settings_refuse_a_key_their_stage_does_not_read():
     with pytest.raises(TypeError, match=r"BergsonMix takes exactly \['mix_downweight_components'\]; got "
                                         r"\['damping_factor', 'mix_downweight_components'\]"):
         from_params(BergsonMix, {"mix_downweight_components": 10, "damping_factor": 0.1})
+
+
+def test_checkpoints_after_the_trainings_last_epoch_are_refused_and_the_scored_adapters_are_members_at_each_epoch():
+    from playpen_attribution.ensemble import scored_dirs
+
+    cfg = copy.deepcopy(MINIMAL)
+    cfg["runs"]["r"]["training"] = {"epochs": 2.5}  # a part-epoch ends in epoch 3
+    cfg["runs"]["r"]["attribution"] = {"checkpoints": [1, 4]}
+    with pytest.raises(ConfigError, match=r"runs\.r\.attribution\.checkpoints: \[1, 4\] lists an epoch after the "
+                                          r"training's last \(3, runs\.r\.training\.epochs 2\.5\)"):
+        validate_config(copy.deepcopy(cfg))
+    cfg["runs"]["r"]["attribution"] = {"checkpoints": [1, 3]}
+    validate_config(cfg)
+    # the last epoch is the adapter itself; the run's own adapter comes first, then each member's
+    assert scored_dirs(2, [3, 1], 2.5) == ["", "checkpoint-1/", "ensemble/member-1/", "ensemble/member-1/checkpoint-1/"]
+    assert scored_dirs(1, [1], 2) == ["checkpoint-1/"]
+    assert scored_dirs(3, [], 2) == ["", "ensemble/member-1/", "ensemble/member-2/"]

@@ -129,3 +129,47 @@ def test_rows_sft_trainer_would_drop_stop_training_with_the_count(tiny_model_dir
     with pytest.raises(RuntimeError, match=r"SFTTrainer kept 5 of 6 tokenized rows"):
         train(tiny_model_dir, tmp_path / "tokens", tmp_path / "adapter")
     assert not (tmp_path / "adapter").exists()
+
+
+def test_the_adapter_kept_after_epoch_one_is_a_one_epoch_training_and_loads_from_its_own_folder(
+        tiny_model_dir, train_tokens, tmp_path):
+    """keep_epochs: a two-epoch run keeps its adapter after epoch 1, which (with a constant learning rate, so the two
+    schedules agree over epoch 1) holds the weights and Adam second moments of the same training stopped there;
+    checkpoint_adapter copies it into a folder the scoring rules load like any adapter."""
+    from safetensors.torch import load_file
+
+    from playpen_attribution.training import CHECKPOINTS_FOLDER, OPTIMIZER_FILE, checkpoint_adapter
+
+    lora, training = settings()
+    training = dataclasses.replace(training, lr_scheduler="constant", warmup_ratio=0.0)
+    common = dict(lora=lora, max_length=256, base_model_source={"id": "tiny-random-gemma3", "revision": None},
+                  save_optimizer_state=True)
+    train_adapter(tiny_model_dir, train_tokens, tmp_path / "one", training=training, **common)
+    train_adapter(tiny_model_dir, train_tokens, tmp_path / "two", training=dataclasses.replace(training, epochs=2),
+                  keep_epochs=True, **common)
+    kept = tmp_path / "two" / CHECKPOINTS_FOLDER
+    assert sorted(p.name for p in kept.iterdir()) == ["epoch-1"], "the last epoch is the adapter itself"
+    assert not (tmp_path / "one" / CHECKPOINTS_FOLDER).exists(), "kept only when asked"
+
+    weights = {name: load_file(tmp_path / name / "adapter_model.safetensors") for name in ("one", "two")}
+    epoch_one = load_file(kept / "epoch-1" / "adapter_model.safetensors")
+    assert epoch_one.keys() == weights["one"].keys()
+    assert all(torch.equal(epoch_one[k], weights["one"][k]) for k in epoch_one)
+    assert not all(torch.equal(epoch_one[k], weights["two"][k]) for k in epoch_one), "epoch 2 changed the weights"
+    moments_one = torch.load(tmp_path / "one" / OPTIMIZER_FILE)["state"]
+    moments_kept = torch.load(kept / "epoch-1" / OPTIMIZER_FILE)["state"]
+    assert all(torch.equal(moments_kept[i]["exp_avg_sq"], moments_one[i]["exp_avg_sq"]) for i in moments_one)
+
+    manifest = json.loads((kept / "epoch-1" / "manifest.json").read_text())
+    assert manifest["checkpoint"] == {"epoch": 1, "of": 2}
+    assert manifest["trained_row_ids"] == json.loads((tmp_path / "one" / "manifest.json").read_text())[
+        "trained_row_ids"]
+
+    checkpoint_adapter(tmp_path / "two", 1, tmp_path / "run" / "checkpoint-1" / "adapter")
+    batch = datasets.load_from_disk(str(train_tokens)).with_format("torch")[:1]
+    with torch.no_grad():
+        assert torch.equal(load_model(tmp_path / "run" / "checkpoint-1" / "adapter")(input_ids=batch["input_ids"]).logits,
+                           load_model(tmp_path / "one")(input_ids=batch["input_ids"]).logits)
+    with pytest.raises(FileNotFoundError, match=r"keeps no adapter of epoch 2 \(it keeps epoch-1\).*--force"):
+        checkpoint_adapter(tmp_path / "two", 2, tmp_path / "run" / "checkpoint-2" / "adapter")
+    assert not (tmp_path / "run" / "checkpoint-2").exists(), "a refused copy leaves nothing behind"

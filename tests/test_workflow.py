@@ -757,6 +757,57 @@ def test_an_ensemble_trains_only_its_new_members_and_scores_every_method_with_ea
             "results/demo/bergson/scores/trak/shard-0.npz"} <= set(merge["input"].split(", "))
 
 
+
+def test_checkpoints_score_the_adapter_its_training_kept_after_each_listed_epoch_and_average_over_them(demo_workdir):
+    """attribution.checkpoints [2, 4] on the demo's four-epoch adapter: the adapter after epoch 2 is copied out of the
+    folder its training kept it in (no retraining) and scored by every method like an ensemble member; every method
+    but TRAK averages its shards over the two adapters, TRAK ensembles over them in its own job. Epoch 4 is the
+    trained adapter, whose factors, gradients and scores are reused."""
+    path = overlay(demo_workdir, "checkpoints", {"demo": {"attribution": {
+        "checkpoints": [2, 4], "methods": ["ekfac", "bergson_cosine", "bergson_trak"]}}})
+    out = snakemake(demo_workdir, *DEMO_TARGETS, "-n", "--configfile", path)
+    jobs = planned_jobs(out)
+    assert {rule: n for rule, n in jobs.items() if rule not in ("merge_influences", "merge_train_scores", "lds",
+                                                                  "planted_audit", "damping_sweep", "report",
+                                                                  "memory_plan")} == {
+        "checkpoint_adapter": 1,
+        # the epoch-2 adapter's EK-FAC factors, scores of both shards and of the planted copies, and damping sweep
+        "fit_factors": 1, "kronfluence_scores": 2, "planted_kronfluence_scores": 1, "damping_sweep_kronfluence": 1,
+        # its query gradients, reduced queries, index and scores of both shards and of the planted copies
+        "bergson_query_gradients": 1, "bergson_reduce": 1, "bergson_index": 2, "bergson_scores": 2,
+        "planted_bergson_index": 1, "planted_bergson_scores": 1,
+        "bergson_trak": 1, "bergson_trak_shard": 2, "planted_bergson_trak": 1,
+        # ekfac's and cosine's two shards and planted copies, and ekfac's sweep
+        "ensemble_mean_scores": 2 * 3 + 1}
+    planned = dry_run_jobs(out)
+    copy = next(fields for rule, fields in planned if rule == "checkpoint_adapter")
+    assert (copy["input"], copy["output"]) == ("results/demo/adapter", "results/demo/checkpoint-2/adapter")
+    trak = next(fields for rule, fields in planned if rule == "bergson_trak")
+    assert {"results/demo/adapter", "results/demo/checkpoint-2/adapter"} <= set(trak["input"].split(", "))
+    means = {fields["output"]: set(fields["input"].split(", ")) for rule, fields in planned
+             if rule == "ensemble_mean_scores"}
+    assert means["results/demo/ensemble/mean/kronfluence/scores/ekfac/shard-1.npz"] == {
+        "results/demo/kronfluence/scores/ekfac/shard-1.npz", "results/demo/checkpoint-2/kronfluence/scores/ekfac/shard-1.npz"}
+    factors = next(fields for rule, fields in planned if rule == "fit_factors")
+    assert factors["output"] == "results/demo/checkpoint-2/kronfluence/factors/ekfac"
+
+    # the copy itself, for real: the weights after epoch 2, a manifest that says so, loadable where it lies
+    snakemake(demo_workdir, "results/demo/checkpoint-2/adapter", "--configfile", path)
+    copied = demo_workdir / "results/demo/checkpoint-2/adapter"
+    assert json.loads((copied / "manifest.json").read_text())["checkpoint"] == {"epoch": 2, "of": 4}
+    final = demo_workdir / "results/demo/adapter"
+    assert (copied / "adapter_model.safetensors").read_bytes() != (final / "adapter_model.safetensors").read_bytes()
+    assert (copied / "adapter_model.safetensors").read_bytes() == \
+        (final / "checkpoints/epoch-2/adapter_model.safetensors").read_bytes()
+    assert (copied / "optimizer.pt").is_file(), "TrackStar reads the second moments of the epoch it scores"
+    from playpen_attribution.modeling import adapter_base_path
+    assert Path(adapter_base_path(copied)) == (demo_workdir / "results/demo/base_model").resolve()
+    # a checkpoint after the training's last epoch is refused while the DAG is built, naming the key
+    late = overlay(demo_workdir, "late", {"demo": {"attribution": {"checkpoints": [5]}}})
+    refused = snakemake(demo_workdir, *DEMO_TARGETS, "-n", "--configfile", late, check=False)
+    assert refused.returncode != 0 and "attribution.checkpoints" in refused.stderr + refused.stdout
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # the workflow killed (slow: runs the demo's DAG again in a copy)
 # ---------------------------------------------------------------------------------------------------------------

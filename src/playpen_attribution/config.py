@@ -13,6 +13,7 @@ from typing import Any
 import jsonschema
 import yaml
 
+from playpen_attribution.ensemble import last_epoch
 from playpen_attribution.methods import damping_sweep_methods, has_preconditioner, parse_method
 
 # shipped inside the package, so an installed package validates configs wherever it runs
@@ -70,6 +71,11 @@ def _check_run(name: str, run: dict[str, Any], source: str) -> None:
         raise ConfigError(f"{source}: at runs.{name}.attribution.shards: {shards} shards for at most {max_train} "
                           f"training rows (runs.{name}.data.max_rows.train); every shard needs a row: set shards to "
                           f"at most {max_train}")
+    checkpoints, epochs = run["attribution"]["checkpoints"], run["training"]["epochs"]
+    if any(epoch > last_epoch(epochs) for epoch in checkpoints):
+        raise ConfigError(f"{source}: at runs.{name}.attribution.checkpoints: {checkpoints} lists an epoch after the "
+                          f"training's last ({last_epoch(epochs)}, runs.{name}.training.epochs {epochs}); list epochs "
+                          f"1 to {last_epoch(epochs)}")
     tokenization = run["tokenization"]
     if tokenization["loss_on"] == "assistant_turns" and tokenization["render"] != "chat":
         raise ConfigError(f"{source}: at runs.{name}.tokenization.loss_on: assistant_turns needs render: chat (a "

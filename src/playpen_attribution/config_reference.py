@@ -57,6 +57,8 @@ STRUCTURAL = {
     "validation.removal.fractions": "the removal check's jobs (empty = none)",
     "attribution.ensemble": "the ensemble's members: their training, factor fits and score jobs, and the mean of "
                             "their score shards (1 = the run's adapter alone)",
+    "attribution.checkpoints": "which earlier epochs' adapters are scored: their copies, factor fits and score jobs, "
+                               "and the mean over them ([] = the trained adapters alone)",
 }
 
 

@@ -4,10 +4,17 @@ pipeline (`bergson_attribution.trak_stage`); every other method scores each memb
 (Kronfluence) or gradients and preconditioners (Bergson), and its score shards are the members' mean (Park et al.
 2023 average over independently trained models for the same reason: one training run's scores carry its seed's
 noise).
+
+Checkpoints (`attribution.checkpoints`: epochs of each member's training, e.g. [1, 2]) multiply the members: every
+method scores each member's adapter as it was after each listed epoch and averages over them, as TracIn sums over a
+run's checkpoints (Pruthi et al. 2020) and TRAK ensembles over checkpoints of one run (Park et al. 2023): gradients
+taken where the model has fitted its rows less say more about what retraining on them does (measured on smol,
+docs/quality.md). A member's last epoch is its adapter; an earlier epoch's is `<member folder>checkpoint-<epoch>/`.
 """
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +24,9 @@ from playpen_attribution.tables import save_shard, save_sweep
 MEMBER_FOLDER = "ensemble/member-{member}"  # under results/<run>/: member k >= 1 (member 0 is the run's own folders)
 # The Bergson rules' wildcard `member_dir`: "" (the run's own adapter) or a member's folder with its slash, so one rule
 # scores every member (the Kronfluence rules have a copy per member instead, wildcard `member`).
-MEMBER_DIR_PATTERN = r"(ensemble/member-[1-9]\d*/)?"
+MEMBER_DIR_PATTERN = r"(ensemble/member-[1-9]\d*/)?(checkpoint-[1-9]\d*/)?"
+ENSEMBLE_DIR_PATTERN = r"(ensemble/member-[1-9]\d*/)?"  # a member's own folder: where its training writes the adapter
+CHECKPOINT_FOLDER = "checkpoint-{epoch}"
 
 
 # Members' seeds stay clear of the seeds the LDS and removal retrains use (training.seed + repeat): a member that
@@ -30,18 +39,41 @@ def member_seed(training_seed: int, member: int) -> int:
     return training_seed + MEMBER_SEED_STRIDE * member
 
 
-def adapters_line(members: int, training_seed: int) -> str:
+def last_epoch(epochs: float) -> int:
+    """The epoch a training of `training.epochs` ends in (a fraction of an epoch counts as one)."""
+    return math.ceil(epochs)
+
+
+def scored_dirs(members: int, checkpoints=(), epochs: float = 1) -> list[str]:
+    """The folders under results/<run>/ of every adapter the methods score, the run's own first: "" for the run's
+    adapter, "ensemble/member-k/" for member k's, and "checkpoint-e/" inside either for its adapter after epoch e
+    (`checkpoints`; empty: the trained adapters only). A listed last epoch is the trained adapter itself."""
+    final = last_epoch(epochs)
+    beyond = [e for e in checkpoints if e > final]
+    if beyond:
+        raise ValueError(f"attribution.checkpoints {list(checkpoints)}: epoch(s) {beyond} after the training's last "
+                         f"(training.epochs {epochs}); list epochs 1 to {final}")
+    epochs_scored = sorted(set(checkpoints), key=lambda e: (e != final, e)) or [final]
+    owns = [""] + [f"{MEMBER_FOLDER.format(member=k)}/" for k in range(1, members)]
+    return [own if e == final else f"{own}{CHECKPOINT_FOLDER.format(epoch=e)}/" for own in owns for e in epochs_scored]
+
+
+def adapters_line(members: int, training_seed: int, checkpoints=(), epochs: float = 1) -> str:
     """The report's line saying which adapters the scores come from."""
-    if members <= 1:
-        return f"the run's adapter (training seed {training_seed})"
+    final = last_epoch(epochs)
+    after = sorted(set(checkpoints)) or [final]
+    when = "" if after == [final] else f" after epoch{'s' if len(after) > 1 else ''} {', '.join(map(str, after))}"
+    count = members * len(after)
+    if count <= 1:
+        return f"the run's adapter{when} (training seed {training_seed})"
     seeds = ", ".join(str(member_seed(training_seed, k)) for k in range(members))
-    return f"every method and the damping sweep: the mean over {members} adapters (training seeds {seeds})"
+    return (f"every method and the damping sweep: the mean over {count} adapters (training seed"
+            f"{'s' if members > 1 else ''} {seeds}{when})")
 
 
-def member_paths(run: str, path: str, members: int) -> list[str]:
-    """`results/<run>/<path>` of every member, the run's own (member 0) first."""
-    return [f"results/{run}/{path}"] + [f"results/{run}/{MEMBER_FOLDER.format(member=k)}/{path}"
-                                         for k in range(1, members)]
+def member_paths(run: str, path: str, members: int, checkpoints=(), epochs: float = 1) -> list[str]:
+    """`results/<run>/<member folder><path>` of every scored adapter (`scored_dirs`), the run's own first."""
+    return [f"results/{run}/{folder}{path}" for folder in scored_dirs(members, checkpoints, epochs)]
 
 
 def mean_of_member_shards(member_paths: list, out_path) -> None:

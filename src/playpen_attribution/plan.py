@@ -19,6 +19,7 @@ import os
 from pathlib import Path
 
 from playpen_attribution.devices import visible_devices
+from playpen_attribution.ensemble import scored_dirs
 from playpen_attribution.model_sources import read_architecture, text_config
 
 GB = 1e9
@@ -244,6 +245,9 @@ def stage_estimates(run: dict, arch: dict, lengths: dict, device: str) -> dict[s
     runtime, copies = RUNTIME_GB[device], LOGIT_COPIES[device]
     seq = lengths["longest_sequence"]
     rows_per_shard = math.ceil(lengths["train_rows"] / run["attribution"]["shards"])
+    # adapters every method scores and averages: the ensemble's members at each scored epoch
+    adapters = len(scored_dirs(run["attribution"]["ensemble"], run["attribution"]["checkpoints"],
+                               run["training"]["epochs"]))
     train = run["training"]
     attribution = run["attribution"]
     kf, bg = attribution["kronfluence"], attribution["bergson"]
@@ -335,12 +339,12 @@ def stage_estimates(run: dict, arch: dict, lengths: dict, device: str) -> dict[s
                 **token_batch,
                 "projection": max(i * o for i, o in lora_shapes(arch, lora)) * trak_dim * 4 / GB,
                 "Gram and its inverse": trak_dim * trak_dim * (4 + 3 * 8) / GB,
-                "scores": (attribution["ensemble"] + 2) * lengths["queries"] * scored_rows * 8 / GB,
+                "scores": (adapters + 2) * lengths["queries"] * scored_rows * 8 / GB,
                 # the 1 - p pass: a batch's float32 logits and their log-softmax over the whole vocabulary, planned
                 # beside the gradient pass's peak (measured on smol: 8.3 GB, above either pass alone)
                 "1 - p logits": 2 * _logits_gb(arch, bg["trak_loss_batch_size"] * seq, 1),
             }
-    if attribution["ensemble"] > 1 and any(m != "bergson_trak" for m in attribution["methods"]):
+    if adapters > 1 and any(m != "bergson_trak" for m in attribution["methods"]):
         # no model: the members' mean of one shard (any method but TRAK) holds the running sum and one member's
         # arrays: the scores in float64, Kronfluence's per-token scores as stored
         plans["ensemble_mean_scores"] = {

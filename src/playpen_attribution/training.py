@@ -57,6 +57,9 @@ def without_timings(entry: dict) -> dict:
 
 
 OPTIMIZER_FILE = "optimizer.pt"
+# Inside an adapter folder trained with keep_epochs: `epoch-<e>/`, a complete adapter folder of the weights (and Adam
+# second moments) after each epoch before the last; rule checkpoint_adapter copies one out for the scoring rules.
+CHECKPOINTS_FOLDER = "checkpoints"
 
 
 def second_moments(optimizer, model) -> dict:
@@ -92,17 +95,23 @@ def train_adapter(
     base_model_source: dict | None = None,
     eval_tokens_dir: str | Path | None = None,
     save_optimizer_state: bool = False,
+    keep_epochs: bool = False,
 ):
     """Train a LoRA adapter and write it atomically to `output_dir`; return the trained PEFT model.
 
     `eval_tokens_dir`: rows to compute the eval loss on after every epoch (the manifest's `eval.losses`); no
     checkpoint is chosen by it, so these rows change no weight. `save_optimizer_state`: also write the optimizer's
     final second moments (`optimizer.pt`, Adam's `exp_avg_sq` per LoRA parameter in the trainer's param-group
-    layout), which TrackStar normalises gradients by."""
+    layout), which TrackStar normalises gradients by. `keep_epochs`: also keep the adapter as it was after each epoch
+    before the last (`checkpoints/epoch-<e>/`, complete adapter folders, with their second moments where
+    `save_optimizer_state`), which attribution.checkpoints scores."""
+    import shutil
+
     import datasets
     import torch
     from peft import LoraConfig
     from transformers import set_seed
+    from transformers import TrainerCallback
     from trl import SFTConfig, SFTTrainer
 
     base_model_dir = Path(base_model_dir).resolve()
@@ -154,6 +163,39 @@ def train_adapter(
         dataloader_num_workers=0,
     )
     single_device_check(args.n_gpu)
+    final_epoch = math.ceil(training.epochs)
+    # relative to the adapter folder inside one project (a moved project still loads), else absolute
+    base_path = portable_base_path(base_model_dir, output_dir)
+
+    def write_adapter_files(peft_model, optimizer, dest: Path, base: str):
+        """Everything of an adapter folder but its manifest: the weights, the tokenizer, the base's config."""
+        peft_model.save_pretrained(str(dest))
+        config_path = dest / "adapter_config.json"
+        adapter_config = json.loads(config_path.read_text())
+        adapter_config["base_model_name_or_path"] = base
+        # PEFT writes its target-module set in the process's hash order: sorted, the file is the same every run
+        if isinstance(adapter_config.get("target_modules"), list):
+            adapter_config["target_modules"] = sorted(adapter_config["target_modules"])
+        config_path.write_text(json.dumps(adapter_config, indent=2, sort_keys=True) + "\n")
+        tokenizer.save_pretrained(str(dest))
+        # PEFT writes no config.json; Bergson calls AutoConfig on the adapter folder (the playpen guide's workaround).
+        peft_model.get_base_model().config.save_pretrained(str(dest))
+        if save_optimizer_state:
+            torch.save(second_moments(optimizer, peft_model), dest / OPTIMIZER_FILE)
+
+    kept = {}  # epoch -> its adapter folder in the trainer's scratch folder
+
+    class KeepEpochAdapters(TrainerCallback):
+        """Writes the adapter after each epoch but the last (which is the adapter itself)."""
+
+        def on_epoch_end(self, args, state, control, model=None, optimizer=None, **kwargs):
+            epoch = round(state.epoch)
+            if epoch < final_epoch:
+                kept[epoch] = scratch / f"epoch-{epoch}"
+                # the base path as seen from the folder the checkpoint ends up in, inside the adapter
+                where = output_dir / CHECKPOINTS_FOLDER / f"epoch-{epoch}"
+                write_adapter_files(model, optimizer, kept[epoch], portable_base_path(base_model_dir, where))
+
     trainer = SFTTrainer(
         model=model,
         args=args,
@@ -161,6 +203,7 @@ def train_adapter(
         eval_dataset=eval_tokens.select_columns(["input_ids", "labels"]) if eval_tokens is not None else None,
         processing_class=tokenizer,
         peft_config=peft_config,
+        callbacks=[KeepEpochAdapters()] if keep_epochs else None,
     )
     # TRL drops rows that truncation leaves without a trainable token; record what it really trained on.
     if len(trainer.train_dataset) != len(tokens):
@@ -176,8 +219,8 @@ def train_adapter(
     model.eval()
 
     tokens_report = read_tokens_report(train_tokens_dir)
-    # relative to the adapter folder inside one project (a moved project still loads), else absolute
-    base_path = portable_base_path(base_model_dir, output_dir)
+    eval_losses = [{"epoch": e["epoch"], "eval_loss": e["eval_loss"]}
+                   for e in trainer.state.log_history if "eval_loss" in e]
     manifest = {
         "base_model": {**(base_model_source or {}), "path": base_path},
         "trained_row_ids": list(tokens["row_id"]),
@@ -196,28 +239,53 @@ def train_adapter(
         # mean token cross-entropy per epoch, on the rows named here (none: training.evaluate is off)
         "eval": {"rows": len(eval_tokens) if eval_tokens is not None else 0,
                  "row_ids": list(eval_tokens["row_id"]) if eval_tokens is not None else [],
-                 "losses": [{"epoch": e["epoch"], "eval_loss": e["eval_loss"]}
-                            for e in trainer.state.log_history if "eval_loss" in e]},
+                 "losses": eval_losses},
         "log_history": [without_timings(entry) for entry in trainer.state.log_history],
         "versions": library_versions(),
     }
     with atomic_path(output_dir, directory=True) as tmp:
-        model.save_pretrained(str(tmp))
-        config_path = Path(tmp) / "adapter_config.json"
-        adapter_config = json.loads(config_path.read_text())
-        adapter_config["base_model_name_or_path"] = base_path
-        # PEFT writes its target-module set in the process's hash order: sorted, the file is the same every run
-        if isinstance(adapter_config.get("target_modules"), list):
-            adapter_config["target_modules"] = sorted(adapter_config["target_modules"])
-        config_path.write_text(json.dumps(adapter_config, indent=2, sort_keys=True) + "\n")
-        tokenizer.save_pretrained(str(tmp))
-        # PEFT writes no config.json; Bergson calls AutoConfig on the adapter folder (the playpen guide's workaround).
-        model.get_base_model().config.save_pretrained(str(tmp))
+        write_adapter_files(model, trainer.optimizer, Path(tmp), base_path)
         write_json_atomic(manifest, Path(tmp) / "manifest.json")
-        if save_optimizer_state:
-            torch.save(second_moments(trainer.optimizer, model), Path(tmp) / OPTIMIZER_FILE)
-    import shutil
-
+        for epoch, folder in sorted(kept.items()):
+            # the run's manifest as of that epoch: what it trained on and how, the eval losses it had seen
+            seen = [loss for loss in eval_losses if loss["epoch"] <= epoch + 1e-6]
+            at_epoch = {**manifest, "checkpoint": {"epoch": epoch, "of": final_epoch},
+                        "base_model": {**manifest["base_model"],
+                                       "path": portable_base_path(base_model_dir,
+                                                                  output_dir / CHECKPOINTS_FOLDER / f"epoch-{epoch}")},
+                        "eval": {**manifest["eval"], "losses": seen}, "metrics": None,
+                        "log_history": [e for e in manifest["log_history"] if e.get("epoch", 0) <= epoch + 1e-6]}
+            write_json_atomic(at_epoch, folder / "manifest.json")
+            (Path(tmp) / CHECKPOINTS_FOLDER).mkdir(exist_ok=True)
+            shutil.move(str(folder), Path(tmp) / CHECKPOINTS_FOLDER / f"epoch-{epoch}")
     shutil.rmtree(scratch, ignore_errors=True)
     log.info("adapter written to %s; metrics %s", output_dir, metrics)
     return model
+
+
+def checkpoint_adapter(adapter_dir: str | Path, epoch: int, output_dir: str | Path) -> None:
+    """Rule `checkpoint_adapter`: the adapter kept after `epoch` (train_adapter's keep_epochs) as an adapter folder of
+    its own, for the scoring rules (a folder inside another rule's folder cannot be an input). Its base path is
+    rewritten for where it now lies."""
+    import shutil
+
+    from playpen_attribution.modeling import adapter_base_path
+
+    adapter_dir, output_dir = Path(adapter_dir), Path(output_dir)
+    source = adapter_dir / CHECKPOINTS_FOLDER / f"epoch-{epoch}"
+    if not (source / "manifest.json").is_file():
+        kept = sorted(p.name for p in (adapter_dir / CHECKPOINTS_FOLDER).glob("epoch-*"))
+        raise FileNotFoundError(
+            f"{adapter_dir} keeps no adapter of epoch {epoch} (it keeps {', '.join(kept) or 'none'}): it was trained "
+            f"before adapters were kept per epoch, or for fewer epochs. Retrain it (snakemake {adapter_dir} --force), "
+            "or leave the epoch out of attribution.checkpoints")
+    base = adapter_base_path(source)
+    with atomic_path(output_dir, directory=True) as tmp:
+        shutil.copytree(source, tmp, dirs_exist_ok=True)
+        config_path = Path(tmp) / "adapter_config.json"
+        adapter_config = json.loads(config_path.read_text())
+        adapter_config["base_model_name_or_path"] = portable_base_path(base, output_dir)
+        config_path.write_text(json.dumps(adapter_config, indent=2, sort_keys=True) + "\n")
+        manifest = json.loads((Path(tmp) / "manifest.json").read_text())
+        manifest["base_model"]["path"] = adapter_config["base_model_name_or_path"]
+        write_json_atomic(manifest, Path(tmp) / "manifest.json")

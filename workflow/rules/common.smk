@@ -18,7 +18,7 @@ from playpen_attribution.methods import (
     parse_variant,
 )
 from playpen_attribution.data import split_config
-from playpen_attribution.ensemble import MEMBER_DIR_PATTERN, member_paths, member_seed
+from playpen_attribution.ensemble import ENSEMBLE_DIR_PATTERN, MEMBER_DIR_PATTERN, member_paths, member_seed
 from playpen_attribution.plan import (
     architecture_file,
     architecture_of,
@@ -84,7 +84,8 @@ ANY_RUN = run_names(lambda c: True)
 
 wildcard_constraints:
     run=ANY_RUN,
-    # an attribution stage's ensemble member: "" for the run's own adapter, "ensemble/member-k/" for member k >= 1
+    # an attribution stage's adapter: "" for the run's own, "ensemble/member-k/" for member k >= 1, either followed by
+    # "checkpoint-e/" for its adapter after an earlier epoch e (attribution.checkpoints)
     member_dir=MEMBER_DIR_PATTERN,
 
 
@@ -291,17 +292,26 @@ def ensemble_size(wildcards):
     return run_cfg(wildcards)["attribution"]["ensemble"]
 
 
+def scored_paths(wildcards, path):
+    """`path` under the folder of every adapter the methods score (attribution.ensemble x attribution.checkpoints),
+    the run's own first."""
+    run = run_cfg(wildcards)
+    return member_paths(wildcards.run, path, run["attribution"]["ensemble"], run["attribution"]["checkpoints"],
+                        run["training"]["epochs"])
+
+
 def ensemble_adapters(wildcards):
-    """The ensemble's adapters: the run's own (member 0), then members 1..K-1."""
-    return member_paths(wildcards.run, "adapter", ensemble_size(wildcards))
+    """The ensemble's adapters: the run's own (member 0), then members 1..K-1, each at every scored epoch."""
+    return scored_paths(wildcards, "adapter")
 
 
 def ensemble_scores(wildcards, path, method):
     """A score file of `method` under results/<run>/ (`path`, e.g. kronfluence/scores/ekfac/shard-0.npz): the mean over
-    the ensemble's members where the run has more than one (rule ensemble_mean_scores), else the run's own adapter's."""
-    if not method.is_trak and ensemble_size(wildcards) > 1:  # TRAK averages in its own job
-        return f"results/{wildcards.run}/ensemble/mean/{path}"
-    return f"results/{wildcards.run}/{path}"
+    the scored adapters where there is more than one (rule ensemble_mean_scores), else the one adapter's."""
+    if method.is_trak:  # TRAK averages over the adapters in its own job
+        return f"results/{wildcards.run}/{path}"
+    paths = scored_paths(wildcards, path)
+    return f"results/{wildcards.run}/ensemble/mean/{path}" if len(paths) > 1 else paths[0]
 
 
 def method_shards(wildcards, bergson_only=False):
@@ -325,7 +335,7 @@ MEMBER_SHARD_PATTERN = (rf"(validation/planted/)?(kronfluence/(scores/)?({STRATE
 
 def ensemble_member_scores(wildcards):
     """The inputs of ensemble_mean_scores, the members' files it averages: the run's own, then each member's."""
-    return member_paths(wildcards.run, wildcards.path, ensemble_size(wildcards))
+    return scored_paths(wildcards, wildcards.path)
 
 
 def member_training(wildcards):

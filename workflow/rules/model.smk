@@ -4,6 +4,7 @@
 
 localrules:
     fetch_base_model,
+    checkpoint_adapter,
 
 
 rule build_tiny_model:
@@ -140,3 +141,23 @@ use rule train_adapter as train_ensemble_member with:
         gpu=1,
         mem_mb=train_mem("train_ensemble_member"),
         runtime=train_runtime,
+
+
+# An adapter as it was after an earlier epoch (attribution.checkpoints), out of the folder its training kept it in:
+# the scoring rules read it from results/<run>/<member folder>checkpoint-<epoch>/adapter like any adapter.
+rule checkpoint_adapter:
+    input:
+        "results/{run}/{own_dir}adapter",
+    output:
+        directory("results/{run}/{own_dir}checkpoint-{epoch}/adapter"),
+    wildcard_constraints:
+        own_dir=ENSEMBLE_DIR_PATTERN,
+        epoch=r"[1-9]\d*",
+    params:
+        code=script_code("checkpoint_adapter.py"),
+    log:
+        "logs/{run}/{own_dir}checkpoint_adapter_{epoch}.log",
+    conda:
+        CONDA_ENV
+    script:
+        "../scripts/checkpoint_adapter.py"

@@ -28,6 +28,8 @@ rule report:
         words_k=lambda wc: run_cfg(wc)["report"]["words_k"],
         title=lambda wc: f"Attribution report: {wc.run} ({run_cfg(wc)['description']})",
         ensemble=ensemble_size,
+        checkpoints=lambda wc: run_cfg(wc)["attribution"]["checkpoints"],
+        epochs=lambda wc: run_cfg(wc)["training"]["epochs"],
         training_seed=lambda wc: run_cfg(wc)["training"]["seed"],
         code=script_code("report.py"),
     log:

@@ -13,4 +13,5 @@ run_stage(snakemake, build_report, query_csv=snakemake.input.query, train_csv=sn
           damping_csv=snakemake.input.get("damping"), damping_png=snakemake.input.get("damping_plot"),
           removal_csv=snakemake.input.get("removal"), removal_png=snakemake.input.get("removal_plot"),
           adapter_manifest=Path(snakemake.input.model) / "manifest.json", ensemble=snakemake.params.ensemble,
-          training_seed=snakemake.params.training_seed)
+          training_seed=snakemake.params.training_seed, checkpoints=snakemake.params.checkpoints,
+          epochs=snakemake.params.epochs)

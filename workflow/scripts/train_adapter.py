@@ -8,4 +8,4 @@ run_stage(snakemake, train_adapter, base_model_dir=snakemake.input.model, train_
           output_dir=snakemake.output[0], lora=from_params(Lora, params.lora),
           training=from_params(Training, params.training), max_length=params.max_length, dtype=params.dtype,
           base_model_source=params.base_model, eval_tokens_dir=snakemake.input.get("eval"),
-          save_optimizer_state=True)
+          save_optimizer_state=True, keep_epochs=True)
