@@ -160,6 +160,14 @@ def test_the_adapter_kept_after_epoch_one_is_a_one_epoch_training_and_loads_from
     moments_kept = torch.load(kept / "epoch-1" / OPTIMIZER_FILE)["state"]
     assert all(torch.equal(moments_kept[i]["exp_avg_sq"], moments_one[i]["exp_avg_sq"]) for i in moments_one)
 
+    # a last half epoch ends epoch 2, the adapter itself: only epoch 1 is kept, with the same weights
+    train_adapter(tiny_model_dir, train_tokens, tmp_path / "one-and-a-half",
+                  training=dataclasses.replace(training, epochs=1.5), keep_epochs=True, **common)
+    kept_half = tmp_path / "one-and-a-half" / CHECKPOINTS_FOLDER
+    assert sorted(p.name for p in kept_half.iterdir()) == ["epoch-1"]
+    assert (kept_half / "epoch-1" / "adapter_model.safetensors").read_bytes() == \
+        (kept / "epoch-1" / "adapter_model.safetensors").read_bytes()
+
     manifest = json.loads((kept / "epoch-1" / "manifest.json").read_text())
     assert manifest["checkpoint"] == {"epoch": 1, "of": 2}
     assert manifest["trained_row_ids"] == json.loads((tmp_path / "one" / "manifest.json").read_text())[

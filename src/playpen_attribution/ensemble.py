@@ -7,9 +7,9 @@ noise).
 
 Checkpoints (`attribution.checkpoints`: epochs of each member's training, e.g. [1, 2]) multiply the members: every
 method scores each member's adapter as it was after each listed epoch and averages over them, as TracIn sums over a
-run's checkpoints (Pruthi et al. 2020) and TRAK ensembles over checkpoints of one run (Park et al. 2023): gradients
-taken where the model has fitted its rows less say more about what retraining on them does (measured on smol,
-docs/quality.md). A member's last epoch is its adapter; an earlier epoch's is `<member folder>checkpoint-<epoch>/`.
+run's checkpoints (Pruthi et al. 2020) and TRAK ensembles over checkpoints of one run (Park et al. 2023); on smol it
+gains +0.02 to +0.04 LDS, not resolved (docs/quality.md). A member's last epoch is its adapter; an earlier epoch's is
+`<member folder>checkpoint-<epoch>/`.
 """
 
 from __future__ import annotations

@@ -189,7 +189,9 @@ def train_adapter(
         """Writes the adapter after each epoch but the last (which is the adapter itself)."""
 
         def on_epoch_end(self, args, state, control, model=None, optimizer=None, **kwargs):
-            epoch = round(state.epoch)
+            # the epoch that just ended: state.epoch is a float, 1.0 (or a hair off) after the first, 2.5 after a
+            # last half epoch (which ends epoch 3, the adapter itself)
+            epoch = math.ceil(state.epoch - 1e-3)
             if epoch < final_epoch:
                 kept[epoch] = scratch / f"epoch-{epoch}"
                 # the base path as seen from the folder the checkpoint ends up in, inside the adapter
