@@ -802,6 +802,17 @@ def test_checkpoints_score_the_adapter_its_training_kept_after_each_listed_epoch
     assert (copied / "optimizer.pt").is_file(), "TrackStar reads the second moments of the epoch it scores"
     from playpen_attribution.modeling import adapter_base_path
     assert Path(adapter_base_path(copied)) == (demo_workdir / "results/demo/base_model").resolve()
+    # with an ensemble, every member at every listed epoch: member 1's epoch-2 adapter comes out of member 1's folder
+    both = overlay(demo_workdir, "ensemble-checkpoints", {"demo": {"attribution": {
+        "ensemble": 2, "checkpoints": [2, 4], "methods": ["ekfac"]}}})
+    planned = dry_run_jobs(snakemake(demo_workdir, "results/demo/influences.csv", "-n", "--configfile", both))
+    copies = {fields["output"]: fields["input"] for rule, fields in planned if rule == "checkpoint_adapter"}
+    assert copies == {"results/demo/ensemble/member-1/checkpoint-2/adapter": "results/demo/ensemble/member-1/adapter"}
+    means = {fields["output"]: set(fields["input"].split(", ")) for rule, fields in planned
+             if rule == "ensemble_mean_scores"}
+    assert means["results/demo/ensemble/mean/kronfluence/scores/ekfac/shard-0.npz"] == {
+        f"results/demo/{folder}kronfluence/scores/ekfac/shard-0.npz"
+        for folder in ("", "checkpoint-2/", "ensemble/member-1/", "ensemble/member-1/checkpoint-2/")}
     # a checkpoint after the training's last epoch is refused while the DAG is built, naming the key
     late = overlay(demo_workdir, "late", {"demo": {"attribution": {"checkpoints": [5]}}})
     refused = snakemake(demo_workdir, *DEMO_TARGETS, "-n", "--configfile", late, check=False)
