@@ -13,7 +13,7 @@ from typing import Any
 import jsonschema
 import yaml
 
-from playpen_attribution.ensemble import last_epoch
+from playpen_attribution.ensemble import checkpoints_after_training, last_epoch
 from playpen_attribution.methods import damping_sweep_methods, has_preconditioner, parse_method
 
 # shipped inside the package, so an installed package validates configs wherever it runs
@@ -72,7 +72,7 @@ def _check_run(name: str, run: dict[str, Any], source: str) -> None:
                           f"training rows (runs.{name}.data.max_rows.train); every shard needs a row: set shards to "
                           f"at most {max_train}")
     checkpoints, epochs = run["attribution"]["checkpoints"], run["training"]["epochs"]
-    if any(epoch > last_epoch(epochs) for epoch in checkpoints):
+    if checkpoints_after_training(checkpoints, epochs):
         raise ConfigError(f"{source}: at runs.{name}.attribution.checkpoints: {checkpoints} lists an epoch after the "
                           f"training's last ({last_epoch(epochs)}, runs.{name}.training.epochs {epochs}); list epochs "
                           f"1 to {last_epoch(epochs)}")

@@ -44,12 +44,17 @@ def last_epoch(epochs: float) -> int:
     return math.ceil(epochs)
 
 
+def checkpoints_after_training(checkpoints, epochs: float) -> list[int]:
+    """The listed checkpoint epochs that come after the training's last: none in a valid config."""
+    return [e for e in checkpoints if e > last_epoch(epochs)]
+
+
 def scored_dirs(members: int, checkpoints=(), epochs: float = 1) -> list[str]:
     """The folders under results/<run>/ of every adapter the methods score, the run's own first: "" for the run's
     adapter, "ensemble/member-k/" for member k's, and "checkpoint-e/" inside either for its adapter after epoch e
     (`checkpoints`; empty: the trained adapters only). A listed last epoch is the trained adapter itself."""
     final = last_epoch(epochs)
-    beyond = [e for e in checkpoints if e > final]
+    beyond = checkpoints_after_training(checkpoints, epochs)
     if beyond:
         raise ValueError(f"attribution.checkpoints {list(checkpoints)}: epoch(s) {beyond} after the training's last "
                          f"(training.epochs {epochs}); list epochs 1 to {final}")

@@ -17,6 +17,7 @@ import math
 from pathlib import Path
 
 from playpen_attribution.devices import check_triton_toolchain, single_device_check
+from playpen_attribution.ensemble import last_epoch
 from playpen_attribution.io import atomic_path, write_json_atomic
 from playpen_attribution.modeling import load_causal_lm, load_tokenizer, portable_base_path, torch_dtype
 from playpen_attribution.provenance import library_versions, tree_hash
@@ -60,6 +61,11 @@ OPTIMIZER_FILE = "optimizer.pt"
 # Inside an adapter folder trained with keep_epochs: `epoch-<e>/`, a complete adapter folder of the weights (and Adam
 # second moments) after each epoch before the last; rule checkpoint_adapter copies one out for the scoring rules.
 CHECKPOINTS_FOLDER = "checkpoints"
+
+
+def kept_epoch_dir(adapter_dir: str | Path, epoch: int) -> Path:
+    """Where an adapter folder keeps its adapter after `epoch`."""
+    return Path(adapter_dir) / CHECKPOINTS_FOLDER / f"epoch-{epoch}"
 
 
 def second_moments(optimizer, model) -> dict:
@@ -163,7 +169,7 @@ def train_adapter(
         dataloader_num_workers=0,
     )
     single_device_check(args.n_gpu)
-    final_epoch = math.ceil(training.epochs)
+    final_epoch = last_epoch(training.epochs)
     # relative to the adapter folder inside one project (a moved project still loads), else absolute
     base_path = portable_base_path(base_model_dir, output_dir)
 
@@ -183,7 +189,7 @@ def train_adapter(
         if save_optimizer_state:
             torch.save(second_moments(optimizer, peft_model), dest / OPTIMIZER_FILE)
 
-    kept = {}  # epoch -> its adapter folder in the trainer's scratch folder
+    kept = {}  # epoch -> (its adapter folder in the trainer's scratch folder, its base path)
 
     class KeepEpochAdapters(TrainerCallback):
         """Writes the adapter after each epoch but the last (which is the adapter itself)."""
@@ -193,10 +199,10 @@ def train_adapter(
             # last half epoch (which ends epoch 3, the adapter itself)
             epoch = math.ceil(state.epoch - 1e-3)
             if epoch < final_epoch:
-                kept[epoch] = scratch / f"epoch-{epoch}"
                 # the base path as seen from the folder the checkpoint ends up in, inside the adapter
-                where = output_dir / CHECKPOINTS_FOLDER / f"epoch-{epoch}"
-                write_adapter_files(model, optimizer, kept[epoch], portable_base_path(base_model_dir, where))
+                kept[epoch] = (scratch / f"epoch-{epoch}",
+                               portable_base_path(base_model_dir, kept_epoch_dir(output_dir, epoch)))
+                write_adapter_files(model, optimizer, *kept[epoch])
 
     trainer = SFTTrainer(
         model=model,
@@ -214,7 +220,7 @@ def train_adapter(
     result = trainer.train()
     log_time(f"training {output_dir.name}", result.metrics["train_runtime"])
     tokens_per_epoch = token_count(tokens)
-    for epoch in range(math.ceil(training.epochs)):  # one forward+backward pass over the rows per epoch
+    for epoch in range(final_epoch):  # one forward+backward pass over the rows per epoch
         log_gradient_pass(train_tokens_dir, len(tokens), tokens_per_epoch, f"training epoch {epoch + 1}")
     metrics = without_timings(result.metrics)
     model = trainer.model
@@ -248,18 +254,16 @@ def train_adapter(
     with atomic_path(output_dir, directory=True) as tmp:
         write_adapter_files(model, trainer.optimizer, Path(tmp), base_path)
         write_json_atomic(manifest, Path(tmp) / "manifest.json")
-        for epoch, folder in sorted(kept.items()):
+        for epoch, (folder, epoch_base_path) in sorted(kept.items()):
             # the run's manifest as of that epoch: what it trained on and how, the eval losses it had seen
             seen = [loss for loss in eval_losses if loss["epoch"] <= epoch + 1e-6]
             at_epoch = {**manifest, "checkpoint": {"epoch": epoch, "of": final_epoch},
-                        "base_model": {**manifest["base_model"],
-                                       "path": portable_base_path(base_model_dir,
-                                                                  output_dir / CHECKPOINTS_FOLDER / f"epoch-{epoch}")},
+                        "base_model": {**manifest["base_model"], "path": epoch_base_path},
                         "eval": {**manifest["eval"], "losses": seen}, "metrics": None,
                         "log_history": [e for e in manifest["log_history"] if e.get("epoch", 0) <= epoch + 1e-6]}
             write_json_atomic(at_epoch, folder / "manifest.json")
-            (Path(tmp) / CHECKPOINTS_FOLDER).mkdir(exist_ok=True)
-            shutil.move(str(folder), Path(tmp) / CHECKPOINTS_FOLDER / f"epoch-{epoch}")
+            kept_epoch_dir(tmp, epoch).parent.mkdir(exist_ok=True)
+            shutil.move(str(folder), kept_epoch_dir(tmp, epoch))
     shutil.rmtree(scratch, ignore_errors=True)
     log.info("adapter written to %s; metrics %s", output_dir, metrics)
     return model
@@ -274,7 +278,7 @@ def checkpoint_adapter(adapter_dir: str | Path, epoch: int, output_dir: str | Pa
     from playpen_attribution.modeling import adapter_base_path
 
     adapter_dir, output_dir = Path(adapter_dir), Path(output_dir)
-    source = adapter_dir / CHECKPOINTS_FOLDER / f"epoch-{epoch}"
+    source = kept_epoch_dir(adapter_dir, epoch)
     if not (source / "manifest.json").is_file():
         kept = sorted(p.name for p in (adapter_dir / CHECKPOINTS_FOLDER).glob("epoch-*"))
         raise FileNotFoundError(
