@@ -182,7 +182,7 @@ def test_checkpoints_after_the_trainings_last_epoch_are_refused_and_the_scored_a
     cfg["runs"]["r"]["training"] = {"epochs": 2.5}  # a part-epoch ends in epoch 3
     cfg["runs"]["r"]["attribution"] = {"checkpoints": [1, 4]}
     with pytest.raises(ConfigError, match=r"runs\.r\.attribution\.checkpoints: \[1, 4\] lists an epoch after the "
-                                          r"training's last \(3, runs\.r\.training\.epochs 2\.5\)"):
+                                          r"scored adapters' last \(3, runs\.r\.training\.epochs 2\.5\)"):
         validate_config(copy.deepcopy(cfg))
     cfg["runs"]["r"]["attribution"] = {"checkpoints": [1, 3]}
     validate_config(cfg)
@@ -190,3 +190,33 @@ def test_checkpoints_after_the_trainings_last_epoch_are_refused_and_the_scored_a
     assert scored_dirs(2, [3, 1], 2.5) == ["", "checkpoint-1/", "ensemble/member-1/", "ensemble/member-1/checkpoint-1/"]
     assert scored_dirs(1, [1], 2) == ["checkpoint-1/"]
     assert scored_dirs(3, [], 2) == ["", "ensemble/member-1/", "ensemble/member-2/"]
+
+
+def test_a_scoring_schedule_moves_the_scored_adapters_and_its_epochs_bound_the_checkpoints():
+    from playpen_attribution.ensemble import run_scored_dirs, scored_training
+
+    cfg = copy.deepcopy(MINIMAL)
+    cfg["runs"]["r"]["training"] = {"epochs": 2, "learning_rate": 3e-4}
+    cfg["runs"]["r"]["attribution"] = {"scoring_training": {"epochs": 1}, "checkpoints": [2]}
+    # the checkpoints are epochs of the scoring schedule, which ends in epoch 1
+    with pytest.raises(ConfigError, match=r"runs\.r\.attribution\.checkpoints: \[2\] lists an epoch after the scored "
+                                          r"adapters' last \(1, runs\.r\.attribution\.scoring_training\.epochs 1\)"):
+        validate_config(copy.deepcopy(cfg))
+    # a key that does not differ from the run's training would train the same adapter twice
+    cfg["runs"]["r"]["attribution"] = {"scoring_training": {"epochs": 1, "learning_rate": 3e-4}}
+    with pytest.raises(ConfigError, match=r"runs\.r\.attribution\.scoring_training: \['learning_rate'\] equals "
+                                          r"runs\.r\.training's"):
+        validate_config(copy.deepcopy(cfg))
+    # a key the training does not have is the schema's error, naming it
+    cfg["runs"]["r"]["attribution"] = {"scoring_training": {"seed": 7}}
+    with pytest.raises(ConfigError, match=r"at runs\.r\.attribution\.scoring_training: unknown key\(s\) \['seed'\]; allowed keys are \['batch_size', "
+                                          r"'epochs'"):
+        validate_config(copy.deepcopy(cfg))
+    cfg["runs"]["r"]["attribution"] = {"scoring_training": {"epochs": 3}, "checkpoints": [1, 3], "ensemble": 2}
+    run = validate_config(cfg)["runs"]["r"]
+    assert scored_training(run) == {**run["training"], "epochs": 3}
+    assert run_scored_dirs(run) == ["scoring/", "scoring/checkpoint-1/", "scoring/ensemble/member-1/",
+                                    "scoring/ensemble/member-1/checkpoint-1/"]
+    # without one, the run's own adapters, as before
+    run["attribution"]["scoring_training"], run["attribution"]["checkpoints"] = {}, [1]
+    assert run_scored_dirs(run) == ["checkpoint-1/", "ensemble/member-1/checkpoint-1/"]

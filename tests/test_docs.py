@@ -83,7 +83,12 @@ def test_the_reference_names_each_keys_readers():
 
     readers = key_readers()
     assert rules_reading("training.logging_steps", readers) == ["lds_retrain", "memory_plan", "removal_retrain",
-                                                                "train_adapter", "train_ensemble_member"]
+                                                                "train_adapter", "train_ensemble_member",
+                                                                "train_scoring_adapter"]
+    # the report reads the scored adapters' epochs, not the training section whole
+    assert rules_reading("training.epochs", readers) == ["lds_retrain", "memory_plan", "removal_retrain", "report",
+                                                         "train_adapter", "train_ensemble_member",
+                                                         "train_scoring_adapter"]
     # the memory plan reads the attribution section whole; a `use rule` without params of its own (bergson_adam_mix)
     # reads its parent's
     assert rules_reading("attribution.bergson.mix_downweight_components", readers) == [

@@ -819,6 +819,56 @@ def test_checkpoints_score_the_adapter_its_training_kept_after_each_listed_epoch
     assert refused.returncode != 0 and "attribution.checkpoints" in refused.stderr + refused.stdout
 
 
+def test_a_scoring_schedule_trains_the_scored_adapter_on_its_own_and_leaves_the_run_and_its_retrains_alone(
+        demo_workdir):
+    """attribution.scoring_training {epochs: 1} on the demo's four-epoch run: every method scores an adapter trained
+    for one epoch in results/demo/scoring/ (a proxy model), while the run's adapter, the queries' losses and the LDS
+    retrains stay as they are (nothing of theirs reruns); with an ensemble, each member gets its scoring adapter."""
+    path = overlay(demo_workdir, "scoring", {"demo": {"attribution": {
+        "scoring_training": {"epochs": 1}, "methods": ["ekfac", "bergson_cosine", "bergson_trak"]}}})
+    out = snakemake(demo_workdir, *DEMO_TARGETS, "-n", "--configfile", path)
+    jobs = planned_jobs(out)
+    assert {rule: n for rule, n in jobs.items() if rule not in ("merge_influences", "merge_train_scores", "lds",
+                                                                  "planted_audit", "damping_sweep", "report",
+                                                                  "memory_plan")} == {
+        "train_scoring_adapter": 1,
+        "fit_factors": 1, "kronfluence_scores": 2, "planted_kronfluence_scores": 1, "damping_sweep_kronfluence": 1,
+        "bergson_query_gradients": 1, "bergson_reduce": 1, "bergson_index": 2, "bergson_scores": 2,
+        "planted_bergson_index": 1, "planted_bergson_scores": 1,
+        "bergson_trak": 1, "bergson_trak_shard": 2, "planted_bergson_trak": 1}  # one adapter: no means
+    planned = dry_run_jobs(out)
+    merge = next(fields for rule, fields in planned if rule == "merge_influences")
+    assert {"results/demo/scoring/kronfluence/scores/ekfac/shard-0.npz",
+            "results/demo/scoring/bergson/scores/cosine/shard-1.npz"} <= set(merge["input"].split(", "))
+    assert not any("results/demo/kronfluence/scores" in name for name in merge["input"].split(", "))
+    trak = next(fields for rule, fields in planned if rule == "bergson_trak")
+    models = {name for name in trak["input"].split(", ") if name.endswith("adapter")}
+    assert models == {"results/demo/scoring/adapter"}
+
+    # the scoring adapter for real: the run's training with one epoch, its seed, loadable where it lies
+    snakemake(demo_workdir, "results/demo/scoring/adapter", "--configfile", path)
+    scoring, own = (json.loads((demo_workdir / f"results/demo/{folder}adapter/manifest.json").read_text())
+                    for folder in ("scoring/", ""))
+    assert scoring["training"] == {**own["training"], "epochs": 1}
+    assert max(e["epoch"] for e in scoring["log_history"]) == 1
+    assert (demo_workdir / "results/demo/scoring/adapter/optimizer.pt").is_file()  # TrackStar's second moments
+    from playpen_attribution.modeling import adapter_base_path
+    assert Path(adapter_base_path(demo_workdir / "results/demo/scoring/adapter")) == \
+        (demo_workdir / "results/demo/base_model").resolve()
+
+    # an ensemble: member k's scoring adapter in scoring/ensemble/member-k/, the means over the scoring adapters
+    both = overlay(demo_workdir, "scoring-ensemble", {"demo": {"attribution": {
+        "scoring_training": {"epochs": 1}, "ensemble": 2, "methods": ["ekfac"]}}})
+    planned = dry_run_jobs(snakemake(demo_workdir, "results/demo/influences.csv", "-n", "--configfile", both))
+    trained = [fields["output"] for rule, fields in planned if rule.startswith("train_")]
+    assert trained == ["results/demo/scoring/ensemble/member-1/adapter"]  # the run's own scoring adapter is built
+    means = {fields["output"]: set(fields["input"].split(", ")) for rule, fields in planned
+             if rule == "ensemble_mean_scores"}
+    assert means["results/demo/ensemble/mean/kronfluence/scores/ekfac/shard-0.npz"] == {
+        "results/demo/scoring/kronfluence/scores/ekfac/shard-0.npz",
+        "results/demo/scoring/ensemble/member-1/kronfluence/scores/ekfac/shard-0.npz"}
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # the workflow killed (slow: runs the demo's DAG again in a copy)
 # ---------------------------------------------------------------------------------------------------------------

@@ -13,7 +13,7 @@ from typing import Any
 import jsonschema
 import yaml
 
-from playpen_attribution.ensemble import checkpoints_after_training, last_epoch
+from playpen_attribution.ensemble import checkpoints_after_training, last_epoch, scored_epochs
 from playpen_attribution.methods import damping_sweep_methods, has_preconditioner, parse_method
 
 # shipped inside the package, so an installed package validates configs wherever it runs
@@ -71,11 +71,18 @@ def _check_run(name: str, run: dict[str, Any], source: str) -> None:
         raise ConfigError(f"{source}: at runs.{name}.attribution.shards: {shards} shards for at most {max_train} "
                           f"training rows (runs.{name}.data.max_rows.train); every shard needs a row: set shards to "
                           f"at most {max_train}")
-    checkpoints, epochs = run["attribution"]["checkpoints"], run["training"]["epochs"]
+    scoring = run["attribution"]["scoring_training"]
+    same = [key for key, value in scoring.items() if run["training"][key] == value]
+    if same:
+        raise ConfigError(f"{source}: at runs.{name}.attribution.scoring_training: {same} equal{'s' if len(same) == 1 else ''} "
+                          f"runs.{name}.training's: the scored adapter would be trained twice alike; leave out the "
+                          f"keys that do not differ (scoring_training: {{}} scores the run's own adapter)")
+    checkpoints, epochs = run["attribution"]["checkpoints"], scored_epochs(run)
     if checkpoints_after_training(checkpoints, epochs):
+        whose = "attribution.scoring_training" if "epochs" in scoring else "training"
         raise ConfigError(f"{source}: at runs.{name}.attribution.checkpoints: {checkpoints} lists an epoch after the "
-                          f"training's last ({last_epoch(epochs)}, runs.{name}.training.epochs {epochs}); list epochs "
-                          f"1 to {last_epoch(epochs)}")
+                          f"scored adapters' last ({last_epoch(epochs)}, runs.{name}.{whose}.epochs {epochs}); list "
+                          f"epochs 1 to {last_epoch(epochs)}")
     tokenization = run["tokenization"]
     if tokenization["loss_on"] == "assistant_turns" and tokenization["render"] != "chat":
         raise ConfigError(f"{source}: at runs.{name}.tokenization.loss_on: assistant_turns needs render: chat (a "

@@ -36,7 +36,8 @@ CHAIN = re.compile(r"\b(" + "|".join(SECTION_HELPERS) + r")\((?:wc|wildcards)\)(
 ASSIGNED = re.compile(r"\b(\w+) = (?:dict\()?(" + "|".join(SECTION_HELPERS)
                       + r")\((?:wc|wildcards)\)((?:\[[\"'][A-Za-z_]+[\"']\])*)")
 # package functions that the rules hand a whole run, and the keys they read of it
-PACKAGE_READS = {"damping_sweep_methods": {"validation.damping.methods", "attribution.methods"}}
+PACKAGE_READS = {"damping_sweep_methods": {"validation.damping.methods", "attribution.methods"},
+                 "scored_epochs": {"attribution.scoring_training.epochs", "training.epochs"}}
 # a whole-section comprehension: {k: run_cfg(wc)[k] for k in ("model", ...)}
 COMPREHENSION = re.compile(r"run_cfg\((?:wc|wildcards)\)\[k\] for k in \(([^)]*)\)")
 SETTINGS_USE = re.compile(r"\b(?:stage|variant|selection)_settings\((\w+)")
@@ -59,6 +60,9 @@ STRUCTURAL = {
                             "their score shards (1 = the run's adapter alone)",
     "attribution.checkpoints": "which earlier epochs' adapters are scored: their copies, factor fits and score jobs, "
                                "and the mean over them ([] = the trained adapters alone)",
+    "attribution.scoring_training": "whether the scored adapters are trained by a schedule of their own (the "
+                                    "training of results/<run>/scoring/ and every score job's adapter; {} = the "
+                                    "run's own adapters)",
 }
 
 

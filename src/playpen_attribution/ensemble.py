@@ -10,6 +10,12 @@ method scores each member's adapter as it was after each listed epoch and averag
 run's checkpoints (Pruthi et al. 2020) and TRAK ensembles over checkpoints of one run (Park et al. 2023); on smol it
 gains +0.02 to +0.04 LDS, not resolved (docs/quality.md). A member's last epoch is its adapter; an earlier epoch's is
 `<member folder>checkpoint-<epoch>/`.
+
+A scoring schedule (`attribution.scoring_training`: training keys, e.g. {epochs: 1}) trains the adapters the methods
+score by a schedule of their own (a proxy model), in `results/<run>/scoring/` (`scoring/adapter`,
+`scoring/ensemble/member-k/adapter`), while the run's adapter, the queries' losses and the retrains the LDS and the
+removal check compare with keep `training`. On smol, a one-epoch adapter's scores predicted the two-epoch retrains
+better than the two-epoch adapter's own (docs/quality.md).
 """
 
 from __future__ import annotations
@@ -24,9 +30,11 @@ from playpen_attribution.tables import save_shard, save_sweep
 MEMBER_FOLDER = "ensemble/member-{member}"  # under results/<run>/: member k >= 1 (member 0 is the run's own folders)
 # The Bergson rules' wildcard `member_dir`: "" (the run's own adapter) or a member's folder with its slash, so one rule
 # scores every member (the Kronfluence rules have a copy per member instead, wildcard `member`).
-MEMBER_DIR_PATTERN = r"(ensemble/member-[1-9]\d*/)?(checkpoint-[1-9]\d*/)?"
-ENSEMBLE_DIR_PATTERN = r"(ensemble/member-[1-9]\d*/)?"  # a member's own folder: where its training writes the adapter
+MEMBER_DIR_PATTERN = r"(scoring/)?(ensemble/member-[1-9]\d*/)?(checkpoint-[1-9]\d*/)?"
+# a member's own folder: where its training writes the adapter
+ENSEMBLE_DIR_PATTERN = r"(scoring/)?(ensemble/member-[1-9]\d*/)?"
 CHECKPOINT_FOLDER = "checkpoint-{epoch}"
+SCORING_FOLDER = "scoring"  # under results/<run>/: the scored adapters where attribution.scoring_training is set
 
 
 # Members' seeds stay clear of the seeds the LDS and removal retrains use (training.seed + repeat): a member that
@@ -49,36 +57,61 @@ def checkpoints_after_training(checkpoints, epochs: float) -> list[int]:
     return [e for e in checkpoints if e > last_epoch(epochs)]
 
 
-def scored_dirs(members: int, checkpoints=(), epochs: float = 1) -> list[str]:
+def scored_dirs(members: int, checkpoints=(), epochs: float = 1, scoring: bool = False) -> list[str]:
     """The folders under results/<run>/ of every adapter the methods score, the run's own first: "" for the run's
     adapter, "ensemble/member-k/" for member k's, and "checkpoint-e/" inside either for its adapter after epoch e
-    (`checkpoints`; empty: the trained adapters only). A listed last epoch is the trained adapter itself."""
+    (`checkpoints`; empty: the trained adapters only), each under "scoring/" where the scored adapters have a
+    schedule of their own (`scoring`; `epochs` is then that schedule's). A listed last epoch is the trained adapter
+    itself."""
     final = last_epoch(epochs)
     beyond = checkpoints_after_training(checkpoints, epochs)
     if beyond:
         raise ValueError(f"attribution.checkpoints {list(checkpoints)}: epoch(s) {beyond} after the training's last "
                          f"(training.epochs {epochs}); list epochs 1 to {final}")
     epochs_scored = sorted(set(checkpoints), key=lambda e: (e != final, e)) or [final]
-    owns = [""] + [f"{MEMBER_FOLDER.format(member=k)}/" for k in range(1, members)]
+    scoring_dir = f"{SCORING_FOLDER}/" if scoring else ""
+    owns = [scoring_dir] + [f"{scoring_dir}{MEMBER_FOLDER.format(member=k)}/" for k in range(1, members)]
     return [own if e == final else f"{own}{CHECKPOINT_FOLDER.format(epoch=e)}/" for own in owns for e in epochs_scored]
 
 
-def adapters_line(members: int, training_seed: int, checkpoints=(), epochs: float = 1) -> str:
-    """The report's line saying which adapters the scores come from."""
+def adapters_line(members: int, training_seed: int, checkpoints=(), epochs: float = 1, scoring_training=None) -> str:
+    """The report's line saying which adapters the scores come from (`scoring_training`: the overrides of
+    attribution.scoring_training, whose epochs `epochs` then are)."""
     final = last_epoch(epochs)
     after = sorted(set(checkpoints)) or [final]
     when = "" if after == [final] else f" after epoch{'s' if len(after) > 1 else ''} {', '.join(map(str, after))}"
     count = members * len(after)
+    schedule = (", trained for scoring with " + ", ".join(f"{key} {value}" for key, value in scoring_training.items())
+                if scoring_training else "")
     if count <= 1:
-        return f"the run's adapter{when} (training seed {training_seed})"
+        own = "an adapter of the run's data" if scoring_training else "the run's adapter"
+        return f"{own}{when} (training seed {training_seed}{schedule})"
     seeds = ", ".join(str(member_seed(training_seed, k)) for k in range(members))
     return (f"every method and the damping sweep: the mean over {count} adapters (training seed"
-            f"{'s' if members > 1 else ''} {seeds}{when})")
+            f"{'s' if members > 1 else ''} {seeds}{when}{schedule})")
 
 
-def member_paths(run: str, path: str, members: int, checkpoints=(), epochs: float = 1) -> list[str]:
-    """`results/<run>/<member folder><path>` of every scored adapter (`scored_dirs`), the run's own first."""
-    return [f"results/{run}/{folder}{path}" for folder in scored_dirs(members, checkpoints, epochs)]
+def scored_training(run: dict) -> dict:
+    """The training section the scored adapters are trained with: the run's `training` with
+    attribution.scoring_training's keys in place of its own."""
+    return {**run["training"], **run["attribution"]["scoring_training"]}
+
+
+def scored_epochs(run: dict) -> float:
+    """training.epochs of the scored adapters (attribution.scoring_training's where it sets them)."""
+    return run["attribution"]["scoring_training"].get("epochs", run["training"]["epochs"])
+
+
+def run_scored_dirs(run: dict) -> list[str]:
+    """`scored_dirs` of a validated run config."""
+    attribution = run["attribution"]
+    return scored_dirs(attribution["ensemble"], attribution["checkpoints"], scored_epochs(run),
+                       scoring=bool(attribution["scoring_training"]))
+
+
+def member_paths(run_name: str, path: str, run: dict) -> list[str]:
+    """`results/<run>/<member folder><path>` of every scored adapter (`run_scored_dirs`), the run's own first."""
+    return [f"results/{run_name}/{folder}{path}" for folder in run_scored_dirs(run)]
 
 
 def mean_of_member_shards(member_paths: list, out_path) -> None:

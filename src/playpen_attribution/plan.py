@@ -19,7 +19,7 @@ import os
 from pathlib import Path
 
 from playpen_attribution.devices import visible_devices
-from playpen_attribution.ensemble import scored_dirs
+from playpen_attribution.ensemble import run_scored_dirs, scored_training
 from playpen_attribution.model_sources import read_architecture, text_config
 
 GB = 1e9
@@ -246,21 +246,24 @@ def stage_estimates(run: dict, arch: dict, lengths: dict, device: str) -> dict[s
     seq = lengths["longest_sequence"]
     rows_per_shard = math.ceil(lengths["train_rows"] / run["attribution"]["shards"])
     # adapters every method scores and averages: the ensemble's members at each scored epoch
-    adapters = len(scored_dirs(run["attribution"]["ensemble"], run["attribution"]["checkpoints"],
-                               run["training"]["epochs"]))
+    adapters = len(run_scored_dirs(run))
     train = run["training"]
     attribution = run["attribution"]
     kf, bg = attribution["kronfluence"], attribution["bergson"]
     plans: dict[str, dict[str, float]] = {}
 
     train_bytes = dtype_bytes(run["model"]["dtype"])
-    plans["train_adapter"] = {
-        "runtime": runtime, "weights": n_params * train_bytes / GB,
-        "lora + gradients + Adam": lora_params * ADAM_BYTES_PER_PARAM / GB,
-        "activations": _activations_gb(arch, train["batch_size"] * seq, train_bytes, seq, lora),
-        "logits": _logits_gb(arch, train["batch_size"] * seq, copies["training"]),
-    }
+
+    def training_plan(batch_size: int) -> dict:
+        return {"runtime": runtime, "weights": n_params * train_bytes / GB,
+                "lora + gradients + Adam": lora_params * ADAM_BYTES_PER_PARAM / GB,
+                "activations": _activations_gb(arch, batch_size * seq, train_bytes, seq, lora),
+                "logits": _logits_gb(arch, batch_size * seq, copies["training"])}
+
+    plans["train_adapter"] = training_plan(train["batch_size"])
     plans["lds_retrain"] = plans["removal_retrain"] = plans["train_ensemble_member"] = plans["train_adapter"]
+    if attribution["scoring_training"]:  # its own batch size, where it sets one
+        plans["train_scoring_adapter"] = training_plan(scored_training(run)["batch_size"])
 
     kf_bytes = dtype_bytes(kf["dtype"])
     weights = n_params * kf_bytes / GB  # Kronfluence's stages and the query losses load the model in its dtype
@@ -375,6 +378,8 @@ BATCH_LEVER = {
     "train_adapter": "lower training.batch_size (raise training.gradient_accumulation to keep the step)",
     "lds_retrain": "lower training.batch_size (raise training.gradient_accumulation to keep the step)",
     "removal_retrain": "lower training.batch_size (raise training.gradient_accumulation to keep the step)",
+    "train_scoring_adapter": "lower attribution.scoring_training.batch_size (raise its gradient_accumulation to keep "
+                             "the step)",
     "fit_factors": "lower attribution.kronfluence.covariance_batch_size (and lambda_batch_size)",
     "kronfluence_scores": "lower attribution.kronfluence.train_batch_size and query_batch_size",
     "planted_kronfluence_scores": "lower attribution.kronfluence.train_batch_size and query_batch_size",

@@ -325,10 +325,11 @@ def build_report(*, query_csv, train_csv, influences_csv, out_dir, train_scores_
                  title: str = "Attribution report",
                  planted_summary_csv=None, lds_csv=None, damping_csv=None, damping_png=None, removal_csv=None,
                  removal_png=None, adapter_manifest=None, ensemble: int = 1, training_seed: int | None = None,
-                 checkpoints=(), epochs: float = 1):
+                 checkpoints=(), epochs: float = 1, scoring_training=None):
     """Rule `report`: every file of `report/` from the merged tables; returns their paths. `ensemble`,
-    `training_seed`, `checkpoints` and `epochs` (attribution.ensemble, training.seed, attribution.checkpoints,
-    training.epochs) say in the summary which adapters each method averaged."""
+    `training_seed`, `checkpoints`, `epochs` and `scoring_training` (attribution.ensemble, training.seed,
+    attribution.checkpoints, the scored adapters' epochs, attribution.scoring_training) say in the summary which
+    adapters each method averaged."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     queries, train = (with_target_words(frame) for frame in read_run_tables(query_csv, train_csv))
@@ -371,7 +372,8 @@ def build_report(*, query_csv, train_csv, influences_csv, out_dir, train_scores_
     summary = {"methods": ", ".join(methods), "queries": len(query_ids), "training rows": len(train_ids),
                "k": top_k, "per-token scores": ", ".join(sorted({k[0] for k in per_token})) or "not computed"}
     if training_seed is not None:
-        summary["adapters"] = adapters_line(ensemble, training_seed, checkpoints, epochs)
+        summary["adapters"] = adapters_line(ensemble, training_seed, checkpoints, epochs,
+                                           scoring_training)
     page = render_page(title=title, summary=summary, methods=methods, agree=agree, stability=stability,
                        episodes=episodes, queries=queries, query_ids=query_ids,
                        plots={"agreement": paths["agreement.png"], "distributions": paths["score_distributions.png"]},

@@ -18,7 +18,13 @@ from playpen_attribution.methods import (
     parse_variant,
 )
 from playpen_attribution.data import split_config
-from playpen_attribution.ensemble import ENSEMBLE_DIR_PATTERN, MEMBER_DIR_PATTERN, member_paths, member_seed
+from playpen_attribution.ensemble import (
+    ENSEMBLE_DIR_PATTERN,
+    MEMBER_DIR_PATTERN,
+    member_paths,
+    member_seed,
+    scored_epochs,
+)
 from playpen_attribution.plan import (
     architecture_file,
     architecture_of,
@@ -293,11 +299,9 @@ def ensemble_size(wildcards):
 
 
 def scored_paths(wildcards, path):
-    """`path` under the folder of every adapter the methods score (attribution.ensemble x attribution.checkpoints),
-    the run's own first."""
-    run = run_cfg(wildcards)
-    return member_paths(wildcards.run, path, run["attribution"]["ensemble"], run["attribution"]["checkpoints"],
-                        run["training"]["epochs"])
+    """`path` under the folder of every adapter the methods score (attribution.ensemble x attribution.checkpoints,
+    under scoring/ where attribution.scoring_training is set), the run's own first."""
+    return member_paths(wildcards.run, path, run_cfg(wildcards))
 
 
 def ensemble_adapters(wildcards):
@@ -342,6 +346,15 @@ def member_training(wildcards):
     """Training settings of ensemble member k: the run's, with its seed (`ensemble.member_seed`)."""
     run = run_cfg(wildcards)
     return as_params(Training.from_run(run, seed=member_seed(run["training"]["seed"], int(wildcards.member))))
+
+
+def scoring_adapter_training(wildcards):
+    """Training settings of a scored adapter with a schedule of its own (attribution.scoring_training): the run's
+    with that schedule's keys, and member k's seed in member k's folder (wildcard own_dir)."""
+    run = run_cfg(wildcards)
+    member = re.fullmatch(r"(ensemble/member-(\d+)/)?", wildcards.own_dir).group(2)
+    return as_params(Training.from_run(run, **run["attribution"]["scoring_training"],
+                                       seed=member_seed(run["training"]["seed"], int(member or 0))))
 
 
 # Bergson inputs by run.

@@ -143,6 +143,31 @@ use rule train_adapter as train_ensemble_member with:
         runtime=train_runtime,
 
 
+# A scored adapter with a schedule of its own (attribution.scoring_training, a proxy model): the run's training on every
+# training row with that schedule's keys, member k's seed in member k's folder; the scoring rules read it from
+# results/<run>/scoring/<member folder>adapter like any adapter.
+use rule train_adapter as train_scoring_adapter with:
+    output:
+        directory("results/{run}/scoring/{own_dir}adapter"),
+    wildcard_constraints:
+        own_dir=r"(ensemble/member-[1-9]\d*/)?",
+    params:
+        lora=stage_settings(Lora),
+        training=scoring_adapter_training,
+        max_length=lambda wc: run_cfg(wc)["tokenization"]["max_length"],
+        dtype=lambda wc: run_cfg(wc)["model"]["dtype"],
+        base_model=base_model_source,
+        code=script_code("train_adapter.py"),
+    log:
+        "logs/{run}/scoring/{own_dir}train_scoring_adapter.log",
+    benchmark:
+        "benchmarks/{run}/scoring/{own_dir}train_scoring_adapter.tsv"
+    resources:
+        gpu=1,
+        mem_mb=train_mem("train_scoring_adapter"),
+        runtime=train_runtime,
+
+
 # An adapter as it was after an earlier epoch (attribution.checkpoints), out of the folder its training kept it in:
 # the scoring rules read it from results/<run>/<member folder>checkpoint-<epoch>/adapter like any adapter.
 rule checkpoint_adapter:

@@ -29,7 +29,9 @@ rule report:
         title=lambda wc: f"Attribution report: {wc.run} ({run_cfg(wc)['description']})",
         ensemble=ensemble_size,
         checkpoints=lambda wc: run_cfg(wc)["attribution"]["checkpoints"],
-        epochs=lambda wc: run_cfg(wc)["training"]["epochs"],
+        # the scored adapters' epochs: attribution.scoring_training's where it sets them
+        epochs=lambda wc: scored_epochs(run_cfg(wc)),
+        scoring_training=lambda wc: run_cfg(wc)["attribution"]["scoring_training"],
         training_seed=lambda wc: run_cfg(wc)["training"]["seed"],
         code=script_code("report.py"),
     log:

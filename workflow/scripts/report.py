@@ -14,4 +14,4 @@ run_stage(snakemake, build_report, query_csv=snakemake.input.query, train_csv=sn
           removal_csv=snakemake.input.get("removal"), removal_png=snakemake.input.get("removal_plot"),
           adapter_manifest=Path(snakemake.input.model) / "manifest.json", ensemble=snakemake.params.ensemble,
           training_seed=snakemake.params.training_seed, checkpoints=snakemake.params.checkpoints,
-          epochs=snakemake.params.epochs)
+          epochs=snakemake.params.epochs, scoring_training=snakemake.params.scoring_training)
