@@ -6,11 +6,14 @@ where the run has them. `--versus DIR`: each method's LDS minus the same method'
 against the same retrains (e.g. an ensemble against its first member alone), paired. `--retrains DIR`: every LDS of
 --workdir's scores (and of --versus's) against another workdir's retrains of the same subsets instead of its own (e.g.
 an adapter trained for one epoch scored against retrains of two: the `lds` stage's own function on that workdir's
-query_losses.json, written under --out). Every LDS interval resamples both the retrained subsets and the queries'
-target-word clusters.
+query_losses.json, written under --out). `--subsets 0-9`: every LDS from those retrained subsets only (of --retrains
+or of the workdir itself), to choose a setting on some subsets and report it on the others (`--subsets 10-19`), so
+that the LDS it is reported with was not the one it was chosen on. Every LDS interval resamples both the retrained
+subsets and the queries' target-word clusters.
 
     uv run python bench/quality_table.py --workdir DIR --run smol [--run real ...] [--versus OTHER_DIR]
     uv run python bench/quality_table.py --workdir DIR --run smol --retrains RETRAINS_DIR --out OUT [--versus OTHER_DIR]
+    uv run python bench/quality_table.py --workdir DIR --run smol --subsets 0-9 --out OUT [--retrains ...] [--versus ...]
 """
 
 from __future__ import annotations
@@ -125,6 +128,34 @@ def lds_against_retrains(run_dir: Path, retrains_losses: Path, out: Path, seed: 
     return out
 
 
+def parse_subsets(spec: str) -> list[str]:
+    """`0-9,15` -> the subset numbers "0" to "9" and "15" (query_losses.json's keys)."""
+    chosen = []
+    for part in spec.split(","):
+        first, _, last = part.strip().partition("-")
+        if not first.isdigit() or (last and not last.isdigit()) or (last and int(last) < int(first)):
+            raise SystemExit(f"--subsets {spec}: {part!r} is not a subset number or a range like 0-9")
+        chosen += [str(s) for s in range(int(first), int(last or first) + 1)]
+    return sorted(set(chosen), key=int)
+
+
+def subset_losses(losses_json: Path, subsets: list[str], out: Path) -> Path:
+    """A copy of the retrains' query_losses.json holding only `subsets` (their losses and repeats unchanged), for an
+    LDS from those subsets alone."""
+    import json
+
+    if not losses_json.is_file():
+        raise SystemExit(f"{losses_json} is missing: --subsets needs a workdir whose LDS retrains have run")
+    losses = json.loads(losses_json.read_text())
+    missing = [s for s in subsets if s not in losses["subsets"]]
+    if missing:
+        raise SystemExit(f"{losses_json} has no retrains of subset(s) {missing} (it has "
+                         f"{sorted(losses['subsets'], key=int)}); choose --subsets among them")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({**losses, "subsets": {s: losses["subsets"][s] for s in subsets}}))
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workdir", type=Path, required=True)
@@ -132,16 +163,24 @@ def main() -> None:
     parser.add_argument("--versus", type=Path, help="another workdir with the same runs, to compare each method with")
     parser.add_argument("--retrains", type=Path,
                         help="another workdir whose LDS retrains (the same subsets) every LDS is measured against")
-    parser.add_argument("--out", type=Path, help="with --retrains: where each run's recomputed LDS tables go")
+    parser.add_argument("--subsets", help="the LDS from these retrained subsets only, e.g. 0-9 or 0-4,10-14")
+    parser.add_argument("--out", type=Path,
+                        help="with --retrains or --subsets: where each run's recomputed LDS tables go")
     parser.add_argument("--seed", type=int,
                         help="with --retrains: the random baseline's and the bootstrap's seed (default: the run's "
                              "validation.lds.seed in config/config.yaml, as the lds rule reads it)")
     args = parser.parse_args()
-    if args.retrains and not args.out:
-        parser.error("--retrains needs --out, the folder its recomputed lds.csv files go to")
+    if (args.retrains or args.subsets) and not args.out:
+        parser.error("--retrains and --subsets need --out, the folder their recomputed lds.csv files go to")
+    recompute = bool(args.retrains or args.subsets)
 
     def losses(run: str) -> Path | None:
-        return args.retrains / "results" / run / "validation" / "lds" / "query_losses.json" if args.retrains else None
+        if not recompute:
+            return None
+        retrained = (args.retrains or args.workdir) / "results" / run / "validation" / "lds" / "query_losses.json"
+        if args.subsets:
+            return subset_losses(retrained, parse_subsets(args.subsets), args.out / run / "query_losses.json")
+        return retrained
 
     def lds_seed(run: str) -> int:
         from playpen_attribution.config import load_config, run_config
@@ -152,7 +191,7 @@ def main() -> None:
                           run)["validation"]["lds"]["seed"]
 
     folders = {run: (lds_against_retrains(args.workdir / "results" / run, losses(run), args.out / run, lds_seed(run))
-                     if args.retrains else args.workdir / "results" / run / "validation") for run in args.run}
+                     if recompute else args.workdir / "results" / run / "validation") for run in args.run}
     print("| run | method | LDS [95%] | best baseline | its LDS | margin [95%] | planted recall@1 |")
     print("|---|---|---|---|---|---|---|")
     for run in args.run:

@@ -161,3 +161,31 @@ def test_the_per_job_table_reads_an_ensemble_members_jobs_and_plans_them_as_the_
     kinds = {"bergson_index": 1, "planted_bergson_index": 1, "ensemble_mean_scores": 1}
     assert [rehearsal.plan_kind(job, kinds) for job in jobs] == ["bergson_index", "bergson_index",
                                                                 "ensemble_mean_scores"]
+
+
+def test_quality_table_measures_the_lds_on_the_subsets_it_is_given_and_refuses_others(tmp_path, monkeypatch, capsys):
+    """--subsets 0-7: the LDS from those retrains alone (a setting chosen on some subsets is reported on the others):
+    retrains 0-7 follow the scored effects exactly, 8-15 other effects, so the LDS is 1 on the first half only."""
+    rng = np.random.default_rng(1)
+    effects = rng.normal(size=(6, 12))
+    membership = (rng.random((16, 12)) < 0.5).astype(float)
+    actual = np.vstack([membership[:8] @ effects.T, membership[8:] @ rng.normal(size=(6, 12)).T])
+    write_scored_run(tmp_path / "w/results/smol", effects, membership, actual)
+    assert quality_table.parse_subsets("0-2,5, 4") == ["0", "1", "2", "4", "5"]
+    with pytest.raises(SystemExit, match=r"--subsets 3-1: '3-1' is not a subset number or a range like 0-9"):
+        quality_table.parse_subsets("3-1")
+
+    def lds_of(spec):
+        monkeypatch.setattr(sys, "argv", ["quality_table.py", "--workdir", str(tmp_path / "w"), "--run", "smol",
+                                          "--subsets", spec, "--out", str(tmp_path / f"out-{spec}"), "--seed", "0"])
+        quality_table.main()
+        line = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("| smol | exact | "))
+        kept = json.loads((tmp_path / f"out-{spec}/smol/query_losses.json").read_text())["subsets"]
+        return float(line.split(" | ")[2].split()[0]), sorted(kept, key=int)
+
+    first, kept = lds_of("0-7")
+    assert first == pytest.approx(1.0) and kept == [str(s) for s in range(8)]
+    second, kept = lds_of("8-15")
+    assert second < 0.9 and kept == [str(s) for s in range(8, 16)]
+    with pytest.raises(SystemExit, match=r"has no retrains of subset\(s\) \['16'\]"):
+        lds_of("15-16")

@@ -165,6 +165,15 @@ def test_the_summary_says_which_adapters_the_scores_averaged(tmp_path):
             "1042)") in page
     page = build_report(**common, out_dir=tmp_path / "one", ensemble=1, training_seed=7)["index.html"].read_text()
     assert "adapters</td><td>the run&#39;s adapter (training seed 7)" in page
+    # a scoring schedule of its own (attribution.scoring_training): the page says the scored adapter is not the run's
+    page = build_report(**common, out_dir=tmp_path / "scoring", ensemble=1, training_seed=7, epochs=1,
+                        scoring_training={"epochs": 1})["index.html"].read_text()
+    assert "adapters</td><td>an adapter of the run&#39;s data (training seed 7, trained for scoring with epochs 1)" \
+        in page
+    page = build_report(**common, out_dir=tmp_path / "scoring-two", ensemble=2, training_seed=42, epochs=2,
+                        checkpoints=[1, 2], scoring_training={"epochs": 2, "learning_rate": 0.001})["index.html"]
+    assert ("the mean over 4 adapters (training seeds 42, 1042 after epochs 1, 2, trained for scoring with epochs 2, "
+            "learning_rate 0.001)") in page.read_text()
 
 
 def test_tables_that_do_not_belong_together_are_refused_by_name(tmp_path):

@@ -565,7 +565,8 @@ KEY_READERS = [
       "bergson_adam_query_gradients", "bergson_adam_hessian", "bergson_adam_index", "planted_bergson_adam_index",
       "bergson_trak"}),
     ("attribution.bergson", "mix_downweight_components", 10, {"bergson_mix", "bergson_adam_mix"}),
-    ("training", "logging_steps", 3, {"train_adapter", "lds_retrain", "removal_retrain", "train_ensemble_member"}),
+    ("training", "logging_steps", 3, {"train_adapter", "lds_retrain", "removal_retrain", "train_ensemble_member",
+                                      "train_scoring_adapter"}),
     # (planted_audit reads the seed for its random baseline; in the DAG it reruns for its changed input first)
     ("validation.planted", "seed", 3, {"planted_copies", "planted_audit"}),
 ]
@@ -607,10 +608,11 @@ def test_keys_rerun_only_the_stages_that_read_them(demo_workdir, group):
     path = overlay(demo_workdir, "-".join(group), {"demo": change})
     proc = snakemake(demo_workdir, *DEMO_TARGETS, "-n", "--configfile", path)
     plan = {"memory_plan"} if any(k.split(".")[0] in ("attribution", "training") for k in group) else set()
-    # the demo has no removal check, no TrackStar, no TRAK and no ensemble: those rules read the keys but are not in
-    # this DAG
+    # the demo has no removal check, no TrackStar, no TRAK, no ensemble and no scoring schedule: those rules read the
+    # keys but are not in this DAG
     absent = {"removal_retrain", "bergson_adam_query_gradients", "bergson_adam_hessian", "bergson_adam_index",
-              "planted_bergson_adam_index", "bergson_trak", "train_ensemble_member", "bergson_adam_mix"}
+              "planted_bergson_adam_index", "bergson_trak", "train_ensemble_member", "bergson_adam_mix",
+              "train_scoring_adapter"}
     # readers downstream of another reader: Snakemake gives the changed input as their reason
     downstream = {"planted_audit"}
     assert rerun_for_their_params(proc) == (readers - absent - downstream) | plan
