@@ -74,9 +74,10 @@ def _check_run(name: str, run: dict[str, Any], source: str) -> None:
     scoring = run["attribution"]["scoring_training"]
     same = [key for key, value in scoring.items() if run["training"][key] == value]
     if same:
-        raise ConfigError(f"{source}: at runs.{name}.attribution.scoring_training: {same} equal{'s' if len(same) == 1 else ''} "
-                          f"runs.{name}.training's: the scored adapter would be trained twice alike; leave out the "
-                          f"keys that do not differ (scoring_training: {{}} scores the run's own adapter)")
+        verb = "equals" if len(same) == 1 else "equal"
+        raise ConfigError(f"{source}: at runs.{name}.attribution.scoring_training: {same} {verb} runs.{name}.training's: "
+                          f"the scored adapter would be trained twice alike; leave out the keys that do not differ "
+                          f"(scoring_training: {{}} scores the run's own adapter)")
     checkpoints, epochs = run["attribution"]["checkpoints"], scored_epochs(run)
     if checkpoints_after_training(checkpoints, epochs):
         whose = "attribution.scoring_training" if "epochs" in scoring else "training"

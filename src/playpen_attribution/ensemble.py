@@ -28,8 +28,9 @@ import numpy as np
 from playpen_attribution.tables import save_shard, save_sweep
 
 MEMBER_FOLDER = "ensemble/member-{member}"  # under results/<run>/: member k >= 1 (member 0 is the run's own folders)
-# The Bergson rules' wildcard `member_dir`: "" (the run's own adapter) or a member's folder with its slash, so one rule
-# scores every member (the Kronfluence rules have a copy per member instead, wildcard `member`).
+# The scoring rules' wildcard `member_dir`: "" (the run's own adapter) or a member's folder with its slash, so one rule
+# scores every member; "scoring/" before it where attribution.scoring_training trains the scored adapters, an earlier
+# epoch's "checkpoint-e/" after it.
 MEMBER_DIR_PATTERN = r"(scoring/)?(ensemble/member-[1-9]\d*/)?(checkpoint-[1-9]\d*/)?"
 # a member's own folder: where its training writes the adapter
 ENSEMBLE_DIR_PATTERN = r"(scoring/)?(ensemble/member-[1-9]\d*/)?"
@@ -66,8 +67,8 @@ def scored_dirs(members: int, checkpoints=(), epochs: float = 1, scoring: bool =
     final = last_epoch(epochs)
     beyond = checkpoints_after_training(checkpoints, epochs)
     if beyond:
-        raise ValueError(f"attribution.checkpoints {list(checkpoints)}: epoch(s) {beyond} after the training's last "
-                         f"(training.epochs {epochs}); list epochs 1 to {final}")
+        raise ValueError(f"attribution.checkpoints {list(checkpoints)}: epoch(s) {beyond} after the scored adapters' "
+                         f"last (epochs {epochs}); list epochs 1 to {final}")
     epochs_scored = sorted(set(checkpoints), key=lambda e: (e != final, e)) or [final]
     scoring_dir = f"{SCORING_FOLDER}/" if scoring else ""
     owns = [scoring_dir] + [f"{scoring_dir}{MEMBER_FOLDER.format(member=k)}/" for k in range(1, members)]
