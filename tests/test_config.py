@@ -50,6 +50,16 @@ def test_wrong_type_names_the_key():
         validate_config(cfg)
 
 
+@pytest.mark.parametrize("overlay", sorted(p.name for p in (REPO / "bench" / "overlays").glob("*.yaml")))
+def test_every_benchmark_overlay_is_a_valid_change_of_the_shipped_config(overlay):
+    """The overlays the docs give for their measurements (`--configfile bench/overlays/...`) still validate over the
+    shipped config, so a renamed key or a changed default cannot leave one refused."""
+    path = REPO / "bench" / "overlays" / overlay
+    runs = yaml.safe_load(path.read_text())["runs"]
+    config = load_config(REPO / "config" / "config.yaml", path)
+    assert set(runs) <= set(config["runs"])
+
+
 def test_shipped_config_is_valid_and_roles_are_separate():
     cfg = load_config(REPO / "config" / "config.yaml")
     assert {"demo", "taboo", "taboo_describer"} <= set(cfg["runs"])
