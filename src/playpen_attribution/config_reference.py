@@ -37,7 +37,8 @@ ASSIGNED = re.compile(r"\b(\w+) = (?:dict\()?(" + "|".join(SECTION_HELPERS)
                       + r")\((?:wc|wildcards)\)((?:\[[\"'][A-Za-z_]+[\"']\])*)")
 # package functions that the rules hand a whole run, and the keys they read of it
 PACKAGE_READS = {"damping_sweep_methods": {"validation.damping.methods", "attribution.methods"},
-                 "scored_epochs": {"attribution.scoring_training.epochs", "training.epochs"}}
+                 "scored_epochs": {"attribution.scoring_training.epochs", "training.epochs"},
+                 "scoring_overrides": {"attribution.scoring_training", "training.seed"}}
 # a whole-section comprehension: {k: run_cfg(wc)[k] for k in ("model", ...)}
 COMPREHENSION = re.compile(r"run_cfg\((?:wc|wildcards)\)\[k\] for k in \(([^)]*)\)")
 SETTINGS_USE = re.compile(r"\b(?:stage|variant|selection)_settings\((\w+)")

@@ -98,6 +98,12 @@ def scored_training(run: dict) -> dict:
     return {**run["training"], **run["attribution"]["scoring_training"]}
 
 
+def scoring_overrides(run: dict, member: int) -> dict:
+    """What member `member`'s scored adapter trains with in place of the run's `training` keys, where
+    attribution.scoring_training is set: that schedule's keys and the member's seed (the run's own for member 0)."""
+    return {**run["attribution"]["scoring_training"], "seed": member_seed(run["training"]["seed"], member)}
+
+
 def scored_epochs(run: dict) -> float:
     """training.epochs of the scored adapters (attribution.scoring_training's where it sets them)."""
     return run["attribution"]["scoring_training"].get("epochs", run["training"]["epochs"])

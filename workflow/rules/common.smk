@@ -24,6 +24,7 @@ from playpen_attribution.ensemble import (
     member_paths,
     member_seed,
     scored_epochs,
+    scoring_overrides,
 )
 from playpen_attribution.plan import (
     architecture_file,
@@ -351,10 +352,8 @@ def member_training(wildcards):
 def scoring_adapter_training(wildcards):
     """Training settings of a scored adapter with a schedule of its own (attribution.scoring_training): the run's
     with that schedule's keys, and member k's seed in member k's folder (wildcard own_dir)."""
-    run = run_cfg(wildcards)
     member = re.fullmatch(r"(ensemble/member-(\d+)/)?", wildcards.own_dir).group(2)
-    return as_params(Training.from_run(run, **run["attribution"]["scoring_training"],
-                                       seed=member_seed(run["training"]["seed"], int(member or 0))))
+    return as_params(Training.from_run(run_cfg(wildcards), **scoring_overrides(run_cfg(wildcards), int(member or 0))))
 
 
 # Bergson inputs by run.
