@@ -203,7 +203,7 @@ def test_checkpoints_after_the_trainings_last_epoch_are_refused_and_the_scored_a
 
 
 def test_a_scoring_schedule_moves_the_scored_adapters_and_its_epochs_bound_the_checkpoints():
-    from playpen_attribution.ensemble import run_scored_dirs, scored_training, scoring_overrides
+    from playpen_attribution.ensemble import member_of, run_scored_dirs, scored_training, scoring_overrides
     from playpen_attribution.settings import Training
 
     cfg = copy.deepcopy(MINIMAL)
@@ -227,7 +227,9 @@ def test_a_scoring_schedule_moves_the_scored_adapters_and_its_epochs_bound_the_c
     run = validate_config(cfg)["runs"]["r"]
     assert scored_training(run) == {**run["training"], "epochs": 3}
     # what train_scoring_adapter trains member k's with: the schedule's keys, the member's seed (the run's for 0)
-    trained = [Training.from_run(run, **scoring_overrides(run, member)) for member in (0, 1)]
+    assert [member_of(folder) for folder in ("", "ensemble/member-1/", "ensemble/member-12/")] == [0, 1, 12]
+    trained = [Training.from_run(run, **scoring_overrides(run, member_of(folder)))
+               for folder in ("", "ensemble/member-1/")]
     assert [(t.epochs, t.seed, t.learning_rate) for t in trained] == [(3, 42, 3e-4), (3, 1042, 3e-4)]
     assert run_scored_dirs(run) == ["scoring/", "scoring/checkpoint-1/", "scoring/ensemble/member-1/",
                                     "scoring/ensemble/member-1/checkpoint-1/"]

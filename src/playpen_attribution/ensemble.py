@@ -21,6 +21,7 @@ better than the two-epoch adapter's own (docs/quality.md).
 from __future__ import annotations
 
 import math
+import re
 from pathlib import Path
 
 import numpy as np
@@ -31,9 +32,10 @@ MEMBER_FOLDER = "ensemble/member-{member}"  # under results/<run>/: member k >= 
 # The scoring rules' wildcard `member_dir`: "" (the run's own adapter) or a member's folder with its slash, so one rule
 # scores every member; "scoring/" before it where attribution.scoring_training trains the scored adapters, an earlier
 # epoch's "checkpoint-e/" after it.
-MEMBER_DIR_PATTERN = r"(scoring/)?(ensemble/member-[1-9]\d*/)?(checkpoint-[1-9]\d*/)?"
+MEMBER_FOLDER_PATTERN = r"(ensemble/member-[1-9]\d*/)?"  # "" or member k's folder with its slash (`member_of`)
+MEMBER_DIR_PATTERN = rf"(scoring/)?{MEMBER_FOLDER_PATTERN}(checkpoint-[1-9]\d*/)?"
 # a member's own folder: where its training writes the adapter
-ENSEMBLE_DIR_PATTERN = r"(scoring/)?(ensemble/member-[1-9]\d*/)?"
+ENSEMBLE_DIR_PATTERN = rf"(scoring/)?{MEMBER_FOLDER_PATTERN}"
 CHECKPOINT_FOLDER = "checkpoint-{epoch}"
 SCORING_FOLDER = "scoring"  # under results/<run>/: the scored adapters where attribution.scoring_training is set
 
@@ -42,6 +44,11 @@ SCORING_FOLDER = "scoring"  # under results/<run>/: the scored adapters where at
 # shared its LoRA initialisation and dropout stream with the retrains it is measured against would correlate its
 # scores' seed noise with theirs and flatter the ensemble.
 MEMBER_SEED_STRIDE = 1000
+
+
+def member_of(member_folder: str) -> int:
+    """The member a MEMBER_FOLDER_PATTERN folder belongs to: 0 for "" (the run's own), k for "ensemble/member-k/"."""
+    return int(re.fullmatch(r"(?:ensemble/member-(\d+)/)?", member_folder).group(1) or 0)
 
 
 def member_seed(training_seed: int, member: int) -> int:

@@ -21,6 +21,8 @@ from playpen_attribution.data import split_config
 from playpen_attribution.ensemble import (
     ENSEMBLE_DIR_PATTERN,
     MEMBER_DIR_PATTERN,
+    MEMBER_FOLDER_PATTERN,
+    member_of,
     member_paths,
     member_seed,
     scored_epochs,
@@ -352,8 +354,9 @@ def member_training(wildcards):
 def scoring_adapter_training(wildcards):
     """Training settings of a scored adapter with a schedule of its own (attribution.scoring_training): the run's
     with that schedule's keys, and member k's seed in member k's folder (wildcard own_dir)."""
-    member = re.fullmatch(r"(ensemble/member-(\d+)/)?", wildcards.own_dir).group(2)
-    return as_params(Training.from_run(run_cfg(wildcards), **scoring_overrides(run_cfg(wildcards), int(member or 0))))
+    # scoring_overrides(run_cfg(...)) spelled out: the configuration reference reads its keys from that call
+    return as_params(Training.from_run(run_cfg(wildcards),
+                                       **scoring_overrides(run_cfg(wildcards), member_of(wildcards.own_dir))))
 
 
 # Bergson inputs by run.

@@ -150,7 +150,7 @@ use rule train_adapter as train_scoring_adapter with:
     output:
         directory("results/{run}/scoring/{own_dir}adapter"),
     wildcard_constraints:
-        own_dir=r"(ensemble/member-[1-9]\d*/)?",
+        own_dir=MEMBER_FOLDER_PATTERN,
     params:
         lora=stage_settings(Lora),
         training=scoring_adapter_training,
