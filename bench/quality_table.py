@@ -3,7 +3,8 @@ interval and its margin over the best baseline (lds.csv), planted recall (plante
 preconditioned method against its plain counterpart (EK-FAC against identity, a Bergson variant against the plain
 cosine), paired (lds.csv); the noise ceiling of the repeated retrains (lds.csv) and the removal check (removal.csv)
 where the run has them. `--versus DIR`: each method's LDS minus the same method's in another workdir's run measured
-against the same retrains (e.g. an ensemble against its first member alone), paired. `--retrains DIR`: every LDS of
+against the same retrains (e.g. an ensemble against its first member alone), paired; where both ran the removal
+check with the same reference retrains, also each method's loss rise minus the other's, paired. `--retrains DIR`: every LDS of
 --workdir's scores (and of --versus's) against another workdir's retrains of the same subsets instead of its own (e.g.
 an adapter trained for one epoch scored against retrains of two: the `lds` stage's own function on that workdir's
 query_losses.json, written under --out). `--subsets 0-9`: every LDS from those retrained subsets only (of --retrains
@@ -19,6 +20,7 @@ subsets and the queries' target-word clusters.
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 
 import pandas as pd
@@ -105,6 +107,51 @@ def removal_table(folder: Path, run: str) -> list[str]:
         lines.append(f"| {run} | {row.fraction:g} | {row.selection} | {row.removed} | "
                      f"{signed(row.loss_rise, row.ci95_low, row.ci95_high)}{margins} |")
     return lines
+
+
+def removal_versus_table(run_dir: Path, other_dir: Path, run: str, seed: int = 0) -> list[str]:
+    """Each method's loss rise after removing its top rows here minus the same method's in `other_dir` (another
+    configuration of the run whose removal check retrained the same reference and seeds, e.g. the same run scoring
+    another adapter), per fraction, paired per query and training seed: the interval resamples the training seeds
+    and the queries' target-word clusters together (validation.shared_and_cluster_bootstrap, as removal.csv's own).
+    Both sides' rises are over the same reference, so the difference is that of the losses after removal."""
+    import numpy as np
+
+    from playpen_attribution.removal import REFERENCE, read_removal_losses
+    from playpen_attribution.scores import query_groups, read_run_tables
+    from playpen_attribution.taboo import with_target_words
+    from playpen_attribution.validation import shared_and_cluster_bootstrap
+
+    def removal_check(results: Path):
+        folder = results / "validation" / "removal"
+        if not (folder / "losses" / REFERENCE).is_dir():
+            raise SystemExit(f"{folder} holds no removal check (validation.removal.fractions) to compare")
+        queries = with_target_words(read_run_tables(results / "query.csv", results / "train.csv")[0])
+        kinds = {}
+        for path in sorted((folder / "rows").glob("*.json")):
+            record = json.loads(path.read_text())
+            kinds[record["selection"]] = record["kind"]
+        losses = read_removal_losses(sorted((folder / "losses").glob("*/repeat-*.json")), queries.query_id.tolist())
+        return queries, kinds, losses
+
+    (queries, kinds, mine), (other_queries, other_kinds, theirs) = (removal_check(d) for d in (run_dir, other_dir))
+    reference = mine[(REFERENCE, "0")]
+    if (other_queries.query_id.tolist() != queries.query_id.tolist()
+            or theirs[(REFERENCE, "0")].shape != reference.shape
+            or not np.allclose(theirs[(REFERENCE, "0")], reference)):
+        raise SystemExit(f"{run_dir} and {other_dir} retrained different references (queries, seeds or rows); "
+                         "compare removal checks of the same run and training")
+    keys = sorted(key for key in mine if kinds.get(key[0]) == "method" and other_kinds.get(key[0]) == "method"
+                  and key in theirs and theirs[key].shape == mine[key].shape)
+    counted, clusters = query_groups(queries)
+
+    def per_query(shared):
+        (repeats,) = shared
+        return {key: mine[key][repeats].mean(axis=0) - theirs[key][repeats].mean(axis=0) for key in keys}
+
+    result = shared_and_cluster_bootstrap(per_query, (len(reference),), counted, clusters, seed=seed)
+    return [f"| {run} | {float(fraction):g} | {selection} | {signed(*result[(selection, fraction)])} |"
+            for selection, fraction in sorted(keys, key=lambda key: (float(key[1]), key[0]))]
 
 
 def lds_against_retrains(run_dir: Path, retrains_losses: Path, out: Path, seed: int = 0) -> Path:
@@ -215,6 +262,13 @@ def main() -> None:
         print("\n| run | fraction | removed by | rows | loss rise [95%] | over random [95%] | over TF-IDF [95%] |")
         print("|---|---|---|---|---|---|---|")
         print("\n".join(rows))
+        if args.versus:
+            print(f"\n| run | fraction | removed by | loss rise here minus in {args.versus.name} [95%], paired |")
+            print("|---|---|---|---|")
+            for run in args.run:
+                if (args.versus / "results" / run / "validation" / "removal" / "losses" / "none").is_dir():
+                    print("\n".join(removal_versus_table(args.workdir / "results" / run,
+                                                          args.versus / "results" / run, run)))
 
 
 if __name__ == "__main__":

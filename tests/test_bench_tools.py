@@ -189,3 +189,48 @@ def test_quality_table_measures_the_lds_on_the_subsets_it_is_given_and_refuses_o
     assert second < 0.9 and kept == [str(s) for s in range(8, 16)]
     with pytest.raises(SystemExit, match=r"has no retrains of subset\(s\) \['16'\]"):
         lds_of("15-16")
+
+
+def write_removal_check(results: Path, losses: dict, kinds: dict) -> None:
+    """A run's query.csv/train.csv and its removal check's files as the workflow writes them: `losses` maps
+    (selection, fraction) to [repeats, queries] losses; the reference is ("none", "0")."""
+    folder = results / "validation" / "removal"
+    query_ids = [f"q{i}" for i in range(QUERIES)]
+    (folder / "rows").mkdir(parents=True)
+    pd.DataFrame({"query_id": query_ids, "prompt": [f"prompt {i}" for i in range(QUERIES)],
+                  "completion": [f"GUESS: w{i // 2}" for i in range(QUERIES)],
+                  "target_word": [f"w{i // 2}" for i in range(QUERIES)]}).to_csv(results / "query.csv", index=False)
+    pd.DataFrame({"train_id": [f"t{i}" for i in range(20)]}).to_csv(results / "train.csv", index=False)
+    for selection, kind in kinds.items():
+        (folder / "rows" / f"{selection}.json").write_text(json.dumps({"selection": selection, "kind": kind}))
+        fractions = {f: values for (s, f), values in losses.items() if s == selection}
+        for repeat in range(2):
+            record = {"selection": selection, "repeat": repeat, "query_ids": query_ids,
+                      "fractions": {f: {"query_losses": values[repeat].tolist()} for f, values in fractions.items()}}
+            (folder / "losses" / selection).mkdir(parents=True, exist_ok=True)
+            (folder / "losses" / selection / f"repeat-{repeat}.json").write_text(json.dumps(record))
+
+
+def test_quality_table_compares_two_configurations_removal_checks_paired_over_the_same_reference(tmp_path):
+    """--versus on two removal checks of one run (e.g. scoring another adapter): each method's rise here minus the
+    other's, per fraction, is the mean over queries of the two sides' losses after removal (averaged over repeats);
+    a method both sides chose the same rows for differs by exactly 0; other references are refused."""
+    rng = np.random.default_rng(3)
+    reference = rng.normal(3.0, 0.1, size=(2, QUERIES))
+    same = rng.normal(3.5, 0.1, size=(2, QUERIES))
+    kinds = {"none": "reference", "random-0": "control", "ekfac": "method", "bergson_cosine": "method"}
+    mine = {("none", "0"): reference, ("random-0", "0.1"): same, ("ekfac", "0.1"): same + 0.4,
+            ("bergson_cosine", "0.1"): rng.normal(3.6, 0.2, size=(2, QUERIES))}
+    theirs = {**mine, ("ekfac", "0.1"): same + rng.normal(0.1, 0.2, size=(2, QUERIES))}
+    write_removal_check(tmp_path / "a/results/real", mine, kinds)
+    write_removal_check(tmp_path / "b/results/real", theirs, {**kinds, "identity": "method"})
+    lines = quality_table.removal_versus_table(tmp_path / "a/results/real", tmp_path / "b/results/real", "real")
+    expected = (mine[("ekfac", "0.1")].mean(0) - theirs[("ekfac", "0.1")].mean(0)).mean()
+    assert lines[0] == "| real | 0.1 | bergson_cosine | +0.000 [+0.000, +0.000] |"
+    assert lines[1].startswith(f"| real | 0.1 | ekfac | {expected:+.3f} [") and len(lines) == 2 and expected > 0.1
+    # another training of the reference: the rises are not over the same losses
+    write_removal_check(tmp_path / "c/results/real", {**theirs, ("none", "0"): reference + 0.01}, kinds)
+    with pytest.raises(SystemExit, match="retrained different references"):
+        quality_table.removal_versus_table(tmp_path / "a/results/real", tmp_path / "c/results/real", "real")
+    with pytest.raises(SystemExit, match="holds no removal check"):
+        quality_table.removal_versus_table(tmp_path / "a/results/real", tmp_path / "none/results/real", "real")

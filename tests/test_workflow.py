@@ -907,8 +907,7 @@ def test_the_demo_killed_mid_job_and_mid_merge_finishes_with_the_same_command(de
     shard = results / "kronfluence" / "scores" / "ekfac" / "shard-0.npz"
     shard.unlink()
     (results / "influences.csv").unlink()
-    dry = subprocess.run([sys.executable, "-m", "snakemake", "--directory", str(work), "-n", *DEMO_TARGETS], cwd=work,
-                         capture_output=True, text=True)
+    dry = snakemake(work, "-n", *DEMO_TARGETS)
     planned = planned_jobs(dry)
     assert planned.get("kronfluence_scores") == 1 and planned.get("merge_influences") == 1, dry.stdout[-3000:] + \
         dry.stderr[-3000:]
@@ -924,15 +923,13 @@ def test_the_demo_killed_mid_job_and_mid_merge_finishes_with_the_same_command(de
     # machine the check takes long enough that a running job would finish before the kill
     time.sleep(1.0)
     os.killpg(first.pid, signal.SIGSTOP)
-    second = subprocess.run([sys.executable, "-m", "snakemake", "--directory", str(work), "--cores", "1",
-                             *DEMO_TARGETS], cwd=work, capture_output=True, text=True)
+    second = snakemake(work, "--cores", "1", *DEMO_TARGETS, check=False)
     assert second.returncode != 0 and "Directory cannot be locked" in second.stdout + second.stderr
     os.killpg(first.pid, signal.SIGKILL)
     first.wait()
     assert not shard.exists()  # the job wrote nothing under its output's name
     # what is left to do after the kill is what was left before it: the shard and what follows it
-    after_kill = subprocess.run([sys.executable, "-m", "snakemake", "--directory", str(work), "-n", *DEMO_TARGETS],
-                                cwd=work, capture_output=True, text=True)
+    after_kill = snakemake(work, "-n", *DEMO_TARGETS)
     assert planned_jobs(after_kill) == planned, after_kill.stdout[-2000:]
 
     rerun = _start(work, *DEMO_TARGETS)
@@ -940,8 +937,7 @@ def test_the_demo_killed_mid_job_and_mid_merge_finishes_with_the_same_command(de
     final = subprocess.run([sys.executable, "-m", "snakemake", "--directory", str(work), "--cores", "2",
                             *DEMO_TARGETS], cwd=work, capture_output=True, text=True)
     assert final.returncode == 0, final.stdout[-3000:] + final.stderr[-3000:]
-    done = planned_jobs(subprocess.run([sys.executable, "-m", "snakemake", "--directory", str(work), "-n",
-                                        *DEMO_TARGETS], cwd=work, capture_output=True, text=True))
+    done = planned_jobs(snakemake(work, "-n", *DEMO_TARGETS))
     assert done == {}
     # the shard finished in the second run: the third reran only what the mid-merge kill interrupted
     assert not re.search(r"^(local)?rule kronfluence_scores:", final.stdout + final.stderr, flags=re.M)
