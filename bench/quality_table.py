@@ -189,8 +189,6 @@ def parse_subsets(spec: str) -> list[str]:
 def subset_losses(losses_json: Path, subsets: list[str], out: Path) -> Path:
     """A copy of the retrains' query_losses.json holding only `subsets` (their losses and repeats unchanged), for an
     LDS from those subsets alone."""
-    import json
-
     if not losses_json.is_file():
         raise SystemExit(f"{losses_json} is missing: --subsets needs a workdir whose LDS retrains have run")
     losses = json.loads(losses_json.read_text())

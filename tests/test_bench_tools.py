@@ -189,6 +189,8 @@ def test_quality_table_measures_the_lds_on_the_subsets_it_is_given_and_refuses_o
     assert second < 0.9 and kept == [str(s) for s in range(8, 16)]
     with pytest.raises(SystemExit, match=r"has no retrains of subset\(s\) \['16'\]"):
         lds_of("15-16")
+    with pytest.raises(SystemExit, match="query_losses.json is missing: --subsets needs a workdir whose LDS retrains"):
+        quality_table.subset_losses(tmp_path / "w/results/real/validation/lds/query_losses.json", ["0"], tmp_path / "o")
 
 
 def write_removal_check(results: Path, losses: dict, kinds: dict) -> None:
