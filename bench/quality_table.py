@@ -109,6 +109,13 @@ def removal_table(folder: Path, run: str) -> list[str]:
     return lines
 
 
+def has_removal_check(results: Path) -> bool:
+    """Whether results/<run> holds a removal check's retrains (its reference's, at least)."""
+    from playpen_attribution.removal import REFERENCE
+
+    return (results / "validation" / "removal" / "losses" / REFERENCE).is_dir()
+
+
 def removal_versus_table(run_dir: Path, other_dir: Path, run: str, seed: int = 0) -> list[str]:
     """Each method's loss rise after removing its top rows here minus the same method's in `other_dir` (another
     configuration of the run whose removal check retrained the same reference and seeds, e.g. the same run scoring
@@ -124,7 +131,7 @@ def removal_versus_table(run_dir: Path, other_dir: Path, run: str, seed: int = 0
 
     def removal_check(results: Path):
         folder = results / "validation" / "removal"
-        if not (folder / "losses" / REFERENCE).is_dir():
+        if not has_removal_check(results):
             raise SystemExit(f"{folder} holds no removal check (validation.removal.fractions) to compare")
         queries = with_target_words(read_run_tables(results / "query.csv", results / "train.csv")[0])
         kinds = {}
@@ -264,7 +271,7 @@ def main() -> None:
             print(f"\n| run | fraction | removed by | loss rise here minus in {args.versus.name} [95%], paired |")
             print("|---|---|---|---|")
             for run in args.run:
-                if (args.versus / "results" / run / "validation" / "removal" / "losses" / "none").is_dir():
+                if has_removal_check(args.versus / "results" / run):
                     print("\n".join(removal_versus_table(args.workdir / "results" / run,
                                                           args.versus / "results" / run, run)))
 

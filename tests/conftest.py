@@ -13,7 +13,6 @@ import traceback
 from pathlib import Path
 
 import pytest
-import snakemake.cli as snakemake_cli
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -121,6 +120,8 @@ def snakemake(workdir, *args, check=True, timeout=900):
     fork of this process, which imported Snakemake once: a fresh interpreter spends 1.5 of a dry run's 2.5 s importing
     it, about a minute over the suite's 40 dry runs. The fork gets the command's argv, environment and output files, in
     a session of its own (a timeout kills its jobs too); the jobs it starts are new processes as in any run."""
+    import snakemake.cli as snakemake_cli  # imported here once per session: the `-m "not slow"` tests never pay it
+
     command = snakemake_command(workdir, *args)
     with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
         pid = os.fork()
@@ -274,16 +275,19 @@ def _run_one_after_another(names):
             run["done"].set()
 
 
-def _waits_for_a_background_run(item) -> bool:
+def _background_runs_of(item) -> dict:
+    """The background runs a test reads: {fixture name: builder} (None for the demo's own)."""
     fixtures = getattr(item, "fixturenames", ())
-    return "demo_workdir" in fixtures or any(name in fixtures for name in
-                                             getattr(getattr(item, "module", None), "BACKGROUND_RUNS", {}))
+    runs = {"demo_workdir": None} if "demo_workdir" in fixtures else {}
+    runs.update({name: builder for name, builder in
+                 getattr(getattr(item, "module", None), "BACKGROUND_RUNS", {}).items() if name in fixtures})
+    return runs
 
 
 def pytest_collection_modifyitems(session, config, items):
     """The tests that read a background run last, each group in its own order: the workflow's tests that need no
     run (its dry runs of other configurations, the lint) go on while the demo is still running, instead of after it."""
-    items.sort(key=_waits_for_a_background_run)
+    items.sort(key=lambda item: bool(_background_runs_of(item)))
 
 
 def pytest_collection_finish(session):
@@ -291,12 +295,8 @@ def pytest_collection_finish(session):
         return
     wanted = {}  # fixture name -> builder, in the order of the tests
     for item in session.items:
-        fixtures = getattr(item, "fixturenames", ())
-        if "demo_workdir" in fixtures:
-            wanted.setdefault("demo_workdir", None)
-        for name, builder in getattr(getattr(item, "module", None), "BACKGROUND_RUNS", {}).items():
-            if name in fixtures:
-                wanted.setdefault(name, builder)
+        for name, builder in _background_runs_of(item).items():
+            wanted.setdefault(name, builder)
     if not wanted:
         return
 
