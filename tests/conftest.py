@@ -230,9 +230,12 @@ _RUNS: dict[str, dict] = {}
 _STOPPING = threading.Event()
 
 
-def snakemake_command(workdir, *args, cores=2):
-    """The command `snakemake` runs (below), for a run started elsewhere."""
-    snakefile = workdir / "Snakefile" if (workdir / "Snakefile").is_file() else REPO / "Snakefile"
+def snakemake_command(workdir, *args, cores=2, snakefile=None):
+    """The command `snakemake` runs (below), for a run started elsewhere: the workdir's own Snakefile (a project copy)
+    where it has one (give `snakefile` for a copy made later: the workflow root decides what relative paths in the
+    config mean, and another root changes every job's params)."""
+    if snakefile is None:
+        snakefile = workdir / "Snakefile" if (workdir / "Snakefile").is_file() else REPO / "Snakefile"
     return [sys.executable, "-m", "snakemake", "-s", str(snakefile), "--directory", str(workdir), "--cores",
             str(cores), *args]
 

@@ -20,6 +20,16 @@ RUN = {"attribution": {"bergson": SETTINGS}}  # the run config section the stage
 PLANTED = [0, 3]  # queries whose copies are among the scored training rows
 
 
+@pytest.fixture(scope="module", autouse=True)
+def eigendecompose_each_matrix_once():
+    """These tests build many Attributors from the same few preconditioners, each inverting every module's Gram from
+    its eigendecomposition (float64, up to 1024 x 1024 here, projection off): about half the module's time. The
+    sweep's own cache (same bytes -> the stored `eigh`, deterministic) keeps one per matrix; every score still goes
+    through Bergson's inversion."""
+    with ba._eigendecompose_once():
+        yield
+
+
 @pytest.fixture(scope="module")
 def small(demo_tokens, tmp_path_factory):
     """6 queries; 30 training rows plus copies (new ids) of two queries, as save_to_disk folders."""

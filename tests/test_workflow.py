@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pandas as pd
@@ -253,7 +254,9 @@ def test_damping_sweep_reproduces_the_runs_own_numbers_at_its_damping(demo_workd
     lds = pd.read_csv(validation / "lds.csv").set_index("method")
     planted = pd.read_csv(validation / "planted_summary.csv").set_index("method")
     for method in ("ekfac", "bergson_cosine_mixed"):
-        np.testing.assert_allclose(at_default.loc[method, "lds"], lds.loc[method, "lds"], atol=1e-9)
+        # the interval too: one bootstrap over every method x damping draws what the lds stage's draws
+        for column in ("lds", "ci95_low", "ci95_high"):
+            np.testing.assert_allclose(at_default.loc[method, column], lds.loc[method, column], atol=1e-9)
         assert at_default.loc[method, "recall_at_1"] == planted.loc[method, "recall_at_1"]
     # and the damping changes the scores: the LDS is not the same at every factor
     assert sweep.groupby("method").lds.nunique().min() > 1
@@ -964,8 +967,10 @@ def ensemble_member_run(root, demo):
 
     path = root / "ensemble-member.yaml"
     path.write_text(yaml.safe_dump({"runs": {"demo": {"attribution": {"ensemble": 2}}}}))
+    # the copy's own Snakefile, as the demo ran: the repository's would move the workflow root, and with it every
+    # relative path in the config, and rebuild the whole demo
     return {"cmd": snakemake_command(work, f"results/demo/ensemble/mean/{ENSEMBLE_MEAN_SHARD}", "--configfile",
-                                     str(path)),
+                                     str(path), snakefile=work / "Snakefile"),
             "env": {**os.environ}, "prepare": copy_the_demo, "needs_demo": True, "timeout": 900}
 
 
@@ -974,7 +979,7 @@ BACKGROUND_RUNS = {"ensemble_member_workdir": ensemble_member_run}
 
 @pytest.fixture
 def ensemble_member_workdir(demo_workdir):
-    return background_run("ensemble_member_workdir")["root"] / "work"
+    return background_run("ensemble_member_workdir")["root"]
 
 
 def test_an_ensemble_member_trains_with_the_next_seed_and_the_mean_averages_its_own_scores(ensemble_member_workdir):
@@ -982,7 +987,12 @@ def test_an_ensemble_member_trains_with_the_next_seed_and_the_mean_averages_its_
     of the LDS retrains' seeds, seed + repeat); its Bergson scores come from its own gradients (they differ from the
     run's adapter's), and the shard the merges read is the two members' mean. (That a member's preconditioned scores
     read its own preconditioner: the dry run of test_an_ensemble_trains_only_its_new_members...)"""
-    work, shard = ensemble_member_workdir, ENSEMBLE_MEAN_SHARD
+    work, shard = ensemble_member_workdir / "work", ENSEMBLE_MEAN_SHARD
+    # only the new member's jobs ran: the demo's own adapter and scores were reused as they were
+    log = (ensemble_member_workdir / "snakemake.out").read_text()
+    assert planned_jobs(SimpleNamespace(stdout=log)) == {
+        "train_ensemble_member": 1, "bergson_index": 1, "bergson_query_gradients": 1, "bergson_reduce": 1,
+        "bergson_scores": 1, "ensemble_mean_scores": 1}, log[:3000]
     own_scores, member_scores, mean = (np.load(work / f"results/demo/{folder}{shard}")
                                        for folder in ("", "ensemble/member-1/", "ensemble/mean/"))
     assert not np.allclose(own_scores["scores"], member_scores["scores"], rtol=1e-3, atol=1e-4)

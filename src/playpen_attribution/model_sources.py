@@ -20,6 +20,7 @@ import hashlib
 import importlib.resources
 import json
 import logging
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterable
 
@@ -261,6 +262,31 @@ def sha256_of(path: str | Path, chunk: int = 1 << 24) -> str:
     return digest.hexdigest()
 
 
+@contextmanager
+def _gguf_parsed_once():
+    """transformers parses a GGUF file's metadata (its whole vocabulary) again in every `from_pretrained` (config,
+    tokenizer, model: 3.5 s each for SmolLM2 here) and rebuilds gguf's tensor-name map for every module of the model
+    (about 400 times, 7 s). Within the block each file is parsed once and each map built once; transformers only reads
+    both."""
+    import functools
+
+    import gguf
+
+    reader, name_map, readers = gguf.GGUFReader, gguf.get_tensor_name_map, {}
+
+    def parsed(path, mode="r"):
+        key = (str(Path(path).resolve()), mode)
+        if key not in readers:
+            readers[key] = reader(path, mode)
+        return readers[key]
+
+    gguf.GGUFReader, gguf.get_tensor_name_map = parsed, functools.cache(name_map)
+    try:
+        yield
+    finally:
+        gguf.GGUFReader, gguf.get_tensor_name_map = reader, name_map
+
+
 def convert_packaged_model(package: str, file: str, output_dir: str | Path, version: str | None = None) -> Path:
     """Turn a GGUF model shipped in an installed package into an ordinary model folder (atomically): float32
     safetensors (the quantized weights dequantized), config, tokenizer with its chat template, and `source.json`
@@ -274,18 +300,17 @@ def convert_packaged_model(package: str, file: str, output_dir: str | Path, vers
 
     path, about = packaged_file(package, file, version)
     folder, name = str(path.parent), path.name
-    config = AutoConfig.from_pretrained(folder, gguf_file=name)
-    if config.model_type not in SUPPORTED_MODEL_TYPES:
-        raise ModelSourceError(f"{path} (from {package}): architecture {config.model_type!r} is not supported (the "
-                               f"memory plan and LoRA targets know {', '.join(SUPPORTED_MODEL_TYPES)}); choose a "
-                               f"model of one of those")
-    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
-    if not tokenizer.chat_template:
-        raise ModelSourceError(f"{path} (from {package}) carries no chat template; tokenization.render: chat needs one "
-                               f"(use render: plain for this model)")
-    # the config read above: without it the model's loading parses the GGUF's metadata (its whole vocabulary, about
-    # 5 s for SmolLM2) once more
-    loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, config=config, dtype=torch.float32)
+    with _gguf_parsed_once():
+        config = AutoConfig.from_pretrained(folder, gguf_file=name)
+        if config.model_type not in SUPPORTED_MODEL_TYPES:
+            raise ModelSourceError(f"{path} (from {package}): architecture {config.model_type!r} is not supported (the "
+                                   f"memory plan and LoRA targets know {', '.join(SUPPORTED_MODEL_TYPES)}); choose a "
+                                   f"model of one of those")
+        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+        if not tokenizer.chat_template:
+            raise ModelSourceError(f"{path} (from {package}) carries no chat template; tokenization.render: chat needs "
+                                   f"one (use render: plain for this model)")
+        loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, config=config, dtype=torch.float32)
     config = loaded.config.to_dict()
     config.pop("quantization_config", None)
     config.pop("_name_or_path", None)

@@ -461,7 +461,7 @@ def damping_sweep_stage(query_csv, train_csv, sweeps: dict, out_csv, out_png, *,
         membership, actual = read_lds_losses(losses_json, query_ids, train_ids, query_csv)
     copy_ids = list(datasets.load_from_disk(str(copies_dir))["row_id"]) if copies_dir else []
     copy_query_ids, _, duplicates = planted_copy_rows(queries, train, copy_ids)
-    records = []
+    records, predicted = [], []
     for method, path in sweeps.items():
         sweep = load_sweep(path)
         if sweep["query_ids"] != query_ids or set(sweep["row_ids"]) != set(train_ids) | set(copy_ids):
@@ -470,18 +470,24 @@ def damping_sweep_stage(query_csv, train_csv, sweeps: dict, out_csv, out_png, *,
         position = {r: i for i, r in enumerate(sweep["row_ids"])}
         train_cols, copy_cols = [position[t] for t in train_ids], [position[c] for c in copy_ids]
         for scale, scores in zip(sweep["damping"], sweep["scores"]):
-            row = {"method": method, "damping": scale}
+            recall = {}
             if losses_json:
-                predicted = membership @ np.nan_to_num(scores[:, train_cols]).T
-                mean, low, high = subset_and_cluster_bootstrap(
-                    lambda draw: {"lds": lds_of_predictions(predicted[draw], actual[draw])}, len(membership),
-                    counted, clusters, seed=seed)["lds"]
-                row.update(lds=mean, ci95_low=low, ci95_high=high)
+                predicted.append(membership @ np.nan_to_num(scores[:, train_cols]).T)
             if copy_ids:
                 ranks = [r["rank"] for r in copy_ranks(scores[:, train_cols], query_ids, train_ids,
                                                        scores[:, copy_cols], copy_query_ids, copy_ids, duplicates)]
-                row.update(recall_summary(ranks))
-            records.append(row)
+                recall = recall_summary(ranks)
+            records.append(({"method": method, "damping": scale}, recall))
+    if losses_json:
+        # every method x damping in one bootstrap, one ranking pass per resample (as the lds stage): the same draws
+        # as a bootstrap per row, since each starts from the seed
+        stacked = np.stack(predicted, axis=1)  # [subsets, rows of the table, queries]
+        intervals = subset_and_cluster_bootstrap(
+            lambda draw: dict(enumerate(lds_of_predictions(stacked[draw], actual[draw]))), len(membership),
+            counted, clusters, seed=seed)
+        for index, (row, _) in enumerate(records):
+            row.update(zip(("lds", "ci95_low", "ci95_high"), intervals[index]))
+    records = [{**row, **recall} for row, recall in records]
     table = pd.DataFrame.from_records(records)
     write_csv_atomic(table, out_csv)
     baseline = None
