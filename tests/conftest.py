@@ -217,12 +217,13 @@ def independent_gradients(adapter_dir, rows):
 # The demo's whole DAG (a few minutes of jobs, one thread each with --cores 1) runs in a project copy as a user runs it,
 # started as soon as the tests are collected, while the unit tests run in this process on one thread: the two share
 # the two cores without oversubscribing them (torch's default of a thread per core in both, with OpenMP's spinning
-# waits, made the Bergson tests ten times slower beside the DAG than alone). The workflow tests, which pytest runs
-# last (test_workflow.py), wait for it.
+# waits, made the Bergson tests ten times slower beside the DAG than alone). The tests that read it run after every test
+# that reads no background run (`_waits_for`), and wait for it.
 # The same background thread runs, one at a time, the Snakemake runs that selected tests' modules declare in
 # BACKGROUND_RUNS ({fixture name: builder}): each test still runs its command and asserts on what it made, but the
 # run takes the second core while this process goes on with other tests (the SLURM profile's and an ensemble
-# member's: the suite went from 590 s to 535 s on 2 cores). A builder gets an empty folder and the demo's workdir and
+# member's: the suite went from 590 s to 535 s on 2 cores), after the demo, whose tests this process runs meanwhile
+# (the SLURM run first had made the demo's tests wait about a minute for it). A builder gets an empty folder and the demo's workdir and
 # returns {"cmd", "env"} and optionally "timeout", "cleanup" (called once the command ends, however it ends) and
 # "needs_demo" with "prepare" (the run starts after the demo, and only if the demo succeeded; "prepare", a copy of
 # the demo, is called as soon as the demo ends, before a test can change the demo's folder).
@@ -287,10 +288,23 @@ def _background_runs_of(item) -> dict:
     return runs
 
 
+def _waits_for(item) -> int:
+    """When a test can run, in the order the background runs finish (the demo first, then the runs of their own,
+    then the runs that build on the demo): 0 at once, 1 after the demo, 2 after a run of its own, 3 after a run that
+    builds on the demo (its fixture depends on demo_workdir)."""
+    runs = _background_runs_of(item)
+    if not runs:
+        return 0
+    if set(runs) == {"demo_workdir"}:
+        return 1
+    return 3 if "demo_workdir" in runs else 2
+
+
 def pytest_collection_modifyitems(session, config, items):
-    """The tests that read a background run last, each group in its own order: the workflow's tests that need no
-    run (its dry runs of other configurations, the lint) go on while the demo is still running, instead of after it."""
-    items.sort(key=lambda item: bool(_background_runs_of(item)))
+    """The tests that read a background run last, in the order the runs finish, each group in its own order: the
+    tests that need no run (the unit tests, the workflow's dry runs of other configurations) go on while the demo
+    runs, and the demo's tests while the later runs do."""
+    items.sort(key=_waits_for)
 
 
 def pytest_collection_finish(session):
@@ -320,8 +334,9 @@ def pytest_collection_finish(session):
             _RUNS[name] = {"root": root, "log": root / "snakemake.out", **builder(root, demo)}
     for run in _RUNS.values():
         run["done"] = threading.Event()
-    # the runs of their own first, then the demo, then the runs that build on it
-    order = sorted(_RUNS, key=lambda name: 1 if name == "demo_workdir" else 2 if _RUNS[name].get("needs_demo") else 0)
+    # the demo first (the most tests wait for it), then the runs of their own, then the runs that build on the demo:
+    # the order `_waits_for` gives the tests
+    order = sorted(_RUNS, key=lambda name: 0 if name == "demo_workdir" else 2 if _RUNS[name].get("needs_demo") else 1)
     threading.Thread(target=_run_one_after_another, args=(order,), daemon=True).start()
 
 
