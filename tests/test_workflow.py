@@ -528,6 +528,22 @@ def test_an_unknown_run_is_refused_by_name(tmp_path):
     assert "unknown run 'demp'; the runs of the config are ['demo', 'real'" in proc.stdout + proc.stderr
 
 
+def test_a_snakemake_command_past_its_timeout_is_killed_with_the_jobs_it_started(tmp_path):
+    """The tests' `snakemake` helper (Snakemake's command line in a fork of the test process): past its timeout the
+    fork and every job it started are killed (its session's process group), and the test gets TimeoutExpired."""
+    job = "sleep 97.531"  # a command line no other process has, to look for afterwards
+    (tmp_path / "Snakefile").write_text(f'rule all:\n    output: "done"\n    shell: "{job} && touch {{output}}"\n')
+    started = time.monotonic()
+    with pytest.raises(subprocess.TimeoutExpired):
+        snakemake(tmp_path, "--cores", "1", timeout=8)
+    assert time.monotonic() - started < 60
+    deadline = time.monotonic() + 10
+    while subprocess.run(["pgrep", "-f", job], capture_output=True).returncode == 0:
+        assert time.monotonic() < deadline, f"the job ({job}) outlived the killed Snakemake"
+        time.sleep(0.2)
+    assert not (tmp_path / "done").exists()
+
+
 def test_bad_filter_fails_clearly_and_leaves_no_output(tmp_path):
     path = overlay(tmp_path, "role", {"demo": {"data": {"role": "Nobody"}}})
     proc = snakemake(tmp_path, "results/demo/data/train.parquet", "--configfile", path, check=False)
