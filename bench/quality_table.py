@@ -124,7 +124,7 @@ def removal_versus_table(run_dir: Path, other_dir: Path, run: str, seed: int = 0
     Both sides' rises are over the same reference, so the difference is that of the losses after removal."""
     import numpy as np
 
-    from playpen_attribution.removal import REFERENCE, read_removal_losses
+    from playpen_attribution.removal import REFERENCE, read_removal_losses, read_removal_selections
     from playpen_attribution.scores import query_groups, read_run_tables
     from playpen_attribution.taboo import with_target_words
     from playpen_attribution.validation import shared_and_cluster_bootstrap
@@ -134,10 +134,7 @@ def removal_versus_table(run_dir: Path, other_dir: Path, run: str, seed: int = 0
         if not has_removal_check(results):
             raise SystemExit(f"{folder} holds no removal check (validation.removal.fractions) to compare")
         queries = with_target_words(read_run_tables(results / "query.csv", results / "train.csv")[0])
-        kinds = {}
-        for path in sorted((folder / "rows").glob("*.json")):
-            record = json.loads(path.read_text())
-            kinds[record["selection"]] = record["kind"]
+        kinds = read_removal_selections(sorted((folder / "rows").glob("*.json")))[0]
         losses = read_removal_losses(sorted((folder / "losses").glob("*/repeat-*.json")), queries.query_id.tolist())
         return queries, kinds, losses
 

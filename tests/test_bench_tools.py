@@ -203,9 +203,12 @@ def write_removal_check(results: Path, losses: dict, kinds: dict) -> None:
                   "completion": [f"GUESS: w{i // 2}" for i in range(QUERIES)],
                   "target_word": [f"w{i // 2}" for i in range(QUERIES)]}).to_csv(results / "query.csv", index=False)
     pd.DataFrame({"train_id": [f"t{i}" for i in range(20)]}).to_csv(results / "train.csv", index=False)
+    every_fraction = sorted({f for (s, f) in losses if s != "none"})
     for selection, kind in kinds.items():
-        (folder / "rows" / f"{selection}.json").write_text(json.dumps({"selection": selection, "kind": kind}))
         fractions = {f: values for (s, f), values in losses.items() if s == selection}
+        removed = {} if selection == "none" else {f: [f"t{i}" for i in range(round(20 * float(f)))] for f in fractions}
+        (folder / "rows" / f"{selection}.json").write_text(json.dumps(
+            {"selection": selection, "kind": kind, "fractions": every_fraction, "removed": removed, "train_rows": 20}))
         for repeat in range(2):
             record = {"selection": selection, "repeat": repeat, "query_ids": query_ids,
                       "fractions": {f: {"query_losses": values[repeat].tolist()} for f, values in fractions.items()}}

@@ -212,18 +212,25 @@ def removal_table(losses: dict[tuple[str, str], np.ndarray], kinds: dict[str, st
     return pd.DataFrame(rows)
 
 
-def removal_stage(query_csv, train_csv, rows_jsons: list, loss_jsons: list, out_csv, out_png, *, seed: int) -> None:
-    """Rule `removal`: removal.csv (`removal_table`, with each selection's removed row count) and its plot."""
-    from playpen_attribution.scores import query_groups, read_run_tables
-    from playpen_attribution.taboo import with_target_words
-
-    queries, _ = (with_target_words(frame) for frame in read_run_tables(query_csv, train_csv))
+def read_removal_selections(rows_jsons: list) -> tuple[dict[str, str], dict[tuple[str, str], int], list | None]:
+    """The selections' rows files (`removal_rows`): each selection's kind (method, baseline, control, reference),
+    the rows it removed per fraction, counted, and the fractions."""
     kinds, counts, fractions = {}, {}, None
     for path in rows_jsons:
         record = json.loads(Path(path).read_text())
         fractions = record["fractions"]
         kinds[record["selection"]] = record["kind"]
         counts.update({(record["selection"], f): len(r) for f, r in record["removed"].items()})
+    return kinds, counts, fractions
+
+
+def removal_stage(query_csv, train_csv, rows_jsons: list, loss_jsons: list, out_csv, out_png, *, seed: int) -> None:
+    """Rule `removal`: removal.csv (`removal_table`, with each selection's removed row count) and its plot."""
+    from playpen_attribution.scores import query_groups, read_run_tables
+    from playpen_attribution.taboo import with_target_words
+
+    queries, _ = (with_target_words(frame) for frame in read_run_tables(query_csv, train_csv))
+    kinds, counts, fractions = read_removal_selections(rows_jsons)
     losses = read_removal_losses(loss_jsons, queries.query_id.tolist())
     missing = sorted({s for s in kinds for f in (fractions if s != REFERENCE else ["0"]) if (s, f) not in losses})
     if missing:
