@@ -223,10 +223,10 @@ def independent_gradients(adapter_dir, rows):
 # BACKGROUND_RUNS ({fixture name: builder}): each test still runs its command and asserts on what it made, but the
 # run takes the second core while this process goes on with other tests (the SLURM profile's and an ensemble
 # member's: the suite went from 590 s to 535 s on 2 cores), after the demo, whose tests this process runs meanwhile
-# (the SLURM run first had made the demo's tests wait about a minute for it). A builder gets an empty folder and the demo's workdir and
-# returns {"cmd", "env"} and optionally "timeout", "cleanup" (called once the command ends, however it ends) and
-# "needs_demo" with "prepare" (the run starts after the demo, and only if the demo succeeded; "prepare", a copy of
-# the demo, is called as soon as the demo ends, before a test can change the demo's folder).
+# (the SLURM run first had made the demo's tests wait about a minute for it). A builder gets an empty folder and the
+# demo's workdir and returns {"cmd", "env"} and optionally "timeout", "cleanup" (called once the command ends, however
+# it ends) and "needs_demo" with "prepare" (the run starts after the demo, and only if the demo succeeded; "prepare",
+# a copy of the demo, is called as soon as the demo ends, before a test can change the demo's folder).
 _RUNS: dict[str, dict] = {}
 _STOPPING = threading.Event()
 
