@@ -14,7 +14,7 @@ Peak = the process's getrusage maximum (MiB); plan = `plan.stage_estimates` for 
 (GB x 1000, as bench/rehearsal.py compares them). A case whose plan exceeds --max-gb is not run (it would not fit
 this machine), and its plan is printed beside "not run".
 
-    uv run python bench/plan_at_length.py [--workdir DIR] [--lengths 240 1024] [--batches 1 2] [--docs]
+    uv run python bench/plan_at_length.py [--workdir DIR] [--lengths 240 1024] [--batches 1 2] [--stages ...] [--docs]
 
 A benchmark, not a test: about half an hour on 2 CPU cores.
 """
@@ -147,6 +147,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=os.cpu_count())
     parser.add_argument("--max-gb", type=float, default=21.0,
                         help="cases whose plan exceeds this are not run (default: this machine's 24 GB less a margin)")
+    parser.add_argument("--stages", nargs="+", choices=STAGES, default=list(STAGES),
+                        help="measure only these (the Kronfluence stages score the first training case's adapter: "
+                             "without train_adapter, a --workdir that holds it)")
     parser.add_argument("--docs", action="store_true", help="write the table into docs/benchmarks.md")
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -161,7 +164,7 @@ def main() -> None:
         tokens = workdir / f"tokens-{length}"
         for batch in args.batches:
             plan = planned_mb(length, batch)
-            for stage in STAGES:
+            for stage in args.stages:
                 out = workdir / "out" / f"{stage}-{length}-{batch}"
                 case = {"model": str(workdir / "model"), "train": str(tokens / f"train-{batch}"), "length": length,
                         "batch": batch, "lora": LORA, "training": training(batch), "layer_stride": LAYER_STRIDE,
@@ -187,7 +190,8 @@ def format_table(rows, args) -> str:
     measured = [plan / peak for _, _, _, peak, _, plan in rows if peak]
     lines = [f"{machine_line()}, {time.strftime('%Y-%m-%d')}",
              f"`uv run python bench/plan_at_length.py --lengths {' '.join(map(str, args.lengths))} "
-             f"--batches {' '.join(map(str, args.batches))}`", "",
+             f"--batches {' '.join(map(str, args.batches))}"
+             + (f" --stages {' '.join(args.stages)}" if list(args.stages) != list(STAGES) else "") + "`", "",
              "| stage | tokens | batch | wall s | peak MB | plan MB | plan / peak |", "|---|---:|---:|---:|---:|---:|---:|"]
     for stage, length, batch, peak, wall, plan in rows:
         if wall is None:

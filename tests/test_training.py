@@ -181,3 +181,53 @@ def test_the_adapter_kept_after_epoch_one_is_a_one_epoch_training_and_loads_from
     with pytest.raises(FileNotFoundError, match=r"keeps no adapter of epoch 2 \(it keeps epoch-1\).*--force"):
         checkpoint_adapter(tmp_path / "two", 2, tmp_path / "run" / "checkpoint-2" / "adapter")
     assert not (tmp_path / "run" / "checkpoint-2").exists(), "a refused copy leaves nothing behind"
+
+
+def test_the_lm_head_projects_only_labelled_positions_on_a_cpu_and_trains_the_same_weights(
+        tiny_model_dir, train_tokens, two_adapters, tmp_path, monkeypatch):
+    """label_positions_only_lm_head: TRL's fused LM head gets only the positions with a label (on a CPU it would
+    project every position), and the adapter trained with it (two_adapters' "a") is the one trained without it, bit
+    for bit."""
+    import contextlib
+
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+    from trl.trainer import utils as trl_utils
+
+    from playpen_attribution import training as training_module
+    from playpen_attribution.training import label_positions_only_lm_head
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    trl_utils.add_fused_lm_head(model)
+    rows = datasets.load_from_disk(str(train_tokens)).select(range(3))
+    length = max(len(ids) for ids in rows["input_ids"])
+    input_ids = torch.tensor([ids + [0] * (length - len(ids)) for ids in rows["input_ids"]])
+    labels = torch.tensor([lab + [-100] * (length - len(lab)) for lab in rows["labels"]])
+    projected = []
+    chunked = trl_utils._ChunkedLogProbFunction
+
+    class Spy:
+        @staticmethod
+        def apply(hidden, *args):
+            projected.append(hidden.shape[0])
+            return chunked.apply(hidden, *args)
+
+    monkeypatch.setattr(trl_utils, "_ChunkedLogProbFunction", Spy)
+    with torch.no_grad():
+        every = model(input_ids=input_ids, labels=labels, fused_lm_head=True)
+        with label_positions_only_lm_head():
+            compact = model(input_ids=input_ids, labels=labels, fused_lm_head=True)
+        after = model(input_ids=input_ids, labels=labels, fused_lm_head=True)
+    labelled = int((labels[:, 1:] != -100).sum())
+    assert projected == [3 * (length - 1), labelled, 3 * (length - 1)], "only inside the block, only the labels"
+    assert 0 < labelled < length
+    assert torch.allclose(compact.log_probs, every.log_probs, rtol=1e-6, atol=1e-6)
+    assert torch.equal(compact.label_mask, every.label_mask) and torch.equal(after.log_probs, every.log_probs)
+
+    monkeypatch.setattr(training_module, "label_positions_only_lm_head", contextlib.nullcontext)
+    train(tiny_model_dir, train_tokens, tmp_path / "every-position")
+    root, _ = two_adapters
+    with_block = load_file(root / "a" / "adapter_model.safetensors")
+    without = load_file(tmp_path / "every-position" / "adapter_model.safetensors")
+    assert with_block.keys() == without.keys()
+    assert all(torch.equal(with_block[k], without[k]) for k in with_block)

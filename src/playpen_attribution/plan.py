@@ -27,8 +27,9 @@ GB = 1e9
 # (torch, transformers, peft, the stage's attribution library): the CPU's counterpart of the CUDA context.
 RUNTIME_GB = {"cuda": 0.6, "cpu": 0.85}
 # Logit-sized buffers alive at a stage's peak (the logits, the loss's log-softmax, the logits' gradient, the loss's
-# temporaries), per stage family. CPU: measured on the rehearsal (bench/rehearsal.py; README). GPU: not measured
-# yet (no GPU was lent), so the conservative count of four where bf16 logits are upcast for the loss.
+# temporaries), per stage family. CPU: measured on the rehearsal (bench/rehearsal.py; README); training's count is
+# of the full logits TRL projected on a CPU before label_positions_only_lm_head, now of its labelled positions only.
+# GPU: not measured yet (no GPU was lent), so the conservative count of four where bf16 logits are upcast for the loss.
 LOGIT_COPIES = {
     "cpu": {"training": 1.5, "kronfluence": 4, "forward": 2, "bergson": 4.5},
     "cuda": {"training": 4, "kronfluence": 4, "forward": 2, "bergson": 4.5},
@@ -258,7 +259,9 @@ def stage_estimates(run: dict, arch: dict, lengths: dict, device: str) -> dict[s
         return {"runtime": runtime, "weights": n_params * train_bytes / GB,
                 "lora + gradients + Adam": lora_params * ADAM_BYTES_PER_PARAM / GB,
                 "activations": _activations_gb(arch, batch_size * seq, train_bytes, seq, lora),
-                "logits": _logits_gb(arch, batch_size * seq, copies["training"])}
+                # TRL's fused LM head projects only the positions with a label (label_positions_only_lm_head)
+                "logits": _logits_gb(arch, min(batch_size * max(lengths.get("longest_completion", 32), 1),
+                                               batch_size * seq), copies["training"])}
 
     plans["train_adapter"] = training_plan(train["batch_size"])
     plans["lds_retrain"] = plans["removal_retrain"] = plans["train_ensemble_member"] = plans["train_adapter"]

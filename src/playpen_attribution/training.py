@@ -11,6 +11,7 @@ revision, the row ids trained on, seed, hyperparameters, library versions).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -87,6 +88,27 @@ def second_moments(optimizer, model) -> dict:
             continue
         state[index] = {"exp_avg_sq": entry["exp_avg_sq"], "step": entry.get("step"), "param_name": names[id(param)]}
     return {"state": state, "param_groups": [{"params": list(range(len(ordered)))}]}
+
+
+@contextlib.contextmanager
+def label_positions_only_lm_head():
+    """TRL's fused LM head (SFTTrainer's loss) projects only the positions that have a label on CUDA and XPU, and
+    every position elsewhere, to keep tile shapes fixed on compiled backends (Neuron). A CPU compiles nothing, and a
+    completion-only loss labels a few tokens of each row (taboo: 7 of 180), so there the full projection was about a
+    quarter of a training step and changed nothing: the same losses and bit-identical weights (a test checks both).
+    Inside this block TRL's fused head takes its label-positions path on CPUs too; the kernels stay TRL's own
+    (`trl.kernels.chunked_logprob` keeps its own check and runs its torch tiles on a CPU)."""
+    from trl.trainer import utils as trl_utils
+
+    on_triton = getattr(trl_utils, "_use_triton", None)
+    if on_triton is None:  # a TRL without the fused head's switch: its own behaviour, unchanged
+        yield
+        return
+    trl_utils._use_triton = lambda device: on_triton(device) or device.type == "cpu"
+    try:
+        yield
+    finally:
+        trl_utils._use_triton = on_triton
 
 
 def train_adapter(
@@ -217,7 +239,8 @@ def train_adapter(
     if len(trainer.train_dataset) != len(tokens):
         raise RuntimeError(f"SFTTrainer kept {len(trainer.train_dataset)} of {len(tokens)} tokenized rows; "
                            "the tokenization should have made every row fit")
-    result = trainer.train()
+    with label_positions_only_lm_head():
+        result = trainer.train()
     log_time(f"training {output_dir.name}", result.metrics["train_runtime"])
     tokens_per_epoch = token_count(tokens)
     for epoch in range(final_epoch):  # one forward+backward pass over the rows per epoch
