@@ -94,8 +94,8 @@ def second_moments(optimizer, model) -> dict:
 def label_positions_only_lm_head():
     """TRL's fused LM head (SFTTrainer's loss) projects only the positions that have a label on CUDA and XPU, and
     every position elsewhere, to keep tile shapes fixed on compiled backends (Neuron). A CPU compiles nothing, and a
-    completion-only loss labels a few tokens of each row (taboo: 7 of 180), so there the full projection was about a
-    quarter of a training step and changed nothing: the same losses and bit-identical weights (a test checks both).
+    completion-only loss labels a few tokens of each row (taboo: 7 of 180), so there the full projection was a third
+    of a training job or more (bench/training_step.py) and changed nothing: bit-identical weights (a test checks).
     Inside this block TRL's fused head takes its label-positions path on CPUs too; the kernels stay TRL's own
     (`trl.kernels.chunked_logprob` keeps its own check and runs its torch tiles on a CPU)."""
     from trl.trainer import utils as trl_utils
