@@ -81,6 +81,14 @@ def test_a_stage_that_does_not_fit_is_refused_with_the_smallest_change():
                                                                                rel=1e-3)
     assert build_plan(run, arch_of("taboo"), lengths_of(run, None, None), gpu_mem_gb=24)["jobs"]["train_adapter"][
         "fits"]
+    # every assistant turn labelled: the lengths count only the last turn's tokens, so every position is planned
+    every_turn = {**run, "tokenization": {**run["tokenization"], "loss_on": "assistant_turns"}}
+    every_turn_plan = build_plan(every_turn, arch_of("taboo"), lengths_of(run, None, None), gpu_mem_gb=80)["jobs"]
+    assert every_turn_plan["train_adapter"]["parts_gb"]["logits"] == pytest.approx(4 * 4 * 1024 * 262144 * 4 / 1e9,
+                                                                                 rel=1e-3)
+    # and Kronfluence's completion_loss keeps every labelled position of the batch: all of them
+    assert every_turn_plan["query_losses"]["parts_gb"]["logits"] == pytest.approx(2 * 8 * 1024 * 262144 * 4 / 1e9,
+                                                                                rel=1e-3)
 
 
 def test_dry_run_prints_the_plan_takes_mem_mb_from_it_and_refuses_what_will_not_fit(tmp_path):

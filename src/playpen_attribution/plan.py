@@ -207,9 +207,13 @@ def _logits_gb(arch: dict, positions: int, copies: int) -> float:
     return positions * arch["vocab_size"] * 4 * copies / GB
 
 
-def _completion_positions(lengths: dict, batch: int) -> int:
+def _completion_positions(lengths: dict, batch: int, every_turn: bool = False) -> int:
     """Logit positions of a batch in Kronfluence and the query losses: `completion_loss` keeps, for every row,
-    the union of the rows' completion positions, so [batch, up to batch x completion tokens] (at most the row)."""
+    the union of the rows' labelled positions, so [batch, up to batch x completion tokens] (at most the row). With
+    `every_turn` (`tokenization.loss_on: assistant_turns`) every assistant turn is labelled, which the lengths do not
+    count (their completion is the last turn's): every position."""
+    if every_turn:
+        return batch * lengths["longest_sequence"]
     completion = max(lengths.get("longest_completion", 32), 1)
     return batch * min(batch * completion, lengths["longest_sequence"])
 
@@ -245,6 +249,7 @@ def stage_estimates(run: dict, arch: dict, lengths: dict, device: str) -> dict[s
     lora_params = sum(i * o for i, o in lora_shapes(arch, lora))
     runtime, copies = RUNTIME_GB[device], LOGIT_COPIES[device]
     seq = lengths["longest_sequence"]
+    every_turn = run["tokenization"].get("loss_on", "last_turn") != "last_turn"
     rows_per_shard = math.ceil(lengths["train_rows"] / run["attribution"]["shards"])
     # adapters every method scores and averages: the ensemble's members at each scored epoch
     adapters = len(run_scored_dirs(run))
@@ -259,9 +264,14 @@ def stage_estimates(run: dict, arch: dict, lengths: dict, device: str) -> dict[s
         return {"runtime": runtime, "weights": n_params * train_bytes / GB,
                 "lora + gradients + Adam": lora_params * ADAM_BYTES_PER_PARAM / GB,
                 "activations": _activations_gb(arch, batch_size * seq, train_bytes, seq, lora),
-                # TRL's fused LM head projects only the positions with a label (label_positions_only_lm_head)
-                "logits": _logits_gb(arch, min(batch_size * max(lengths.get("longest_completion", 32), 1),
-                                               batch_size * seq), copies["training"])}
+                "logits": _logits_gb(arch, labelled_positions(batch_size), copies["training"])}
+
+    def labelled_positions(batch_size: int) -> int:
+        """TRL's fused LM head projects only the positions with a label (label_positions_only_lm_head): each row's
+        completion, or with `loss_on: assistant_turns` every assistant turn, which the lengths do not count (all)."""
+        if every_turn:
+            return batch_size * seq
+        return batch_size * min(max(lengths.get("longest_completion", 32), 1), seq)
 
     plans["train_adapter"] = training_plan(train["batch_size"])
     plans["lds_retrain"] = plans["removal_retrain"] = plans["train_ensemble_member"] = plans["train_adapter"]
@@ -272,7 +282,7 @@ def stage_estimates(run: dict, arch: dict, lengths: dict, device: str) -> dict[s
     weights = n_params * kf_bytes / GB  # Kronfluence's stages and the query losses load the model in its dtype
     forward_only = {"runtime": runtime, "weights": weights,
                     "activations": _activations_gb(arch, 8 * seq, kf_bytes, seq, backward=False),
-                    "logits": _logits_gb(arch, _completion_positions(lengths, 8), copies["forward"])}
+                    "logits": _logits_gb(arch, _completion_positions(lengths, 8, every_turn), copies["forward"])}
     plans["query_losses"] = plans["lds_losses"] = forward_only
 
     if any(not m.startswith("bergson_") for m in attribution["methods"]):
@@ -283,7 +293,8 @@ def stage_estimates(run: dict, arch: dict, lengths: dict, device: str) -> dict[s
 
         def batch(size: int) -> dict:
             return {"activations": _activations_gb(arch, size * seq, kf_bytes, seq, family="kronfluence"),
-                    "logits": _logits_gb(arch, _completion_positions(lengths, size), copies["kronfluence"])}
+                    "logits": _logits_gb(arch, _completion_positions(lengths, size, every_turn),
+                                         copies["kronfluence"])}
 
         plans["fit_factors"] = _fitting_peak(tracked, strategies, {"runtime": runtime, "weights": weights},
                                              batch(kf["covariance_batch_size"]), batch(kf["lambda_batch_size"]))
@@ -299,8 +310,8 @@ def stage_estimates(run: dict, arch: dict, lengths: dict, device: str) -> dict[s
             "preconditioned query gradients": (kept * kept_floats + query_batch * gradient_floats) * 4 / GB,
             "activations": _activations_gb(arch, max(kf["train_batch_size"], query_batch) * seq, kf_bytes, seq,
                                            family="kronfluence"),
-            "logits": _logits_gb(arch, _completion_positions(lengths, max(kf["train_batch_size"], query_batch)),
-                                 copies["kronfluence"]),
+            "logits": _logits_gb(arch, _completion_positions(lengths, max(kf["train_batch_size"], query_batch),
+                                                             every_turn), copies["kronfluence"]),
         }
         if kf["per_token_scores"]:
             score["per-token scores"] = queries * rows_per_shard * seq * 4 * 2 / GB
