@@ -49,9 +49,10 @@ def main() -> None:
     rows = workdir / "bench-training-step" / "tokens"
     shutil.rmtree(rows.parent, ignore_errors=True)
     tokens = datasets.load_from_disk(str(results / "data/tokens/train"))
-    tokens.select(range(min(args.rows, len(tokens)))).save_to_disk(str(rows))
-    labelled = sum(sum(1 for t in labels if t != -100) for labels in tokens.select(range(args.rows))["labels"])
-    positions = sum(len(ids) for ids in tokens.select(range(args.rows))["input_ids"])
+    subset = tokens.select(range(min(args.rows, len(tokens))))
+    subset.save_to_disk(str(rows))
+    labelled = sum(sum(1 for t in labels if t != -100) for labels in subset["labels"])
+    positions = sum(len(ids) for ids in subset["input_ids"])
 
     ways = {"every position (TRL's CPU default)": contextlib.nullcontext,
             "labelled positions only": label_positions_only_lm_head}

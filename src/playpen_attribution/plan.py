@@ -207,15 +207,18 @@ def _logits_gb(arch: dict, positions: int, copies: int) -> float:
     return positions * arch["vocab_size"] * 4 * copies / GB
 
 
+def _labelled_per_row(lengths: dict, every_turn: bool) -> int:
+    """Positions with a label in one row: its completion, or with `every_turn` (`tokenization.loss_on:
+    assistant_turns`) every assistant turn, which the lengths do not count (their completion is the last turn's):
+    the whole row."""
+    seq = lengths["longest_sequence"]
+    return seq if every_turn else min(max(lengths.get("longest_completion", 32), 1), seq)
+
+
 def _completion_positions(lengths: dict, batch: int, every_turn: bool = False) -> int:
     """Logit positions of a batch in Kronfluence and the query losses: `completion_loss` keeps, for every row,
-    the union of the rows' labelled positions, so [batch, up to batch x completion tokens] (at most the row). With
-    `every_turn` (`tokenization.loss_on: assistant_turns`) every assistant turn is labelled, which the lengths do not
-    count (their completion is the last turn's): every position."""
-    if every_turn:
-        return batch * lengths["longest_sequence"]
-    completion = max(lengths.get("longest_completion", 32), 1)
-    return batch * min(batch * completion, lengths["longest_sequence"])
+    the union of the rows' labelled positions, so [batch, up to batch x labelled positions] (at most the row)."""
+    return batch * min(batch * _labelled_per_row(lengths, every_turn), lengths["longest_sequence"])
 
 
 def _fitting_peak(tracked: list[tuple[int, int]], strategies: list[str], base: dict, covariance_batch: dict,
@@ -264,14 +267,8 @@ def stage_estimates(run: dict, arch: dict, lengths: dict, device: str) -> dict[s
         return {"runtime": runtime, "weights": n_params * train_bytes / GB,
                 "lora + gradients + Adam": lora_params * ADAM_BYTES_PER_PARAM / GB,
                 "activations": _activations_gb(arch, batch_size * seq, train_bytes, seq, lora),
-                "logits": _logits_gb(arch, labelled_positions(batch_size), copies["training"])}
-
-    def labelled_positions(batch_size: int) -> int:
-        """TRL's fused LM head projects only the positions with a label (label_positions_only_lm_head): each row's
-        completion, or with `loss_on: assistant_turns` every assistant turn, which the lengths do not count (all)."""
-        if every_turn:
-            return batch_size * seq
-        return batch_size * min(max(lengths.get("longest_completion", 32), 1), seq)
+                # TRL's fused LM head projects each row's labelled positions only (label_positions_only_lm_head)
+                "logits": _logits_gb(arch, batch_size * _labelled_per_row(lengths, every_turn), copies["training"])}
 
     plans["train_adapter"] = training_plan(train["batch_size"])
     plans["lds_retrain"] = plans["removal_retrain"] = plans["train_ensemble_member"] = plans["train_adapter"]
