@@ -63,6 +63,24 @@ def test_same_seed_same_bytes_and_reload_gives_identical_logits(tiny_model_dir, 
         assert not torch.equal(base(input_ids=batch["input_ids"]).logits, expected), "training changed the model"
 
 
+def test_evaluating_every_epoch_changes_neither_row_order_nor_weights(tiny_model_dir, demo_tokens, tmp_path):
+    """The run's adapter evaluates on the eval rows after each epoch; a retrain does not. Without LoRA dropout the two
+    are the same bytes: the eval passes choose no checkpoint and leave the row order alone. (With dropout they differ:
+    each DataLoader iterator, the eval's too, draws its base seed from torch's global generator, which the dropout
+    masks of later epochs come from; training.train_adapter's docstring.)"""
+    lora, training = settings()
+    assert lora.dropout == 0.0
+    common = dict(lora=lora, training=dataclasses.replace(training, epochs=2), max_length=256,
+                  base_model_source={"id": "tiny-random-gemma3", "revision": None})
+    train_adapter(tiny_model_dir, demo_tokens / "train", tmp_path / "evaluated", eval_tokens_dir=demo_tokens / "query",
+                  **common)
+    train_adapter(tiny_model_dir, demo_tokens / "train", tmp_path / "plain", **common)
+    losses = json.loads((tmp_path / "evaluated" / "manifest.json").read_text())["eval"]["losses"]
+    assert [round(e["epoch"]) for e in losses] == [1, 2], "the eval ran after each epoch"
+    name = "adapter_model.safetensors"
+    assert (tmp_path / "evaluated" / name).read_bytes() == (tmp_path / "plain" / name).read_bytes()
+
+
 def test_adapter_folder_is_self_contained(train_tokens, two_adapters):
     root, _ = two_adapters
     folder = root / "a"

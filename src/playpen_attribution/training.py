@@ -128,7 +128,10 @@ def train_adapter(
     """Train a LoRA adapter and write it atomically to `output_dir`; return the trained PEFT model.
 
     `eval_tokens_dir`: rows to compute the eval loss on after every epoch (the manifest's `eval.losses`); no
-    checkpoint is chosen by it, so these rows change no weight. `save_optimizer_state`: also write the optimizer's
+    checkpoint is chosen by it and the row order stays. With LoRA dropout it does move the weights' random draw: each
+    eval's DataLoader takes its base seed from torch's global generator, as the dropout masks of the later epochs do,
+    so an adapter trained with eval rows is another draw than one trained without (the removal check's no-removal
+    reference is a retrain of its own, not the run's adapter). `save_optimizer_state`: also write the optimizer's
     final second moments (`optimizer.pt`, Adam's `exp_avg_sq` per LoRA parameter in the trainer's param-group
     layout), which TrackStar normalises gradients by. `keep_epochs`: also keep the adapter as it was after each epoch
     before the last (`checkpoints/epoch-<e>/`, complete adapter folders, with their second moments where
