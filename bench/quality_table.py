@@ -2,7 +2,7 @@
 interval and its margin over the best baseline (lds.csv), planted recall (planted_summary.csv), and each
 preconditioned method against its plain counterpart (EK-FAC against identity, a Bergson variant against the plain
 cosine), paired (lds.csv); the noise ceiling of the repeated retrains (lds.csv) and the removal check (removal.csv)
-where the run has them. `--versus DIR`: each method's LDS minus the same method's in another workdir's run measured
+where the run has them (a run built only to removal.csv gets its removal rows alone). `--versus DIR`: each method's LDS minus the same method's in another workdir's run measured
 against the same retrains (e.g. an ensemble against its first member alone), paired; where both ran the removal
 check with the same reference retrains, also each method's loss rise minus the other's, paired. `--retrains DIR`: every LDS of
 --workdir's scores (and of --versus's) against another workdir's retrains of the same subsets instead of its own (e.g.
@@ -241,22 +241,26 @@ def main() -> None:
 
     folders = {run: (lds_against_retrains(args.workdir / "results" / run, losses(run), args.out / run, lds_seed(run))
                      if recompute else args.workdir / "results" / run / "validation") for run in args.run}
+    # a run built only to its removal check (removal.csv, no LDS retrains) has removal tables and no LDS ones
+    with_lds = [run for run in args.run if (folders[run] / "lds.csv").exists()]
+    for run in sorted(set(args.run) - set(with_lds)):
+        print(f"{run}: no lds.csv in {folders[run]} (its LDS has not run): the removal check only")
     print("| run | method | LDS [95%] | best baseline | its LDS | margin [95%] | planted recall@1 |")
     print("|---|---|---|---|---|---|---|")
-    for run in args.run:
+    for run in with_lds:
         print("\n".join(lds_table(folders[run], run)))
     print("\n| run | preconditioned - plain | LDS difference [95%], paired |")
     print("|---|---|---|")
-    for run in args.run:
+    for run in with_lds:
         print("\n".join(paired_table(folders[run], run)))
     print("\n| run | repeats | noise ceiling [95%] | best method's LDS |")
     print("|---|---|---|---|")
-    for run in args.run:
+    for run in with_lds:
         print("\n".join(ceiling_table(folders[run], run)))
     if args.versus:
         print(f"\n| run | method | LDS here | LDS in {args.versus.name} | difference [95%], paired |")
         print("|---|---|---|---|---|")
-        for run in args.run:
+        for run in with_lds:
             print("\n".join(versus_table(args.workdir / "results" / run, args.versus / "results" / run, run,
                                           losses_json=losses(run))))
     rows = [line for run in args.run for line in removal_table(args.workdir / "results" / run / "validation", run)]

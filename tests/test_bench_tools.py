@@ -15,6 +15,7 @@ import quality_table  # noqa: E402
 import rehearsal  # noqa: E402
 import replicate_agreement  # noqa: E402
 
+from playpen_attribution.removal import removal_stage  # noqa: E402
 from playpen_attribution.stage import PEAK_RSS_LINE  # noqa: E402
 from playpen_attribution.validation import split_half_agreement  # noqa: E402
 
@@ -239,3 +240,28 @@ def test_quality_table_compares_two_configurations_removal_checks_paired_over_th
         quality_table.removal_versus_table(tmp_path / "a/results/real", tmp_path / "c/results/real", "real")
     with pytest.raises(SystemExit, match="holds no removal check"):
         quality_table.removal_versus_table(tmp_path / "a/results/real", tmp_path / "none/results/real", "real")
+
+
+def test_quality_table_of_a_run_built_to_its_removal_check_only_prints_the_removal_rows(tmp_path, monkeypatch, capsys):
+    """A run built only to removal.csv (no LDS retrains, no lds.csv): the removal check's rows, each rise as the
+    workflow's removal stage computed it, and a line saying the LDS has not run, rather than a missing-file error."""
+    rng = np.random.default_rng(4)
+    reference = rng.normal(3.0, 0.1, size=(2, QUERIES))
+    losses = {("none", "0"): reference, ("random-0", "0.1"): reference + 0.01, ("tfidf", "0.1"): reference + 0.2,
+              ("ekfac", "0.1"): reference + 0.5}
+    results = tmp_path / "w/results/real"
+    write_removal_check(results, losses, {"none": "reference", "random-0": "control", "tfidf": "baseline",
+                                          "ekfac": "method"})
+    pd.DataFrame({"train_id": [f"t{i}" for i in range(20)], "prompt": [f"prompt {i}" for i in range(20)],
+                  "completion": [f"GUESS: w{i % 3}" for i in range(20)]}).to_csv(results / "train.csv", index=False)
+    folder = results / "validation" / "removal"
+    removal_stage(results / "query.csv", results / "train.csv", sorted((folder / "rows").glob("*.json")),
+                  sorted((folder / "losses").glob("*/repeat-*.json")), results / "validation" / "removal.csv",
+                  tmp_path / "removal.png", seed=0)
+    monkeypatch.setattr(sys, "argv", ["quality_table.py", "--workdir", str(tmp_path / "w"), "--run", "real"])
+    quality_table.main()
+    out = capsys.readouterr().out
+    assert f"real: no lds.csv in {results / 'validation'} (its LDS has not run): the removal check only" in out
+    # 10% of 20 rows; every query's loss 0.5 above the reference, 0.49 above random's, 0.3 above TF-IDF's
+    assert "| real | 0.1 | ekfac | 2 | +0.500 [+0.500, +0.500] | +0.490 [+0.490, +0.490] | +0.300 [+0.300, +0.300] |" in out
+    assert "| smol |" not in out and "| real | ekfac |" not in out  # no LDS row
