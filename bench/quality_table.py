@@ -2,9 +2,10 @@
 interval and its margin over the best baseline (lds.csv), planted recall (planted_summary.csv), and each
 preconditioned method against its plain counterpart (EK-FAC against identity, a Bergson variant against the plain
 cosine), paired (lds.csv); the noise ceiling of the repeated retrains (lds.csv) and the removal check (removal.csv)
-where the run has them (a run built only to removal.csv gets its removal rows alone). `--versus DIR`: each method's LDS minus the same method's in another workdir's run measured
-against the same retrains (e.g. an ensemble against its first member alone), paired; where both ran the removal
-check with the same reference retrains, also each method's loss rise minus the other's, paired. `--retrains DIR`: every LDS of
+where the run has them (a run built only to removal.csv gets its removal rows alone). `--versus DIR`: each method's
+LDS minus the same method's in another workdir's run measured against the same retrains (e.g. an ensemble against
+its first member alone), paired; where both ran the removal check with the same reference retrains, also each
+method's loss rise minus the other's, paired. `--retrains DIR`: every LDS of
 --workdir's scores (and of --versus's) against another workdir's retrains of the same subsets instead of its own (e.g.
 an adapter trained for one epoch scored against retrains of two: the `lds` stage's own function on that workdir's
 query_losses.json, written under --out). `--subsets 0-9`: every LDS from those retrained subsets only (of --retrains

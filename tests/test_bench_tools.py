@@ -203,7 +203,8 @@ def write_removal_check(results: Path, losses: dict, kinds: dict) -> None:
     pd.DataFrame({"query_id": query_ids, "prompt": [f"prompt {i}" for i in range(QUERIES)],
                   "completion": [f"GUESS: w{i // 2}" for i in range(QUERIES)],
                   "target_word": [f"w{i // 2}" for i in range(QUERIES)]}).to_csv(results / "query.csv", index=False)
-    pd.DataFrame({"train_id": [f"t{i}" for i in range(20)]}).to_csv(results / "train.csv", index=False)
+    pd.DataFrame({"train_id": [f"t{i}" for i in range(20)], "prompt": [f"prompt {i}" for i in range(20)],
+                  "completion": [f"GUESS: w{i % 3}" for i in range(20)]}).to_csv(results / "train.csv", index=False)
     every_fraction = sorted({f for (s, f) in losses if s != "none"})
     for selection, kind in kinds.items():
         fractions = {f: values for (s, f), values in losses.items() if s == selection}
@@ -252,8 +253,6 @@ def test_quality_table_of_a_run_built_to_its_removal_check_only_prints_the_remov
     results = tmp_path / "w/results/real"
     write_removal_check(results, losses, {"none": "reference", "random-0": "control", "tfidf": "baseline",
                                           "ekfac": "method"})
-    pd.DataFrame({"train_id": [f"t{i}" for i in range(20)], "prompt": [f"prompt {i}" for i in range(20)],
-                  "completion": [f"GUESS: w{i % 3}" for i in range(20)]}).to_csv(results / "train.csv", index=False)
     folder = results / "validation" / "removal"
     removal_stage(results / "query.csv", results / "train.csv", sorted((folder / "rows").glob("*.json")),
                   sorted((folder / "losses").glob("*/repeat-*.json")), results / "validation" / "removal.csv",
@@ -264,4 +263,7 @@ def test_quality_table_of_a_run_built_to_its_removal_check_only_prints_the_remov
     assert f"real: no lds.csv in {results / 'validation'} (its LDS has not run): the removal check only" in out
     # 10% of 20 rows; every query's loss 0.5 above the reference, 0.49 above random's, 0.3 above TF-IDF's
     assert "| real | 0.1 | ekfac | 2 | +0.500 [+0.500, +0.500] | +0.490 [+0.490, +0.490] | +0.300 [+0.300, +0.300] |" in out
-    assert "| smol |" not in out and "| real | ekfac |" not in out  # no LDS row
+    # no LDS row: every row of the run is a removal row (TF-IDF, EK-FAC and the random draws' mean, at 10%)
+    assert sorted(line.split(" | ")[2] for line in out.splitlines() if line.startswith("| real | ")) == \
+        ["ekfac", "random", "tfidf"] and all(line.startswith("| real | 0.1 | ")
+                                             for line in out.splitlines() if line.startswith("| real | "))
